@@ -1,0 +1,166 @@
+"""Shared defaults for every ssr_jax run. Every field is declared here (the config is locked).
+
+Section references ("§1.4") point at the SSR method specification (docs/method.md in the
+steering repo, summarised in the README). Fields tagged [inferred] are our reconstruction of
+unpublished SSR details and exist so that ablations are one flag away.
+"""
+
+import ml_collections
+
+VOC_FG_NAMES = (
+    "aeroplane", "bicycle", "bird avian", "boat", "bottle", "bus", "car", "cat", "chair seat",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person with clothes,people,human",
+    "pottedplant", "sheep", "sofa", "train", "tvmonitor screen",
+)  # fmt: skip
+VOC_BG_NAMES = (
+    "ground", "land", "grass", "tree", "building", "wall", "sky", "lake", "water", "river",
+    "sea", "railway", "railroad", "keyboard", "helmet", "cloud", "house", "mountain", "ocean",
+    "road", "rock", "street", "valley", "bridge", "sign",
+)  # fmt: skip
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 1  # WeCLIP trains with seed 1 (§1.7).
+
+  # ---------------------------------------------------------------- frozen CLIP
+  c.clip = ml_collections.ConfigDict()
+  c.clip.weights = ""  # Local HF dir (config.json + model.safetensors), OpenAI .pt, or cache .npz.
+  c.clip.arch = "ViT-B/16"  # Used when clip.weights is empty (random init: tests, benchmarks).
+  c.clip.pos_interp = "bilinear"  # Position-embedding resize: bilinear (WeCLIP) or bicubic.
+  c.clip.cache_dir = ""  # Where converted weights are cached; "" = beside the weights file.
+
+  # ---------------------------------------------------------------- model (§1-§3)
+  c.model = ml_collections.ConfigDict()
+  c.model.dtype = "float32"  # Compute dtype: float32 or bfloat16 (params stay float32).
+  c.model.class_names = VOC_FG_NAMES  # Foreground names (synonyms comma-separated), §1.2.
+  c.model.bg_names = VOC_BG_NAMES  # Background names for the CAM softmax, §1.2.
+  c.model.prompt_template = "a clean origami {}."  # WeCLIP's single template.
+  c.model.normalization = "imagenet"  # Input statistics: imagenet (WeCLIP quirk, §1.1) or clip.
+  c.model.max_classes = 6  # Kmax: present classes per image padded to this (VOC 6, COCO 20).
+  c.model.logit_scale = 100.0  # CLIP's exp(logit_scale) used in the GradCAM softmax, §1.3.
+
+  c.model.decoder = ml_collections.ConfigDict()
+  c.model.decoder.embed_dim = 256  # Per-layer MLP width and fused feature width F, §1.5.
+  c.model.decoder.num_layers = 3  # Transformer blocks after fusion.
+  c.model.decoder.num_heads = 8
+  c.model.decoder.mlp_dim = 1024
+  c.model.decoder.dropout = 0.1  # Dropout2d after the 1x1 fuse conv.
+
+  c.model.cam = ml_collections.ConfigDict()
+  c.model.cam.num_attn_layers = 8  # Pre-RFM affinity: mean of the last 8 attention maps, §1.4.1.
+  c.model.cam.rfm_layers = 6  # RFM candidate layers (VOC 6, COCO 10), §1.4.2.
+  c.model.cam.rfm_switch_step = 9000  # Train step from which RFM affinity is used (§1.4 quirk).
+  c.model.cam.sinkhorn_iters = 3  # Column-then-row normalisations, §1.4.3.
+  c.model.cam.box_threshold = 0.4  # Box-mask threshold, fraction of the CAM max (VOC .4/COCO .7).
+  c.model.cam.bg_power = 1.0  # bg = (1 - max cam) ** bg_power, WeCLIP's cam_bg_thres.
+  c.model.cam.par_dilations = (1, 2, 4, 8, 12, 24)  # PAR neighbourhood, §1.4.8.
+  c.model.cam.par_iters = 20
+  c.model.cam.par_w_pos = 0.01
+  c.model.cam.par_temp = 0.3
+
+  c.model.cmpa = ml_collections.ConfigDict()  # §2, all [inferred].
+  c.model.cmpa.enabled = True
+  c.model.cmpa.weight = 0.1  # lambda_cmpa.
+  c.model.cmpa.temperature = 0.07
+  c.model.cmpa.proj = "linear"  # Projection head 256->D_text: linear or mlp.
+  c.model.cmpa.min_pixels = 2  # A class region smaller than this (in patches) gives no prototype.
+  c.model.cmpa.soft = False  # Soft masked-average pooling with refined CAMs instead of labels.
+  c.model.cmpa.bg_text = "mean"  # Background text prototype: mean of bg names, or best (max).
+  c.model.cmpa.pixel_weight = 0.0  # Weight of the pixel-to-text prototype term (0 = off).
+  c.model.cmpa.warmup_steps = 0  # CMPA loss is zero before this step.
+  c.model.cmpa.cam_fusion = False  # Add the text-driven map to GradCAM after the RFM switch.
+
+  c.model.sgc = ml_collections.ConfigDict()  # §3, all [inferred].
+  c.model.sgc.enabled = True
+  c.model.sgc.threshold = 0.4  # tau_sp: target superpixels, fraction of the max pooled CAM.
+  c.model.sgc.receiver_mask = False  # Variant B: also mask receiving patches (dilated u_c).
+  c.model.sgc.soft_alpha = 1.0  # Variant C: T *= alpha + (1-alpha)*[share a superpixel]; 1 = off.
+  c.model.sgc.hard = False  # Binarise the patch mask u_c at 0.5.
+  c.model.sgc.max_superpixels = 512  # S_max: superpixel ids >= this are folded (keep > count).
+
+  # ---------------------------------------------------------------- losses (§1.6)
+  c.loss = ml_collections.ConfigDict()
+  c.loss.seg_weight = 1.0
+  c.loss.aff_weight = 0.1
+  c.loss.aff_radius = 8  # Affinity-loss window in patches.
+
+  # ---------------------------------------------------------------- data (§1.1, §3.1)
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "voc"  # voc, coco or synthetic.
+  c.data.root = ""  # VOC: VOCdevkit/VOC2012 (or VOCdevkit); COCO: converted root.
+  c.data.train_split = "train_aug"
+  c.data.val_split = "val"
+  c.data.num_classes = 21  # Including background.
+  c.data.ignore_label = 255
+  c.data.pipeline = "auto"  # tf, numpy, or auto (tf when TensorFlow imports, else numpy).
+  c.data.crop_size = 320
+  c.data.scale_range = (0.5, 2.0)
+  c.data.hflip = True
+  c.data.color_jitter = 0.0  # Brightness/contrast/saturation strength; WeCLIP uses none.
+  c.data.shuffle_buffer = 1024
+  c.data.num_workers = 4  # Parallel decode/augment calls.
+  c.data.prefetch = 2
+  c.data.superpixel_dir = ""  # "" = <root>/Superpixels_<backend>_<n_segments>.
+  c.data.superpixel_backend = "skimage"  # skimage (SLIC) or opencv (ximgproc SLIC) / fast.
+  c.data.n_segments = 100  # Per 320x320 area; scaled by image area (§3.1).
+  c.data.compactness = 10.0
+  c.data.sigma = 1.0
+  c.data.synthetic = ml_collections.ConfigDict()  # Only read when data.name == "synthetic".
+  c.data.synthetic.num_train = 512
+  c.data.synthetic.num_val = 128
+  c.data.synthetic.image_size = 128
+  c.data.synthetic.seed = 0
+
+  # ---------------------------------------------------------------- training (§1.7)
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 4  # Global batch.
+  c.train.num_steps = 30000
+  c.train.learning_rate = 2e-3  # Decoder lr (WeCLIP's 2e-4 x 10).
+  c.train.warmup_steps = 50
+  c.train.warmup_ratio = 1e-6  # Warm-up starts at lr * warmup_ratio.
+  c.train.schedule = "poly"  # poly or cosine.
+  c.train.poly_power = 1.0
+  c.train.weight_decay = 0.01
+  c.train.b1 = 0.9
+  c.train.b2 = 0.999
+  c.train.eps = 1e-8
+  c.train.grad_clip = 0.0  # Global-norm clip; 0 = off (WeCLIP has none).
+  c.train.checkpoint_every = 2000
+  c.train.keep_checkpoints = 3
+  c.train.log_every = 50
+  c.train.eval_every = 0  # 0 = no eval during training.
+  c.train.nan_policy = "halt"  # halt or skip when a loss/gradient is non-finite.
+  c.train.distributed = False  # Call jax.distributed.initialize() (multi-host).
+
+  # ---------------------------------------------------------------- evaluation (§1.8)
+  c.eval = ml_collections.ConfigDict()
+  c.eval.split = "val"
+  c.eval.target = "seg"  # seg (decoder), cam (GradCAM) or pseudo (refined pseudo-labels).
+  c.eval.scales = (1.0, 0.75)
+  c.eval.flip = True
+  c.eval.long_side = 512  # Resize the long side to this before multi-scale inference.
+  c.eval.batch_size = 8  # Global eval batch (padded to a multiple of the device count).
+  c.eval.checkpoint_step = -1  # -1 = latest.
+  c.eval.max_images = 0  # 0 = the whole split.
+  c.eval.num_vis = 16  # Visualisation grids written under workdir/eval.
+  c.eval.save_png = True
+  c.eval.crf = False  # Dense CRF post-processing (needs pydensecrf2).
+  c.eval.crf_iters = 10
+  c.eval.crf_pos_xy_std = 3.0
+  c.eval.crf_pos_w = 3.0
+  c.eval.crf_bi_xy_std = 64.0
+  c.eval.crf_bi_rgb_std = 5.0
+  c.eval.crf_bi_w = 4.0
+
+  # ---------------------------------------------------------------- demo (configs/demo.py)
+  c.demo = ml_collections.ConfigDict()
+  c.demo.clip_steps = 0  # Steps of in-process tiny-CLIP pretraining (demo only).
+  c.demo.clip_batch_size = 64
+  c.demo.clip_lr = 1e-3
+  c.demo.clip_width = 128
+  c.demo.clip_layers = 6
+  c.demo.clip_patch = 16
+
+  c.lock()
+  return c
