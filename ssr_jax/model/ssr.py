@@ -1,0 +1,256 @@
+"""The composed SSR model: frozen CLIP -> GradCAM -> affinity propagation (+SGC) -> PAR ->
+pseudo-labels -> decoder losses (+CMPA). One pure, jittable loss for the train step.
+
+`SSRTask` follows the task protocol of ssr_jax.train: `init(rng, batch)` and
+`loss(params, frozen, batch, *, step, rng)`. `frozen` holds what is never trained (CLIP params and
+text embeddings); it is passed to the jitted step as a replicated argument.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ssr_jax import resize as resize_lib
+from ssr_jax.clip.model import CLIP
+from ssr_jax.model import affinity, cam, cmpa, losses, sgc
+from ssr_jax.model.decoder import Decoder, ProjectionHead
+
+# 0-255 RGB statistics. WeCLIP feeds CLIP ImageNet statistics, not CLIP's own (§1.1).
+NORMALIZATION = {
+    "imagenet": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+    "clip": ((122.771, 116.746, 104.094), (68.501, 66.632, 70.323)),
+}
+
+
+def normalize(images, kind):
+  """uint8 or float 0-255 images [B, H, W, 3] -> float32 normalised with the named statistics."""
+  if kind not in NORMALIZATION:
+    raise ValueError(f"model.normalization={kind!r}: use one of {sorted(NORMALIZATION)}")
+  mean, std = (jnp.asarray(v, jnp.float32) for v in NORMALIZATION[kind])
+  return (images.astype(jnp.float32) - mean) / std
+
+
+@dataclasses.dataclass(frozen=True)
+class SSRTask:
+  """SSR on a frozen CLIP. Built by `build_task`; holds modules and sub-configs, no arrays."""
+
+  clip: CLIP
+  decoder: Decoder
+  proj: ProjectionHead | None
+  model_cfg: Any  # config.model
+  loss_cfg: Any  # config.loss
+  num_classes: int  # Including background.
+
+  # ------------------------------------------------------------------ frozen CLIP features
+  def clip_features(self, frozen, images):
+    """images uint8/float 0-255 [B, H, W, 3] -> dict(x normalised, hidden [L-1, B, T, W],
+    attn [L-1, B, T, T], grid (h, w)) from the first L-1 frozen blocks (§1.2)."""
+    x = normalize(images, self.model_cfg.normalization)
+    out = self.clip.apply(
+        {"params": frozen["clip"]}, x, self.clip.cfg.vision_layers - 1,
+        method=self.clip.image_features,
+    )  # fmt: skip
+    return dict(
+        x=x,
+        hidden=jax.lax.stop_gradient(out["hidden"]),
+        attn=jax.lax.stop_gradient(out["attn"]),
+        grid=out["grid"],
+    )
+
+  def decode(self, params, hidden, *, train, rng=None):
+    """hidden [L-1, B, T, W] -> (logits [B, N, C], feats [B, N, E])."""
+    rngs = {"dropout": rng} if train else {}
+    return self.decoder.apply(
+        {"params": params["decoder"]}, hidden[:, :, 1:], train=train, rngs=rngs
+    )
+
+  def gradcam(self, frozen, hidden, labels, grid):
+    """GradCAM through the last block (§1.3). Returns cams [B, K, h, w], ids, valid, attn_last."""
+    clip, p = self.clip, {"params": frozen["clip"]}
+    x_prev = hidden[-1]
+    act = clip.apply(p, x_prev, method=clip.last_block_pre_norm)
+
+    def block_fn(a):
+      z, attn = clip.apply(p, x_prev, ln1_out=a, method=clip.last_block)
+      # Patch-token mean, not CLS, feeds ln_post + proj in WeCLIP's CAM branch (§1.3).
+      return clip.apply(p, z[:, 1:].mean(axis=1), method=clip.visual_head), attn
+
+    ids, valid = cam.present_classes(labels, max_classes=self.model_cfg.max_classes)
+    cams, attn_last = cam.gradcam(
+        block_fn, act, ids, valid, frozen["text_fg"], frozen["text_bg"], labels,
+        logit_scale=self.model_cfg.logit_scale, grid=grid,
+    )  # fmt: skip
+    return cams, ids, valid, jax.lax.stop_gradient(attn_last)
+
+  # ------------------------------------------------------------------ pseudo-labels (§1.4, §3)
+  def pseudo_labels(self, frozen, feats_out, labels, superpixels, dec_feats, *, use_rfm, z=None):
+    """Online pseudo-labels from frozen features and (detached) decoder features.
+
+    Args:
+      feats_out: `clip_features` output; labels [B, C-1]; superpixels [B, H, W] int32 (-1 pad).
+      dec_feats: [B, N, E] decoder features F (RFM affinity); use_rfm: bool scalar (traced ok).
+      z: optional [B, N, D] CMPA-projected features for the text-driven CAM fusion (§2.7).
+
+    Returns dict(cams [B, K, h, w], ids, valid, probs [B, H, W, 1+K], labels [B, H, W] int32).
+    """
+    mc, cc, sc = self.model_cfg, self.model_cfg.cam, self.model_cfg.sgc
+    x, hidden, grid = feats_out["x"], feats_out["hidden"], feats_out["grid"]
+    b, hh, ww, _ = x.shape
+    cams, ids, valid, attn_last = self.gradcam(frozen, hidden, labels, grid)
+    attn = jnp.concatenate([feats_out["attn"], attn_last[None]], axis=0)  # [L, B, T, T]
+
+    dec_feats = jax.lax.stop_gradient(dec_feats)
+    if z is not None and mc.cmpa.cam_fusion:
+      text = jnp.take(frozen["text_fg"], ids, axis=0)  # [B, K, D]
+      m = jax.nn.relu(jnp.einsum("bnd,bkd->bkn", jax.lax.stop_gradient(z), text))
+      m = cam.minmax_normalize(m, axes=-1).reshape(cams.shape)
+      cams = jnp.where(use_rfm & valid[..., None, None], 0.5 * (cams + m), cams)
+
+    w_attn = affinity.attention_affinity(attn, num_layers=cc.num_attn_layers)
+    w_rfm = affinity.rfm_affinity(attn, dec_feats, num_layers=cc.rfm_layers)
+    trans = affinity.transition_matrix(
+        jnp.where(use_rfm, w_rfm, w_attn), iters=cc.sinkhorn_iters
+    )
+    src = affinity.box_masks(cams, threshold=cc.box_threshold)
+    recv = None
+    if sc.enabled:
+      member = sgc.membership(
+          superpixels, patch_size=self.clip.cfg.patch_size, max_superpixels=sc.max_superpixels
+      )
+      u = sgc.target_masks(cams, member, threshold=sc.threshold, hard=sc.hard)
+      src = src * u
+      if sc.receiver_mask:
+        recv = sgc.receiver_masks(u, grid=grid)
+      if sc.soft_alpha < 1.0:
+        trans = sgc.smooth_affinity(trans, member, alpha=sc.soft_alpha)
+    probs = affinity.refine_cams(
+        cams, trans, src, out_size=(hh, ww), valid=valid, bg_power=cc.bg_power, recv_masks=recv
+    )  # [B, 1+K, H, W]
+    probs = jnp.moveaxis(probs, 1, -1)
+    probs = affinity.par(
+        x, probs, dilations=tuple(cc.par_dilations), iters=cc.par_iters, w_pos=cc.par_w_pos,
+        temp=cc.par_temp,
+    )  # fmt: skip
+    plabels = affinity.pseudo_labels(probs, ids, valid)
+    out = dict(cams=cams, ids=ids, valid=valid, probs=probs, labels=plabels)
+    return jax.tree_util.tree_map(jax.lax.stop_gradient, out)
+
+  # ------------------------------------------------------------------ task protocol
+  def init(self, rng, batch):
+    """Trainable params {decoder, [proj]} for a batch like the training batches."""
+    c = self.clip.cfg
+    b, hh, ww = batch["image"].shape[:3]
+    n = (hh // c.patch_size) * (ww // c.patch_size)
+    hidden = jnp.zeros((c.vision_layers - 1, 1, n, c.vision_width), jnp.float32)
+    params = {"decoder": self.decoder.init(rng, hidden, train=False)["params"]}
+    if self.proj is not None:
+      feats = jnp.zeros((1, n, self.decoder.embed_dim), jnp.float32)
+      params["proj"] = self.proj.init(rng, feats)["params"]
+    return params
+
+  def loss(self, params, frozen, batch, *, step, rng):
+    """Total loss and its terms (§1.6, §2.6). Pseudo-labels are stop-gradient."""
+    mc, lc = self.model_cfg, self.loss_cfg
+    f = self.clip_features(frozen, batch["image"])
+    b, hh, ww, _ = f["x"].shape
+    h, w = f["grid"]
+    logits, feats = self.decode(params, f["hidden"], train=True, rng=rng)
+    z = self.project(params, feats)
+    use_rfm = step >= mc.cam.rfm_switch_step
+    pl = self.pseudo_labels(
+        frozen, f, batch["labels"], batch["superpixels"], feats, use_rfm=use_rfm, z=z
+    )
+    labels = pl["labels"]
+
+    logits_full = resize_lib.resize(logits.reshape(b, h, w, -1), (hh, ww), "bilinear")
+    seg = losses.balanced_ce(logits_full, labels, ignore=255)
+    attn_pred = jax.nn.sigmoid(jnp.einsum("bie,bje->bij", feats, feats))
+    small = losses.downsample_labels(labels, (h, w))
+    aff = losses.affinity_loss(attn_pred, small, radius=lc.aff_radius)
+    total = lc.seg_weight * seg + lc.aff_weight * aff
+    metrics = dict(seg=seg, aff=aff)
+
+    if z is not None:
+      text = cmpa.text_prototypes(frozen["text_fg"], frozen["text_bg"], bg_mode=mc.cmpa.bg_text)
+      flat = small.reshape(b, h * w)
+      if mc.cmpa.soft:
+        weights = self._soft_weights(pl, (h, w))
+        protos, valid = cmpa.soft_prototypes(z, weights, min_weight=mc.cmpa.min_pixels)
+      else:
+        protos, valid = cmpa.prototypes(
+            z, flat, num_classes=self.num_classes, min_pixels=mc.cmpa.min_pixels
+        )
+      l_align = cmpa.cmpa_loss(protos, valid, text, temperature=mc.cmpa.temperature)
+      on = (step >= mc.cmpa.warmup_steps).astype(jnp.float32)
+      term = l_align
+      if mc.cmpa.pixel_weight > 0:
+        l_pix = cmpa.pixel_prototype_loss(z, flat, text, temperature=mc.cmpa.temperature)
+        metrics["cmpa_pixel"] = l_pix
+        term = term + mc.cmpa.pixel_weight * l_pix
+      total = total + on * mc.cmpa.weight * term
+      metrics["cmpa"] = l_align
+    metrics["loss"] = total
+    return total, metrics
+
+  def _soft_weights(self, pl, grid):
+    """Refined probabilities scattered to class slots [B, C, N] for soft prototypes (§2.2)."""
+    probs = resize_lib.resize(pl["probs"], grid, "bilinear")  # [B, h, w, 1+K]
+    b = probs.shape[0]
+    probs = probs.reshape(b, -1, probs.shape[-1])
+    slots = jnp.concatenate([jnp.zeros_like(pl["ids"][:, :1]), pl["ids"] + 1], axis=1)
+    keep = jnp.concatenate([jnp.ones_like(pl["valid"][:, :1]), pl["valid"]], axis=1)
+    onehot = jax.nn.one_hot(slots, self.num_classes) * keep[..., None]  # [B, 1+K, C]
+    return jnp.einsum("bnk,bkc->bcn", probs, onehot)
+
+  def project(self, params, feats):
+    """CMPA projection z [B, N, D] of decoder features, or None when CMPA is off."""
+    if self.proj is None:
+      return None
+    return self.proj.apply({"params": params["proj"]}, feats)
+
+  # ------------------------------------------------------------------ inference
+  def seg_logits(self, params, frozen, images):
+    """images 0-255 [B, H, W, 3] (H, W multiples of the patch) -> logits [B, h, w, C]."""
+    f = self.clip_features(frozen, images)
+    logits, _ = self.decode(params, f["hidden"], train=False)
+    return logits.reshape(logits.shape[0], *f["grid"], -1)
+
+  def cam_outputs(self, params, frozen, batch):
+    """'val'-mode CAM outputs for pseudo-label quality (RFM affinity, §1.8).
+
+    Returns dict(cams [B, K, h, w], ids, valid, probs [B, H, W, 1+K], labels [B, H, W]).
+    """
+    f = self.clip_features(frozen, batch["image"])
+    _, feats = self.decode(params, f["hidden"], train=False)
+    z = self.project(params, feats)
+    return self.pseudo_labels(
+        frozen, f, batch["labels"], batch["superpixels"], feats, use_rfm=jnp.array(True), z=z
+    )
+
+
+def build_task(model_cfg: ml_collections.ConfigDict, loss_cfg, *, clip: CLIP, num_classes: int):
+  """SSRTask from config.model / config.loss and the (frozen) CLIP module."""
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(model_cfg.dtype)
+  if dtype is None:
+    raise ValueError(f"model.dtype={model_cfg.dtype!r}: use 'float32' or 'bfloat16'")
+  if len(model_cfg.class_names) != num_classes - 1:
+    raise ValueError(
+        f"model.class_names has {len(model_cfg.class_names)} names but data.num_classes="
+        f"{num_classes} (background included): set them consistently"
+    )
+  layers = clip.cfg.vision_layers
+  for key in ("num_attn_layers", "rfm_layers"):
+    if not 1 <= model_cfg.cam[key] <= layers:
+      raise ValueError(f"model.cam.{key}={model_cfg.cam[key]} must be in [1, {layers}]")
+  d = model_cfg.decoder
+  decoder = Decoder(
+      num_classes=num_classes, embed_dim=d.embed_dim, num_layers=d.num_layers,
+      num_heads=d.num_heads, mlp_dim=d.mlp_dim, dropout=d.dropout, dtype=dtype,
+  )  # fmt: skip
+  proj = None
+  if model_cfg.cmpa.enabled:
+    proj = ProjectionHead(clip.cfg.embed_dim, kind=model_cfg.cmpa.proj, dtype=dtype)
+  return SSRTask(clip, decoder, proj, model_cfg, loss_cfg, num_classes)
