@@ -45,10 +45,10 @@ class SSRTask:
   num_classes: int  # Including background.
 
   # ------------------------------------------------------------------ frozen CLIP features
-  def clip_features(self, frozen, images):
-    """images uint8/float 0-255 [B, H, W, 3] -> dict(x normalised, hidden [L-1, B, T, W],
-    attn [L-1, B, T, T], grid (h, w)) from the first L-1 frozen blocks (§1.2)."""
-    x = normalize(images, self.model_cfg.normalization)
+  def clip_features(self, frozen, images, *, normalized=False):
+    """images uint8/float 0-255 [B, H, W, 3] (or already normalised) -> dict(x normalised,
+    hidden [L-1, B, T, W], attn [L-1, B, T, T], grid (h, w)) from the first L-1 blocks (§1.2)."""
+    x = images if normalized else normalize(images, self.model_cfg.normalization)
     out = self.clip.apply(
         {"params": frozen["clip"]}, x, self.clip.cfg.vision_layers - 1,
         method=self.clip.image_features,
@@ -167,7 +167,7 @@ class SSRTask:
 
     logits_full = resize_lib.resize(logits.reshape(b, h, w, -1), (hh, ww), "bilinear")
     seg = losses.balanced_ce(logits_full, labels, ignore=255)
-    attn_pred = jax.nn.sigmoid(jnp.einsum("bie,bje->bij", feats, feats))
+    attn_pred = affinity.feature_affinity(feats)
     small = losses.downsample_labels(labels, (h, w))
     aff = losses.affinity_loss(attn_pred, small, radius=lc.aff_radius)
     total = lc.seg_weight * seg + lc.aff_weight * aff
@@ -175,6 +175,7 @@ class SSRTask:
 
     if z is not None:
       text = cmpa.text_prototypes(frozen["text_fg"], frozen["text_bg"], bg_mode=mc.cmpa.bg_text)
+      num_bg = text.shape[0] - frozen["text_fg"].shape[0]
       flat = small.reshape(b, h * w)
       if mc.cmpa.soft:
         weights = self._soft_weights(pl, (h, w))
@@ -183,11 +184,15 @@ class SSRTask:
         protos, valid = cmpa.prototypes(
             z, flat, num_classes=self.num_classes, min_pixels=mc.cmpa.min_pixels
         )
-      l_align = cmpa.cmpa_loss(protos, valid, text, temperature=mc.cmpa.temperature)
+      l_align = cmpa.cmpa_loss(
+          protos, valid, text, temperature=mc.cmpa.temperature, num_bg=num_bg
+      )
       on = (step >= mc.cmpa.warmup_steps).astype(jnp.float32)
       term = l_align
       if mc.cmpa.pixel_weight > 0:
-        l_pix = cmpa.pixel_prototype_loss(z, flat, text, temperature=mc.cmpa.temperature)
+        l_pix = cmpa.pixel_prototype_loss(
+            z, flat, text, temperature=mc.cmpa.temperature, num_bg=num_bg
+        )
         metrics["cmpa_pixel"] = l_pix
         term = term + mc.cmpa.pixel_weight * l_pix
       total = total + on * mc.cmpa.weight * term
@@ -212,9 +217,9 @@ class SSRTask:
     return self.proj.apply({"params": params["proj"]}, feats)
 
   # ------------------------------------------------------------------ inference
-  def seg_logits(self, params, frozen, images):
-    """images 0-255 [B, H, W, 3] (H, W multiples of the patch) -> logits [B, h, w, C]."""
-    f = self.clip_features(frozen, images)
+  def seg_logits(self, params, frozen, images, *, normalized=False):
+    """images 0-255 (or normalised) [B, H, W, 3], sides multiples of the patch -> [B, h, w, C]."""
+    f = self.clip_features(frozen, images, normalized=normalized)
     logits, _ = self.decode(params, f["hidden"], train=False)
     return logits.reshape(logits.shape[0], *f["grid"], -1)
 

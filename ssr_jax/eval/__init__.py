@@ -1,0 +1,1 @@
+"""Evaluation: metrics, multi-scale inference, dense CRF, label PNGs and visualisation."""

@@ -1,0 +1,250 @@
+"""Orbax checkpoints under `workdir/checkpoints/<step>/`.
+
+Each step directory holds two items: `state` (the TrainState, saved with StandardSave) and `config`
+(JSON: the run's config plus metadata: CLIP weights fingerprint, jax version, data position).
+Frozen CLIP weights are never saved.
+
+Retention: the last `keep` checkpoints, plus the one with the best eval mIoU (steps saved with
+`metrics={"miou": ...}`); a checkpoint without metrics survives only while it is among the last
+`keep`. Both rules are one orbax preservation policy, re-evaluated after every save, and the
+metrics live inside each step directory, so the best checkpoint also survives restarts.
+
+Atomicity: orbax writes a step to `<step>.orbax-checkpoint-tmp*` and renames it when complete; a
+save killed before the rename leaves only that temporary directory, which `latest_step` and
+`restore` never consider and the next (writable) manager deletes.
+"""
+
+import contextlib
+import logging
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as policies
+
+CHECKPOINT_SUBDIR = "checkpoints"
+BEST_METRIC = "miou"
+
+
+class CheckpointMismatchError(ValueError):
+  """The saved state's tree does not match the target's (a different model config)."""
+
+
+class _NoMissingMetricsWarning(logging.Filter):
+  def filter(self, record):
+    return "did not provide metrics" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_missing_metrics():
+  """Orbax warns at every save without metrics once best_fn is set; here that is the norm."""
+  absl_logger, quiet = logging.getLogger("absl"), _NoMissingMetricsWarning()
+  absl_logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(quiet)
+
+
+def checkpoint_dir(workdir) -> epath.Path:
+  return epath.Path(workdir) / CHECKPOINT_SUBDIR
+
+
+def _best_metric(metrics) -> float:
+  return float(metrics[BEST_METRIC])
+
+
+def _path_str(path) -> str:
+  parts = []
+  for k in path:
+    if isinstance(k, jax.tree_util.DictKey):
+      parts.append(str(k.key))
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      parts.append(str(k.idx))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      parts.append(k.name)
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+  is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+  return {_path_str(p): tuple(x.shape) for p, x in flat}
+
+
+def check_compatible(saved_tree, target, *, where: str = "checkpoint") -> None:
+  """Raises CheckpointMismatchError naming every differing path (and both shapes) between the
+  saved array metadata tree and the target pytree; paths are like "params/decoder/kernel"."""
+  saved, want = _flat_shapes(saved_tree), _flat_shapes(target)
+  problems = []
+  for path in sorted(set(saved) | set(want)):
+    if path not in saved:
+      problems.append(f"  {path}: missing from the checkpoint (model expects {want[path]})")
+    elif path not in want:
+      problems.append(f"  {path}: in the checkpoint {saved[path]} but not in the model")
+    elif saved[path] != want[path]:
+      problems.append(f"  {path}: checkpoint shape {saved[path]} vs model shape {want[path]}")
+  if problems:
+    shown = problems[:20] + ([f"  ... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+    raise CheckpointMismatchError(
+      f"{where} does not match the model being restored ({len(problems)} difference(s)):\n"
+      + "\n".join(shown)
+      + "\nThe model config differs from the one that wrote the checkpoint (its `config` item "
+      "holds that config): use the same config or a fresh workdir."
+    )
+
+
+def abstract_state(tree, sharding=None):
+  """ShapeDtypeStruct pytree with a sharding per leaf: `sharding` if given, else the leaf's own.
+
+  Restoring onto it places every array directly with that sharding, so a checkpoint written on N
+  devices restores onto a mesh of any other size.
+  """
+
+  def leaf(x):
+    s = sharding if sharding is not None else getattr(x, "sharding", None)
+    if s is None:
+      raise ValueError("abstract_state: a leaf has no sharding; pass sharding=...")
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+  return jax.tree.map(leaf, tree)
+
+
+class Checkpointer:
+  """CheckpointManager for one workdir with the retention rules of the module docstring.
+
+  keep: how many of the most recent checkpoints to keep (train.keep_checkpoints, >= 1).
+  read_only: open existing checkpoints for restore only (evaluation); the directory must exist.
+  async_save: save in a background thread (the arrays are copied to host before `save` returns,
+    so the caller may donate or overwrite them right away).
+  """
+
+  def __init__(self, workdir, *, keep: int = 3, read_only: bool = False, async_save: bool = True):
+    if keep < 1:
+      raise ValueError(f"train.keep_checkpoints={keep}: must be at least 1.")
+    self.directory = checkpoint_dir(workdir)
+    if read_only and not self.directory.exists():
+      raise FileNotFoundError(
+        f"No checkpoint directory {self.directory}: train into this workdir first, or pass the "
+        "workdir of a finished run."
+      )
+    policy = policies.AnyPreservationPolicy(
+      [
+        policies.LatestN(n=keep),
+        # The single best by mIoU; checkpoints without metrics are left to LatestN.
+        policies.BestN(
+          get_metric_fn=_best_metric, reverse=False, n=1, keep_checkpoints_without_metrics=False
+        ),
+      ]
+    )
+    options = ocp.CheckpointManagerOptions(
+      best_fn=_best_metric,  # Makes the manager store per-step metrics and answer best_step().
+      best_mode="max",
+      preservation_policy=policy,
+      cleanup_tmp_directories=not read_only,
+      enable_async_checkpointing=async_save,
+      read_only=read_only,
+      create=not read_only,
+      save_interval_steps=0 if read_only else 1,
+    )
+    self._manager = ocp.CheckpointManager(
+      self.directory,
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "config": ocp.JsonCheckpointHandler(),
+      },
+      options=options,
+    )
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """Step with the highest saved mIoU, or None if no checkpoint has metrics."""
+    if all(self._manager.metrics(s) is None for s in self.all_steps()):
+      return None
+    return self._manager.best_step()
+
+  def save(self, step: int, state, *, config: dict, metrics: dict | None = None) -> bool:
+    """Starts saving `state` (and the JSON-serialisable `config` dict) as step `step`.
+
+    metrics: {"miou": float} for an evaluated state (takes part in best-checkpoint retention).
+    Returns False (and saves nothing) if that step is already saved.
+    """
+    if step in self._manager.all_steps():
+      return False
+    if metrics is not None:
+      metrics = {k: float(v) for k, v in metrics.items()}
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config))
+    with _quiet_missing_metrics() if metrics is None else contextlib.nullcontext():
+      return bool(self._manager.save(step, args=args, metrics=metrics, force=True))
+
+  def _resolve(self, step: int | None) -> int:
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise FileNotFoundError(f"No finished checkpoint in {self.directory}.")
+      return steps[-1]
+    if step not in steps:
+      raise FileNotFoundError(
+        f"No checkpoint for step {step} in {self.directory}; available steps: {steps}."
+      )
+    return step
+
+  def restore(self, target, *, step: int | None = None):
+    """The saved state of `step` (default: latest) with the structure and shardings of `target`.
+
+    target: a TrainState of arrays or of ShapeDtypeStructs with shardings (see abstract_state).
+    Raises FileNotFoundError if there is no such checkpoint and CheckpointMismatchError (naming
+    each differing parameter path and both shapes) if the saved tree differs from the target.
+    """
+    step = self._resolve(step)
+    saved = self._manager.item_metadata(step)["state"]
+    check_compatible(
+      getattr(saved, "tree", saved), target, where=f"Checkpoint {self.directory / str(step)}"
+    )
+    restored = self._manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state(target)))
+    )
+    return restored.state
+
+  def read_config(self, *, step: int | None = None) -> dict:
+    """The `config` item of `step` (default: latest): {"config": {...}, "meta": {...}}."""
+    step = self._resolve(step)
+    return self._manager.restore(
+      step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+    ).config
+
+  def metrics(self, step: int) -> dict | None:
+    return self._manager.metrics(step)
+
+  def wait_until_finished(self) -> None:
+    """Blocks until pending async saves are written and renamed into place."""
+    self._manager.wait_until_finished()
+
+  def reload(self) -> None:
+    """Re-reads the directory (after another process wrote to it)."""
+    self._manager.reload()
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def restore(workdir, target_state, *, step: int | None = None):
+  """Restores a TrainState from `workdir/checkpoints` onto the target's structure and shardings.
+
+  See Checkpointer.restore; opens the directory read-only (FileNotFoundError if it is missing).
+  """
+  with Checkpointer(workdir, read_only=True) as ckpt:
+    return ckpt.restore(target_state, step=step)

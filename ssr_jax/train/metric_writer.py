@@ -1,0 +1,98 @@
+"""Training logs under the workdir: JSON lines and TensorBoard events (process 0 only).
+
+  workdir/train_metrics.jsonl   one object per logged train step: step, loss, each term, lr, ...
+  workdir/eval_metrics.jsonl    one object per evaluation: step, miou, ...
+  workdir/tensorboard/          tensorboardX events: train/<name>, eval/<name> scalars, images
+On resume from step s, records with step > s (written by the run that died after its last
+checkpoint) are dropped from the JSON files and purged from TensorBoard, so every file describes
+one consistent history.
+"""
+
+import json
+import logging
+import math
+
+import numpy as np
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+TRAIN_JSONL = "train_metrics.jsonl"
+EVAL_JSONL = "eval_metrics.jsonl"
+TENSORBOARD_SUBDIR = "tensorboard"
+
+
+def _truncate_jsonl(path: epath.Path, last_step: int) -> None:
+  if not path.exists():
+    return
+  kept = []
+  for line in path.read_text().splitlines():
+    if line.strip() and json.loads(line).get("step", 0) <= last_step:
+      kept.append(line)
+  path.write_text("".join(line + "\n" for line in kept))
+
+
+def _json_value(v):
+  v = float(v)
+  return v if math.isfinite(v) else str(v)  # JSON has no NaN/inf; keep them readable.
+
+
+class MetricWriter:
+  """Writes scalars and images; a no-op when `enabled` is False (processes other than 0).
+
+  resume_step: the step training restarts from (0 for a fresh run); later records are dropped.
+  """
+
+  def __init__(self, workdir, *, enabled: bool = True, resume_step: int = 0):
+    self.enabled = enabled
+    self._workdir = epath.Path(workdir)
+    self._tb = None
+    if not enabled:
+      return
+    self._workdir.mkdir(parents=True, exist_ok=True)
+    for name in (TRAIN_JSONL, EVAL_JSONL):
+      _truncate_jsonl(self._workdir / name, resume_step)
+    try:
+      import tensorboardX  # Deferred: only process 0 needs it.
+    except ImportError:
+      # The GPU image has no tensorboardX unless its wheel is carried; JSON logs still work.
+      log.warning("tensorboardX is not installed: no TensorBoard events (JSON logs only).")
+      return
+    self._tb = tensorboardX.SummaryWriter(
+      logdir=str(self._workdir / TENSORBOARD_SUBDIR),
+      purge_step=resume_step + 1 if resume_step else None,
+    )
+
+  def write_scalars(self, step: int, scalars: dict, *, kind: str = "train") -> None:
+    """One JSON line in `<kind>_metrics.jsonl` and `<kind>/<name>` TensorBoard scalars."""
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: _json_value(v) for k, v in scalars.items()}}
+    with (self._workdir / f"{kind}_metrics.jsonl").open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(f"{kind}/{k}", float(v), int(step))
+
+  def write_images(self, step: int, images: dict) -> None:
+    """TensorBoard images; each value uint8 [H, W, 3] or [H, W]."""
+    if not self.enabled:
+      return
+    for name, img in images.items():
+      img = np.asarray(img)
+      if img.dtype != np.uint8 or img.ndim not in (2, 3):
+        raise ValueError(
+          f"write_images: image {name!r} has dtype {img.dtype} and shape {img.shape}; "
+          "expected uint8 [H, W, 3] or [H, W]."
+        )
+      if self._tb is not None:
+        self._tb.add_image(name, img, int(step), dataformats="HWC" if img.ndim == 3 else "HW")
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None

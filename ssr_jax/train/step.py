@@ -1,0 +1,152 @@
+"""The train step: one AdamW update of the trainable parameters, with a device-side NaN guard.
+
+A *task* supplies the model:
+  task.init(rng, batch) -> params                      (trainable pytree; jittable)
+  task.loss(params, frozen, batch, *, step, rng) -> (loss f32 scalar, metrics dict of scalars)
+`step` is the traced int32 step, so behaviour switches (e.g. the RFM switch step) are jnp.where /
+lax.cond inside one compiled program. `frozen` (frozen CLIP params, text embeddings) is passed
+through untouched and gets no gradient.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ssr_jax.train.sharding import batch_sharding, replicated
+from ssr_jax.train.state import TrainState
+
+NAN_POLICIES = ("halt", "skip")
+# Metric names the step adds itself; a task metric with one of these names would be overwritten.
+RESERVED_METRICS = ("loss", "grads", "lr", "grad_norm", "param_norm")
+FINITE_PREFIX = "finite/"
+
+
+def finite_names(metric_names) -> list[str]:
+  """Names of the finiteness flags, in bit order of `TrainState.nonfinite_mask`.
+
+  metric_names: the keys of a metrics dict returned by the train step.
+  """
+  return sorted(k[len(FINITE_PREFIX) :] for k in metric_names if k.startswith(FINITE_PREFIX))
+
+
+def nonfinite_terms(mask: int, metric_names) -> list[str]:
+  """Decodes `TrainState.nonfinite_mask` into the names of the non-finite quantities."""
+  return [name for i, name in enumerate(finite_names(metric_names)) if (int(mask) >> i) & 1]
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.array(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def make_train_step(task, tx: optax.GradientTransformation, *, schedule, nan_policy: str):
+  """Returns `train_step(state, frozen, batch) -> (new_state, metrics)` (pure, jittable).
+
+  schedule: the learning-rate schedule inside `tx` (from `make_optimizer`), used to log `lr`.
+  nan_policy: "halt" applies every update (the host stops at its next check and never checkpoints
+    a state that has seen a non-finite update); "skip" keeps params and opt_state unchanged at a
+    step whose loss or gradients are non-finite (like optax.apply_if_finite, a skipped step does
+    not advance the optimizer's schedule).
+  metrics: "loss", every task metric, "lr" (the rate this update used), "grad_norm" (global norm,
+    before clipping), "param_norm" (before the update), and bool "finite/<name>" for the loss, each
+    task metric and "grads". Non-finite loss or gradients trip the guard; a non-finite task metric
+    alone does not, but is named in the report when the guard trips at the same step.
+  """
+  if nan_policy not in NAN_POLICIES:
+    raise ValueError(f"train.nan_policy={nan_policy!r}: expected one of {NAN_POLICIES}.")
+  skip = nan_policy == "skip"
+
+  def train_step(state: TrainState, frozen, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+      return task.loss(params, frozen, batch, step=state.step, rng=rng)
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    clash = sorted(
+      set(terms) & set(RESERVED_METRICS) | {k for k in terms if k.startswith("finite")}
+    )
+    if clash:
+      raise ValueError(
+        f"task.loss returned metrics {clash}: {RESERVED_METRICS} and 'finite*' are names the "
+        "train step adds itself; rename them in the task."
+      )
+    finite = {"loss": jnp.isfinite(loss), "grads": _all_finite(grads)}
+    finite.update({k: jnp.all(jnp.isfinite(v)) for k, v in terms.items()})
+    names = sorted(finite)
+    if len(names) > 31:
+      raise ValueError(
+        f"task.loss returned {len(terms)} metrics; the NaN guard handles 29 at most."
+      )
+    ok = finite["loss"] & finite["grads"]
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if skip:
+      params = jax.tree.map(lambda new, old: jnp.where(ok, new, old), params, state.params)
+      opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), opt_state, state.opt_state)
+      # Skipped updates do not advance the optimizer's step count, hence its schedule.
+      opt_count = state.step - state.nonfinite_count
+    else:
+      opt_count = state.step
+
+    mask = sum(jnp.where(finite[n], 0, 1 << i) for i, n in enumerate(names)).astype(jnp.int32)
+    first_bad = (state.nonfinite_step < 0) & ~ok
+    new_state = TrainState(
+      step=state.step + 1,
+      params=params,
+      opt_state=opt_state,
+      rng=state.rng,
+      nonfinite_step=jnp.where(first_bad, state.step, state.nonfinite_step),
+      nonfinite_mask=jnp.where(first_bad, mask, state.nonfinite_mask),
+      nonfinite_count=state.nonfinite_count + (~ok).astype(jnp.int32),
+    )
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in terms.items()}
+    metrics["loss"] = jnp.asarray(loss, jnp.float32)
+    metrics["lr"] = jnp.asarray(schedule(opt_count), jnp.float32)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["param_norm"] = optax.global_norm(state.params)
+    metrics.update({FINITE_PREFIX + n: f for n, f in finite.items()})
+    return new_state, metrics
+
+  return train_step
+
+
+class JittedTrainStep:
+  """`make_train_step` under jax.jit with declared shardings and the state donated.
+
+  Call as `state, metrics = step(state, frozen, batch)`: state and frozen replicated on `mesh`,
+  batch sharded on its leading axis (see sharding.put_batch). The input state's buffers are donated
+  (reused for the output), so the caller must drop every reference to it. `trace_count` counts how
+  many times the step was traced (1 for a whole run when shapes and dtypes are stable).
+  """
+
+  def __init__(self, task, tx, *, schedule, nan_policy: str, mesh):
+    self.trace_count = 0
+    step_fn = make_train_step(task, tx, schedule=schedule, nan_policy=nan_policy)
+
+    def counted(state, frozen, batch):
+      self.trace_count += 1  # Runs at trace time only.
+      return step_fn(state, frozen, batch)
+
+    repl = replicated(mesh)
+    self._jitted = jax.jit(
+      counted,
+      in_shardings=(repl, repl, batch_sharding(mesh)),
+      out_shardings=(repl, repl),
+      donate_argnums=0,
+    )
+
+  def __call__(self, state: TrainState, frozen, batch):
+    return self._jitted(state, frozen, batch)
+
+  def lower(self, state, frozen, batch):
+    """`jax.jit(...).lower`, e.g. for cost analysis or HLO inspection."""
+    return self._jitted.lower(state, frozen, batch)
+
+
+def jit_train_step(task, tx, *, schedule, nan_policy: str, mesh) -> JittedTrainStep:
+  """The jitted, donating train step for `mesh` (see JittedTrainStep)."""
+  return JittedTrainStep(task, tx, schedule=schedule, nan_policy=nan_policy, mesh=mesh)
