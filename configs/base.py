@@ -92,6 +92,7 @@ def get_config():
   c.data.train_split = "train_aug"
   c.data.val_split = "val"
   c.data.num_classes = 21  # Including background.
+  c.data.labels_file = ""  # "id v1 v2 ..." image labels (mask values); "" = from the dataset/masks.
   c.data.ignore_label = 255
   c.data.pipeline = "auto"  # tf, numpy, or auto (tf when TensorFlow imports, else numpy).
   c.data.crop_size = 320
@@ -100,6 +101,7 @@ def get_config():
   c.data.color_jitter = 0.0  # Brightness/contrast/saturation strength; WeCLIP uses none.
   c.data.shuffle_buffer = 1024
   c.data.num_workers = 4  # Parallel decode/augment calls.
+  c.data.worker_type = "thread"  # numpy pipeline: thread or process (scales past the GIL).
   c.data.prefetch = 2
   c.data.superpixel_dir = ""  # "" = <root>/Superpixels_<backend>_<n_segments>.
   c.data.superpixel_backend = "skimage"  # skimage (SLIC) or opencv (ximgproc SLIC) / fast.

@@ -77,6 +77,25 @@ def _cam_outputs_fn(task):
   return fn
 
 
+def seg_predictions(task, frozen, params, images, eval_cfg, *, crf=False):
+  """Multi-scale + flip decoder predictions for an iterable of uint8 images [H, W, 3].
+
+  Yields (index, pred int32 [H, W]) in completion order, plus the averaged logits when crf.
+  Batches are sharded over all devices (eval.batch_size rounded to the device count).
+  """
+  ec = eval_cfg
+  mesh = sharding.make_mesh()
+  bs = max(ec.batch_size // mesh.size, 1) * mesh.size
+  mean, std = (np.asarray(v, np.float32) for v in ssr.NORMALIZATION[task.model_cfg.normalization])
+  logits_fn = lambda p, x: task.seg_logits(p[0], p[1], x, normalized=True)  # noqa: E731
+  yield from inference.iter_predictions(
+      logits_fn, ((np.asarray(im, np.float32) - mean) / std for im in images),
+      params=(params, frozen), scales=tuple(ec.scales), flip=ec.flip,
+      long_side=ec.long_side or None, multiple=task.clip.cfg.patch_size, batch_size=bs,
+      sharding=sharding.batch_sharding(mesh), return_logits=crf,
+  )  # fmt: skip
+
+
 def evaluate(
     config, workdir, *, task, frozen, params, step, target, split, write_outputs=True,
     clip_fingerprint="",
@@ -94,7 +113,6 @@ def evaluate(
   acc = metrics.ConfusionAccumulator(dc.num_classes, ignore=dc.ignore_label)
   out_dir = os.path.join(workdir, "eval", f"{split}_{target}")
   patch = task.clip.cfg.patch_size
-  norm = config.model.normalization
   cam_fn = _cam_outputs_fn(task)
   t0 = time.time()
   vis_images = {}
@@ -130,22 +148,14 @@ def evaluate(
                           pseudo, pred, ex.get("mask"), names)  # fmt: skip
 
   if target == "seg":
-    mesh = sharding.make_mesh()
-    bs = max(ec.batch_size // mesh.size, 1) * mesh.size
-    logits_fn = lambda p, x: task.seg_logits(p[0], p[1], x, normalized=True)  # noqa: E731
-    mean, std = (np.asarray(v, np.float32) for v in ssr.NORMALIZATION[norm])
     pending = {}  # Examples waiting in a size bucket; bounded by the bucket batch size.
 
     def images():
       for i, ex in enumerate(dataset):
         pending[i] = ex
-        yield (ex["image"].astype(np.float32) - mean) / std
+        yield ex["image"]
 
-    for i, pred, *logits in inference.iter_predictions(
-        logits_fn, images(), params=(params, frozen), scales=tuple(ec.scales), flip=ec.flip,
-        long_side=ec.long_side or None, multiple=patch, batch_size=bs,
-        sharding=sharding.batch_sharding(mesh), return_logits=ec.crf,
-    ):  # fmt: skip
+    for i, pred, *logits in seg_predictions(task, frozen, params, images(), ec, crf=ec.crf):
       ex = pending.pop(i)
       if ec.crf:
         pred = crf.crf_predict(

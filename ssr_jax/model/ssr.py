@@ -197,7 +197,6 @@ class SSRTask:
         term = term + mc.cmpa.pixel_weight * l_pix
       total = total + on * mc.cmpa.weight * term
       metrics["cmpa"] = l_align
-    metrics["loss"] = total
     return total, metrics
 
   def _soft_weights(self, pl, grid):

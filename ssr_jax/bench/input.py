@@ -1,0 +1,92 @@
+"""Input-pipeline throughput: training images/s of the tf and numpy pipelines.
+
+`python -m ssr_jax.bench input [--small] [--images 64] [--batch 4] [--crop 320] [--steps 40]`.
+Writes VOC-like data to a temporary folder (500x375 JPEGs rendered by the synthetic generator,
+class-index PNG masks, skimage superpixel PNGs, in the VOC layout with a custom split list),
+then times full training batches (decode, Pillow-exact rescale, flip, pad, crop, superpixels)
+after a short warm-up. The numbers depend on data.num_workers (threads / parallel calls).
+"""
+
+import os
+import tempfile
+import time
+
+from PIL import Image
+
+from ssr_jax.bench.superpixels import voc_like_images
+from ssr_jax.data import files, pipeline, superpixels
+
+
+def add_args(p):
+  p.add_argument("--images", type=int, default=64)
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--crop", type=int, default=320)
+  p.add_argument("--steps", type=int, default=40, help="timed batches per pipeline")
+  p.add_argument("--workers", type=int, default=4, help="data.num_workers")
+  p.add_argument("--pipelines", default="numpy,numpy-process,tf",
+                 help="numpy (threads), numpy-process (data.worker_type=process), tf")  # fmt: skip
+
+
+def write_voc_like(root: str, num: int, *, height: int = 375, width: int = 500) -> str:
+  """Writes a VOC-layout folder under root; returns the path of its split list."""
+  images, masks = voc_like_images(num, height=height, width=width)
+  os.makedirs(os.path.join(root, "JPEGImages"), exist_ok=True)
+  ids = [f"img_{i:05d}" for i in range(num)]
+  for i, im, m in zip(ids, images, masks):
+    Image.fromarray(im).save(os.path.join(root, "JPEGImages", f"{i}.jpg"), quality=90)
+    files.write_png(os.path.join(root, "SegmentationClassAug", f"{i}.png"), m)
+  split = os.path.join(root, "bench_split.txt")
+  with open(split, "w") as f:
+    f.writelines(f"{i}\n" for i in ids)
+  return split
+
+
+def _config(root, split, args):
+  from configs import base
+
+  c = base.get_config()
+  with c.unlocked():
+    c.data.name = "voc"
+    c.data.root = root
+    c.data.train_split = split
+    c.data.crop_size = args.crop
+    c.data.num_workers = args.workers
+  return c.data
+
+
+def run(args) -> dict:
+  num = 8 if args.small else args.images
+  steps = 3 if args.small else args.steps
+  h, w = (188, 250) if args.small else (375, 500)
+  out = {"images": num, "image_size": f"{w}x{h}", "crop": args.crop, "batch": args.batch,
+         "workers": args.workers, "timed_batches": steps}  # fmt: skip
+  with tempfile.TemporaryDirectory() as root:
+    split = write_voc_like(root, num, height=h, width=w)
+    data_cfg = _config(root, split, args)
+    superpixels.precompute(data_cfg, split, progress=False)
+    for name in args.pipelines.split(","):
+      kind = "numpy" if name == "numpy-process" else name
+      try:
+        kind = pipeline.resolve_pipeline(kind)
+        if kind == "tf":
+          import tensorflow  # noqa: F401
+      except ImportError as e:
+        out[name] = f"unavailable: {e}"
+        continue
+      with data_cfg.unlocked():
+        data_cfg.worker_type = "process" if name == "numpy-process" else "thread"
+      it = pipeline.make_train_iterator(data_cfg, batch_size=args.batch, seed=0,
+                                        process_index=0, process_count=1, pipeline=kind,
+                                        superpixels=True)  # fmt: skip
+      t0 = time.perf_counter()
+      for _ in range(3):  # Warm-up (graph building, worker start).
+        next(it)
+      warm = time.perf_counter() - t0
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        next(it)
+      dt = time.perf_counter() - t0
+      it.close()
+      out[name] = {"images_per_s": steps * args.batch / dt, "ms_per_batch": 1e3 * dt / steps,
+                   "warmup_s": warm}  # fmt: skip
+  return out

@@ -1,0 +1,214 @@
+"""Dataset-independent records: a split is parallel lists of ids, image and mask paths, labels.
+
+`Dataset` (one per reader: voc.py, coco.py, synthetic.py) maps a split name to its files;
+`Dataset.split()` checks them, derives image-level labels and returns a `Split`, which is all
+the input pipelines read. Image-level labels are the foreground classes present in the ground
+truth mask of the whole image (§1.1: mask values minus {0, 255}), read from a labels file when
+one is given (COCO's converter and the synthetic writer produce one), else computed from the
+masks, which also validates every mask's values and size against its image.
+"""
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+from ssr_jax.data import files
+from ssr_jax.data.files import DataError
+
+log = logging.getLogger(__name__)
+
+MAX_LISTED = 10  # Problems listed by name in one error message.
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One split: N images with their paths and [N, C-1] multi-hot image-level labels."""
+
+  dataset: str  # voc, coco or synthetic.
+  name: str
+  root: str
+  ids: tuple[str, ...]
+  image_paths: tuple[str, ...]
+  mask_paths: tuple[str, ...]
+  labels: np.ndarray  # float32 [N, C-1]: fg class c (mask value c+1) present in the image.
+  num_classes: int  # Including background.
+
+  def __len__(self):
+    return len(self.ids)
+
+  def superpixel_paths(self, directory: str) -> tuple[str, ...]:
+    """Where the precomputed superpixel PNG of each image lives under `directory`."""
+    return tuple(os.path.join(directory, f"{i}.png") for i in self.ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitFiles:
+  """What a reader resolves a split name to."""
+
+  ids: list[str]
+  images: list[str]
+  masks: list[str]
+  list_file: str  # The file the ids came from (named in errors).
+  labels_file: str = ""  # "id v1 v2 ..." lines (mask values); "" = compute from the masks.
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A dataset on disk: names, class count and a split-name -> files resolver."""
+
+  name: str
+  root: str
+  num_classes: int
+  class_names: tuple[str, ...]  # Foreground names, mask value c+1 for class_names[c].
+  manual: str  # What goes where, quoted in every error about missing files.
+  resolve: Callable[[str], SplitFiles]  # Split name -> its files.
+  # Background names for the CAM softmax (§1.2) when the dataset defines them (synthetic);
+  # VOC/COCO leave them to c.model.bg_names.
+  bg_names: tuple[str, ...] = ()
+
+  def split(self, name: str, *, drop_unlabeled: bool = False, workers: int = 8) -> Split:
+    """Checks a split's files exist, attaches image-level labels, returns the Split.
+
+    drop_unlabeled: drop images whose mask has no foreground class (training needs >= 1
+    label per image); the count is logged.
+    """
+    sf = self.resolve(name)
+    ids, images, masks = sf.ids, sf.images, sf.masks
+    if not ids:
+      raise DataError(f"split {name!r} of {self.name} at {self.root} is empty ({sf.list_file})")
+    _check_exist(images, masks, name, sf.list_file, self.manual)
+    if sf.labels_file:
+      labels = read_labels_file(sf.labels_file, ids, self.num_classes)
+    else:
+      labels = labels_from_masks(images, masks, self.num_classes, workers=workers)
+    split = Split(
+      dataset=self.name,
+      name=name,
+      root=self.root,
+      ids=tuple(ids),
+      image_paths=tuple(images),
+      mask_paths=tuple(masks),
+      labels=labels,
+      num_classes=self.num_classes,
+    )
+    if drop_unlabeled:
+      split = _drop_unlabeled(split)
+    return split
+
+
+def _check_exist(images, masks, split, list_file, manual):
+  missing = [p for p in images if not os.path.isfile(p)]
+  missing += [p for p in masks if not os.path.isfile(p)]
+  if missing:
+    listed = "\n  ".join(missing[:MAX_LISTED])
+    where = list_file if split == list_file else f"split {split!r} ({list_file})"
+    raise DataError(
+      f"{len(missing)} file(s) named by {where} are missing, e.g.\n  {listed}\n{manual}"
+    )
+
+
+def _drop_unlabeled(split: Split) -> Split:
+  keep = split.labels.sum(1) > 0
+  dropped = int((~keep).sum())
+  if not dropped:
+    return split
+  log.warning(
+    "split %s: skipping %d of %d images with no foreground label in their mask",
+    split.name,
+    dropped,
+    len(split),
+  )
+  if not keep.any():
+    raise DataError(f"split {split.name!r} at {split.root}: no image has a foreground label")
+  pick = lambda xs: tuple(x for x, k in zip(xs, keep) if k)
+  return dataclasses.replace(
+    split,
+    ids=pick(split.ids),
+    image_paths=pick(split.image_paths),
+    mask_paths=pick(split.mask_paths),
+    labels=split.labels[keep],
+  )
+
+
+def mask_labels(mask: np.ndarray, num_classes: int) -> np.ndarray:
+  """float32 [C-1] multi-hot of the foreground values present in a mask (§1.1)."""
+  present = np.bincount(mask.ravel(), minlength=256)[1:num_classes] > 0
+  return present.astype(np.float32)
+
+
+def _scan_one(image_path, mask_path, num_classes):
+  """(labels, problem or None) for one image: mask values, mask size vs image size."""
+  try:
+    mask = files.read_mask(mask_path, num_classes)
+    hw = files.image_size(image_path)
+    if mask.shape != hw:
+      raise DataError(
+        f"mask {mask_path} is {mask.shape[0]}x{mask.shape[1]} but image {image_path} is "
+        f"{hw[0]}x{hw[1]} (H x W); they must match"
+      )
+    return mask_labels(mask, num_classes), None
+  except DataError as e:
+    return np.zeros(num_classes - 1, np.float32), str(e)
+
+
+def labels_from_masks(images, masks, num_classes: int, *, workers: int = 8) -> np.ndarray:
+  """float32 [N, C-1] image labels from the masks; raises one DataError listing all problems."""
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+    results = list(pool.map(_scan_one, images, masks, [num_classes] * len(masks)))
+  problems = [p for _, p in results if p is not None]
+  if problems:
+    listed = "\n  ".join(problems[:MAX_LISTED])
+    raise DataError(f"{len(problems)} bad mask(s):\n  {listed}")
+  return np.stack([lab for lab, _ in results]).astype(np.float32)
+
+
+def read_labels_file(path: str, ids, num_classes: int) -> np.ndarray:
+  """float32 [N, C-1] labels for `ids` from lines "id v1 v2 ..." (v = mask values 1..C-1)."""
+  table = {}
+  try:
+    with open(path) as f:
+      for lineno, line in enumerate(f, 1):
+        parts = line.split()
+        if not parts:
+          continue
+        try:
+          vals = [int(v) for v in parts[1:]]
+        except ValueError:
+          raise DataError(f"{path}:{lineno}: expected 'id v1 v2 ...' with integer values") from None
+        if any(v < 1 or v >= num_classes for v in vals):
+          raise DataError(f"{path}:{lineno}: class values must be in 1..{num_classes - 1}")
+        table[parts[0]] = vals
+  except FileNotFoundError:
+    raise DataError(
+      f"labels file not found: {path} (set data.labels_file or leave it empty)"
+    ) from None
+  missing = [i for i in ids if i not in table]
+  if missing:
+    raise DataError(f"labels file {path} has no line for {len(missing)} id(s), e.g. {missing[:5]}")
+  out = np.zeros((len(ids), num_classes - 1), np.float32)
+  for n, i in enumerate(ids):
+    out[n, np.asarray(table[i], np.int64) - 1] = 1.0
+  return out
+
+
+def write_labels_file(path: str, ids, labels: np.ndarray) -> None:
+  """Writes labels [N, C-1] as lines "id v1 v2 ..." (mask values), readable by read_labels_file."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    for i, lab in zip(ids, labels):
+      f.write(" ".join([i] + [str(int(c) + 1) for c in np.flatnonzero(lab)]) + "\n")
+  os.replace(tmp, path)
+
+
+def read_list(path: str) -> list[str]:
+  """Ids from a split list file (one per line; extra columns ignored)."""
+  try:
+    with open(path) as f:
+      return [line.split()[0] for line in f if line.strip()]
+  except FileNotFoundError:
+    raise DataError(f"split list not found: {path}") from None
