@@ -36,14 +36,14 @@ def load_frozen(config, workdir):
     path = config.clip.weights
   if not path:
     raise UserError(
-        "clip.weights is empty: pass --config.clip.weights=/path/to/clip-vit-base-patch16 (a "
-        "local Hugging Face CLIP directory with config.json + model.safetensors, or OpenAI's "
-        "ViT-B-16.pt). Nothing is downloaded at run time."
+      "clip.weights is empty: pass --config.clip.weights=/path/to/clip-vit-base-patch16 (a "
+      "local Hugging Face CLIP directory with config.json + model.safetensors, or OpenAI's "
+      "ViT-B-16.pt). Nothing is downloaded at run time."
     )
   if not os.path.exists(path):
     raise UserError(f"clip.weights={path!r} does not exist")
   clip, params = load_clip(
-      path, dtype=dtype, pos_interp=config.clip.pos_interp, cache_dir=config.clip.cache_dir or None
+    path, dtype=dtype, pos_interp=config.clip.pos_interp, cache_dir=config.clip.cache_dir or None
   )
   m = config.model
   templates = [m.prompt_template]
@@ -51,7 +51,7 @@ def load_frozen(config, workdir):
   text_fg = text_classifier(clip, params, list(m.class_names), templates, context_length=ctx)
   text_bg = text_classifier(clip, params, list(m.bg_names), templates, context_length=ctx)
   frozen = dict(clip=params, text_fg=jnp.asarray(text_fg), text_bg=jnp.asarray(text_bg))
-  return clip, frozen, weights_fingerprint(path)
+  return clip, frozen, weights_fingerprint(path, cache_dir=config.clip.cache_dir or None)
 
 
 def build(config, workdir):
@@ -104,6 +104,18 @@ def evaluate(config, workdir):
 
 
 def run(mode, config, workdir):
+  """Runs a launch.py mode; problems the user can fix surface as UserError (no traceback)."""
+  from ssr_jax.data.files import DataError
+  from ssr_jax.train.checkpoint import CheckpointMismatchError
+  from ssr_jax.train.loop import NonFiniteError
+
+  try:
+    return _run(mode, config, workdir)
+  except (DataError, FileNotFoundError, CheckpointMismatchError, NonFiniteError) as e:
+    raise UserError(str(e)) from e
+
+
+def _run(mode, config, workdir):
   os.makedirs(workdir, exist_ok=True)
   logging.info("mode=%s workdir=%s devices=%s", mode, workdir, jax.devices())
   if config.data.name == "synthetic":

@@ -25,9 +25,7 @@ def list_images(paths):
   out = []
   for p in paths:
     if os.path.isdir(p):
-      out += sorted(
-          os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTS)
-      )
+      out += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTS))
     else:
       out.append(p)
   return out
@@ -95,7 +93,9 @@ def main(argv=None):
   for i, pred in loop.seg_predictions(task, frozen, params, images, config.eval):
     stem = os.path.splitext(os.path.basename(names[i]))[0]
     png.save_label_png(os.path.join(args.out, f"{stem}.png"), pred.astype(np.uint8))
-    Image.fromarray(png.overlay(images[i], pred)).save(os.path.join(args.out, f"{stem}_overlay.png"))
+    Image.fromarray(png.overlay(images[i], pred)).save(
+      os.path.join(args.out, f"{stem}_overlay.png")
+    )
   print(f"checkpoint step {step}: wrote {len(images)} predictions to {args.out}; "
         f"{len(failed)} failed")  # fmt: skip
   return 1 if failed else 0

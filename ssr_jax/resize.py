@@ -16,9 +16,9 @@ import numpy as np
 def _cubic(x, a=-0.75):
   x = np.abs(x)
   return np.where(
-      x <= 1,
-      ((a + 2) * x - (a + 3)) * x * x + 1,
-      np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0),
+    x <= 1,
+    ((a + 2) * x - (a + 3)) * x * x + 1,
+    np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0),
   )
 
 

@@ -51,9 +51,9 @@ def random_setup(config, *, small, seed=0):
   c = config.data.num_classes - 1
   unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
   frozen = dict(
-      clip=jax.jit(lambda k: init_params(clip, k))(keys[0]),
-      text_fg=unit(jax.random.normal(keys[1], (c, cfg.embed_dim))),
-      text_bg=unit(jax.random.normal(keys[2], (len(config.model.bg_names), cfg.embed_dim))),
+    clip=jax.jit(lambda k: init_params(clip, k))(keys[0]),
+    text_fg=unit(jax.random.normal(keys[1], (c, cfg.embed_dim))),
+    text_bg=unit(jax.random.normal(keys[2], (len(config.model.bg_names), cfg.embed_dim))),
   )
   task = build_task(config.model, config.loss, clip=clip, num_classes=config.data.num_classes)
   rng = np.random.default_rng(seed)
@@ -64,11 +64,11 @@ def random_setup(config, *, small, seed=0):
   yy, xx = np.mgrid[:s, :s] // 32
   sp = np.broadcast_to(yy * (s // 32 + 1) + xx, (b, s, s)).astype(np.int32)
   batch = dict(
-      image=rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
-      labels=labels,
-      superpixels=np.ascontiguousarray(sp),
-      mask=np.zeros((b, s, s), np.uint8),
-      index=np.arange(b, dtype=np.int32),
+    image=rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
+    labels=labels,
+    superpixels=np.ascontiguousarray(sp),
+    mask=np.zeros((b, s, s), np.uint8),
+    index=np.arange(b, dtype=np.int32),
   )
   return task, frozen, batch
 
@@ -83,11 +83,11 @@ def _variants(config):
     return c
 
   return {
-      "baseline, no PAR": with_(False, False, par_iters=0),
-      "baseline (WeCLIP)": with_(False, False),
-      "+CMPA": with_(True, False),
-      "+SGC": with_(False, True),
-      "SSR (CMPA+SGC)": with_(True, True),
+    "baseline, no PAR": with_(False, False, par_iters=0),
+    "baseline (WeCLIP)": with_(False, False),
+    "+CMPA": with_(True, False),
+    "+SGC": with_(False, True),
+    "SSR (CMPA+SGC)": with_(True, True),
   }
 
 
@@ -118,4 +118,3 @@ def run(args):
   out["SSR / baseline"] = round(times["SSR (CMPA+SGC)"] / base, 3)
   out["peak_memory_bytes"] = common.peak_memory_bytes()
   return out
-

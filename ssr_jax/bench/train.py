@@ -12,7 +12,8 @@ import numpy as np
 
 from ssr_jax.bench import common
 from ssr_jax.bench.model import bench_config, random_setup
-from ssr_jax.train import sharding, state, step as step_lib
+from ssr_jax.train import sharding, state
+from ssr_jax.train import step as step_lib
 
 
 def add_args(p):
@@ -34,11 +35,11 @@ def run(args):
   repl = sharding.replicated(mesh)
   gbatch = sharding.put_batch(batch, mesh)
   st = jax.jit(lambda r, b: state.create_train_state(task, tx, r, b), out_shardings=repl)(
-      jax.random.PRNGKey(0), gbatch
+    jax.random.PRNGKey(0), gbatch
   )
   frozen = jax.device_put(frozen, repl)
   train_step = step_lib.jit_train_step(
-      task, tx, schedule=schedule, nan_policy=config.train.nan_policy, mesh=mesh
+    task, tx, schedule=schedule, nan_policy=config.train.nan_policy, mesh=mesh
   )
   t0 = time.perf_counter()  # Compilation happens in the cost analysis; the first call reuses it.
   flops = common.flops_of(train_step, st, frozen, gbatch)

@@ -39,7 +39,7 @@ def restore_params(config, workdir, task):
   create = functools.partial(state.create_train_state, task, tx)
   mesh = sharding.make_mesh()
   target = checkpoint.abstract_state(
-      jax.eval_shape(create, jax.random.PRNGKey(0), fake), sharding.replicated(mesh)
+    jax.eval_shape(create, jax.random.PRNGKey(0), fake), sharding.replicated(mesh)
   )
   step = None if config.eval.checkpoint_step < 0 else int(config.eval.checkpoint_step)
   restored = checkpoint.restore(workdir, target, step=step)
@@ -135,13 +135,13 @@ def evaluate(
       return
     o = cam_outputs(ex)
     cams = {
-        names[int(c) + 1]: np.asarray(o["cams"][k])
-        for k, c in enumerate(np.asarray(o["ids"]))
-        if o["valid"][k]
+      names[int(c) + 1]: np.asarray(o["cams"][k])
+      for k, c in enumerate(np.asarray(o["ids"]))
+      if o["valid"][k]
     }
     pseudo = _nearest(np.asarray(o["pseudo"]), ex["image"].shape[:2])
     vis_images[f"{split}_{target}/{ex['id']}"] = visualize.grid(
-        ex["image"], cams, pseudo, pred, ex.get("mask"), names
+      ex["image"], cams, pseudo, pred, ex.get("mask"), names
     )
     if write_outputs:
       visualize.save_grid(os.path.join(out_dir, "vis", f"{ex['id']}.png"), ex["image"], cams,

@@ -41,7 +41,7 @@ class Decoder(nn.Module):
     feats = x.astype(jnp.float32)
     if self.mlp_dim != 4 * e:
       raise ValueError(
-          f"model.decoder.mlp_dim={self.mlp_dim} must be 4 * embed_dim ({4 * e}), as in CLIP blocks"
+        f"model.decoder.mlp_dim={self.mlp_dim} must be 4 * embed_dim ({4 * e}), as in CLIP blocks"
       )
     # WeCLIP's decoder blocks are CLIP residual blocks without positional embeddings.
     x, _, _ = Transformer(e, self.num_layers, self.num_heads, self.dtype, name="transformer")(feats)

@@ -20,8 +20,8 @@ from ssr_jax.model.decoder import Decoder, ProjectionHead
 
 # 0-255 RGB statistics. WeCLIP feeds CLIP ImageNet statistics, not CLIP's own (§1.1).
 NORMALIZATION = {
-    "imagenet": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
-    "clip": ((122.771, 116.746, 104.094), (68.501, 66.632, 70.323)),
+  "imagenet": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+  "clip": ((122.771, 116.746, 104.094), (68.501, 66.632, 70.323)),
 }
 
 
@@ -54,17 +54,17 @@ class SSRTask:
         method=self.clip.image_features,
     )  # fmt: skip
     return dict(
-        x=x,
-        hidden=jax.lax.stop_gradient(out["hidden"]),
-        attn=jax.lax.stop_gradient(out["attn"]),
-        grid=out["grid"],
+      x=x,
+      hidden=jax.lax.stop_gradient(out["hidden"]),
+      attn=jax.lax.stop_gradient(out["attn"]),
+      grid=out["grid"],
     )
 
   def decode(self, params, hidden, *, train, rng=None):
     """hidden [L-1, B, T, W] -> (logits [B, N, C], feats [B, N, E])."""
     rngs = {"dropout": rng} if train else {}
     return self.decoder.apply(
-        {"params": params["decoder"]}, hidden[:, :, 1:], train=train, rngs=rngs
+      {"params": params["decoder"]}, hidden[:, :, 1:], train=train, rngs=rngs
     )
 
   def gradcam(self, frozen, hidden, labels, grid):
@@ -111,14 +111,12 @@ class SSRTask:
 
     w_attn = affinity.attention_affinity(attn, num_layers=cc.num_attn_layers)
     w_rfm = affinity.rfm_affinity(attn, dec_feats, num_layers=cc.rfm_layers)
-    trans = affinity.transition_matrix(
-        jnp.where(use_rfm, w_rfm, w_attn), iters=cc.sinkhorn_iters
-    )
+    trans = affinity.transition_matrix(jnp.where(use_rfm, w_rfm, w_attn), iters=cc.sinkhorn_iters)
     src = affinity.box_masks(cams, threshold=cc.box_threshold)
     recv = None
     if sc.enabled:
       member = sgc.membership(
-          superpixels, patch_size=self.clip.cfg.patch_size, max_superpixels=sc.max_superpixels
+        superpixels, patch_size=self.clip.cfg.patch_size, max_superpixels=sc.max_superpixels
       )
       u = sgc.target_masks(cams, member, threshold=sc.threshold, hard=sc.hard)
       src = src * u
@@ -127,7 +125,7 @@ class SSRTask:
       if sc.soft_alpha < 1.0:
         trans = sgc.smooth_affinity(trans, member, alpha=sc.soft_alpha)
     probs = affinity.refine_cams(
-        cams, trans, src, out_size=(hh, ww), valid=valid, bg_power=cc.bg_power, recv_masks=recv
+      cams, trans, src, out_size=(hh, ww), valid=valid, bg_power=cc.bg_power, recv_masks=recv
     )  # [B, 1+K, H, W]
     probs = jnp.moveaxis(probs, 1, -1)
     probs = affinity.par(
@@ -161,7 +159,7 @@ class SSRTask:
     z = self.project(params, feats)
     use_rfm = step >= mc.cam.rfm_switch_step
     pl = self.pseudo_labels(
-        frozen, f, batch["labels"], batch["superpixels"], feats, use_rfm=use_rfm, z=z
+      frozen, f, batch["labels"], batch["superpixels"], feats, use_rfm=use_rfm, z=z
     )
     labels = pl["labels"]
 
@@ -182,16 +180,14 @@ class SSRTask:
         protos, valid = cmpa.soft_prototypes(z, weights, min_weight=mc.cmpa.min_pixels)
       else:
         protos, valid = cmpa.prototypes(
-            z, flat, num_classes=self.num_classes, min_pixels=mc.cmpa.min_pixels
+          z, flat, num_classes=self.num_classes, min_pixels=mc.cmpa.min_pixels
         )
-      l_align = cmpa.cmpa_loss(
-          protos, valid, text, temperature=mc.cmpa.temperature, num_bg=num_bg
-      )
+      l_align = cmpa.cmpa_loss(protos, valid, text, temperature=mc.cmpa.temperature, num_bg=num_bg)
       on = (step >= mc.cmpa.warmup_steps).astype(jnp.float32)
       term = l_align
       if mc.cmpa.pixel_weight > 0:
         l_pix = cmpa.pixel_prototype_loss(
-            z, flat, text, temperature=mc.cmpa.temperature, num_bg=num_bg
+          z, flat, text, temperature=mc.cmpa.temperature, num_bg=num_bg
         )
         metrics["cmpa_pixel"] = l_pix
         term = term + mc.cmpa.pixel_weight * l_pix
@@ -231,7 +227,7 @@ class SSRTask:
     _, feats = self.decode(params, f["hidden"], train=False)
     z = self.project(params, feats)
     return self.pseudo_labels(
-        frozen, f, batch["labels"], batch["superpixels"], feats, use_rfm=jnp.array(True), z=z
+      frozen, f, batch["labels"], batch["superpixels"], feats, use_rfm=jnp.array(True), z=z
     )
 
 
@@ -242,8 +238,8 @@ def build_task(model_cfg: ml_collections.ConfigDict, loss_cfg, *, clip: CLIP, nu
     raise ValueError(f"model.dtype={model_cfg.dtype!r}: use 'float32' or 'bfloat16'")
   if len(model_cfg.class_names) != num_classes - 1:
     raise ValueError(
-        f"model.class_names has {len(model_cfg.class_names)} names but data.num_classes="
-        f"{num_classes} (background included): set them consistently"
+      f"model.class_names has {len(model_cfg.class_names)} names but data.num_classes="
+      f"{num_classes} (background included): set them consistently"
     )
   layers = clip.cfg.vision_layers
   for key in ("num_attn_layers", "rfm_layers"):

@@ -16,6 +16,7 @@ save killed before the rename leaves only that temporary directory, which `lates
 
 import contextlib
 import logging
+import os
 
 import jax
 import orbax.checkpoint as ocp
@@ -47,7 +48,9 @@ def _quiet_missing_metrics():
 
 
 def checkpoint_dir(workdir) -> epath.Path:
-  return epath.Path(workdir) / CHECKPOINT_SUBDIR
+  # Orbax's OCDBT store rejects relative paths; remote paths (gs://...) are kept as given.
+  local = "://" not in str(workdir)
+  return epath.Path(os.path.abspath(workdir) if local else workdir) / CHECKPOINT_SUBDIR
 
 
 def _best_metric(metrics) -> float:

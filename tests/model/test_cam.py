@@ -48,17 +48,14 @@ def test_gradcam_matches_finite_differences():
   block_fn, act, t_fg, t_bg, labels, grid = _setup()
   ids, valid = cam.present_classes(labels, max_classes=3)
   cams, _ = jax.jit(
-      lambda a: cam.gradcam(
-          block_fn, a, ids, valid, t_fg, t_bg, labels, logit_scale=10.0, grid=grid
-      )
+    lambda a: cam.gradcam(block_fn, a, ids, valid, t_fg, t_bg, labels, logit_scale=10.0, grid=grid)
   )(act)
   assert cams.shape == (2, 3, 4, 5)
 
   score = jax.jit(
-      lambda a, b, c: cam.clip_scores(
-          block_fn(a)[0], t_fg, t_bg, labels, logit_scale=10.0
-      )[b, c]
+    lambda a, b, c: cam.clip_scores(block_fn(a)[0], t_fg, t_bg, labels, logit_scale=10.0)[b, c]
   )
+
   def deriv(d, b, c, h):
     return (score(act + h * d, b, c) - score(act - h * d, b, c)) / (2 * h)
 

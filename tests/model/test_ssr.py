@@ -47,18 +47,18 @@ def _setup(**kw):
   clip = CLIP(TINY)
   k = jax.random.split(jax.random.PRNGKey(0), 4)
   frozen = dict(
-      clip=init_params(clip, k[0]),
-      text_fg=jax.random.normal(k[1], (3, 16)),
-      text_bg=jax.random.normal(k[2], (2, 16)),
+    clip=init_params(clip, k[0]),
+    text_fg=jax.random.normal(k[1], (3, 16)),
+    text_bg=jax.random.normal(k[2], (2, 16)),
   )
   frozen["text_fg"] /= jnp.linalg.norm(frozen["text_fg"], axis=-1, keepdims=True)
   frozen["text_bg"] /= jnp.linalg.norm(frozen["text_bg"], axis=-1, keepdims=True)
   task = build_task(c.model, c.loss, clip=clip, num_classes=4)
   rng = np.random.default_rng(0)
   batch = dict(
-      image=rng.integers(0, 255, (2, 32, 40, 3), dtype=np.uint8),
-      labels=np.array([[1, 0, 1], [0, 0, 0]], np.float32),  # Second image: no labels at all.
-      superpixels=np.repeat(np.repeat(rng.integers(-1, 20, (2, 8, 10)), 4, 1), 4, 2),
+    image=rng.integers(0, 255, (2, 32, 40, 3), dtype=np.uint8),
+    labels=np.array([[1, 0, 1], [0, 0, 0]], np.float32),  # Second image: no labels at all.
+    superpixels=np.repeat(np.repeat(rng.integers(-1, 20, (2, 8, 10)), 4, 1), 4, 2),
   )
   params = task.init(k[3], batch)
   return task, frozen, batch, params
@@ -115,7 +115,7 @@ def test_decoder_param_count_vit_b16():
   # 11 * (768*256+256 + 256*256+256) + (2816*256+256) + 3 blocks * 789,760 + (256*21+21).
   dec = Decoder(num_classes=21)
   shapes = jax.eval_shape(
-      lambda: dec.init(jax.random.PRNGKey(0), jnp.zeros((11, 1, 400, 768)), train=False)
+    lambda: dec.init(jax.random.PRNGKey(0), jnp.zeros((11, 1, 400, 768)), train=False)
   )
   count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
   block = 4 * 256 + 256 * 768 + 768 + 256 * 256 + 256 + 256 * 1024 + 1024 + 1024 * 256 + 256
