@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-BENCHES = ("clip", "model", "train", "input", "superpixels", "eval")
+BENCHES = ("clip", "model", "train", "input", "superpixels", "eval", "rehearsal")
 
 
 def _available(name: str) -> bool:

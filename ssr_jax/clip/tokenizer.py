@@ -52,6 +52,8 @@ def write_vocab_files(directory) -> tuple[Path, Path]:
   header = "#version: 0.2\n"
   (d / "merges.txt").write_text(header + "\n".join(" ".join(m) for m in merges) + "\n",
                                 encoding="utf-8")  # fmt: skip
+  # Names the class, so from_pretrained does not guess one (and warn) from the files.
+  (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer"}))
   return d / "vocab.json", d / "merges.txt"
 
 

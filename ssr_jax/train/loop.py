@@ -311,8 +311,9 @@ def train(
           now = time.perf_counter()
           sps = (step - timer_step) / (now - timer_start) if step > timer_step else float("nan")
           scalars = _summarize(fetched)
-          scalars["steps_per_sec"] = sps
-          scalars["images_per_sec"] = sps * tc.batch_size
+          if step > timer_step:  # No rate yet at a log step right after compilation.
+            scalars["steps_per_sec"] = sps
+            scalars["images_per_sec"] = sps * tc.batch_size
           if is_main:
             log.info(_console_line(step, tc.num_steps, scalars, sps, tc.batch_size))
           writer.write_scalars(step, scalars)
