@@ -26,7 +26,6 @@ def get_config():
   # ---------------------------------------------------------------- frozen CLIP
   c.clip = ml_collections.ConfigDict()
   c.clip.weights = ""  # Local HF dir (config.json + model.safetensors), OpenAI .pt, or cache .npz.
-  c.clip.arch = "ViT-B/16"  # Used when clip.weights is empty (random init: tests, benchmarks).
   c.clip.pos_interp = "bilinear"  # Position-embedding resize: bilinear (WeCLIP) or bicubic.
   c.clip.cache_dir = ""  # Where converted weights are cached; "" = beside the weights file.
 
@@ -99,7 +98,6 @@ def get_config():
   c.data.scale_range = (0.5, 2.0)
   c.data.hflip = True
   c.data.color_jitter = 0.0  # Brightness/contrast/saturation strength; WeCLIP uses none.
-  c.data.shuffle_buffer = 1024
   c.data.num_workers = 4  # Parallel decode/augment calls.
   c.data.worker_type = "thread"  # numpy pipeline: thread or process (scales past the GIL).
   c.data.prefetch = 2

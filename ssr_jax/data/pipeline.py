@@ -14,7 +14,7 @@ numpy.random.default_rng([seed, 1, e]); its augmentation uses the uniforms
 `augment.draws(seed, g)`. Both are pure functions of (seed, g), so an iterator started at
 `start_step` yields exactly what a fresh one yields after start_step batches, without decoding
 the skipped ones, and host p of P takes positions [p * B, (p + 1) * B) of each global batch.
-(Every epoch is a full permutation, so data.shuffle_buffer is not needed by either pipeline.)
+(Every epoch is a full permutation of the split, so no shuffle buffer is involved.)
 
 Two interchangeable pipelines with identical output (tests/data/test_pipeline.py):
 - "tf": tf.data (parallel map, prefetch) in pipeline_tf.py; TensorFlow is imported only there.

@@ -196,14 +196,25 @@ def refine_cams(cams, trans, src_masks, *, out_size, valid, bg_power: float = 1.
   return jnp.concatenate([bg, cam], axis=1)
 
 
-def _neighbours(x, dilations):
-  """8 * len(dilations) replicate-padded dilated neighbours of x [B, H, W, C], PAR order."""
-  hh, ww = x.shape[1:3]
+def _neighbours(x, dilations, axes=(1, 2)):
+  """8 * len(dilations) replicate-padded dilated neighbours of x along the two spatial `axes`,
+  PAR order."""
+  ah, aw = axes
+  hh, ww = x.shape[ah], x.shape[aw]
   out = []
   for d in dilations:
-    xp = jnp.pad(x, ((0, 0), (d, d), (d, d), (0, 0)), mode="edge")
+    pad = [(0, 0)] * x.ndim
+    pad[ah] = pad[aw] = (d, d)
+    xp = jnp.pad(x, pad, mode="edge")
     for dy, dx in _OFFSETS:
-      out.append(xp[:, d + dy * d : d + dy * d + hh, d + dx * d : d + dx * d + ww])
+      out.append(
+        lax.slice_in_dim(
+          lax.slice_in_dim(xp, d + dy * d, d + dy * d + hh, axis=ah),
+          d + dx * d,
+          d + dx * d + ww,
+          axis=aw,
+        )
+      )
   return out
 
 
@@ -247,13 +258,18 @@ def par(
   aff = jax.nn.softmax(jnp.mean(aff, axis=-1), axis=-1)  # [B, H, W, M]
   aff = aff + jnp.asarray(_pos_weights(dilations, w_pos, temp))
 
+  # Iterate channels-first ([B, C, H, W], [B, M, H, W]): with W as the minor dimension the
+  # shifted reads stay contiguous, instead of strided over C = 1 + K (~7) channels.
+  aff_t = jnp.moveaxis(aff, -1, 1)
+
   def body(_, p):
     out = jnp.zeros_like(p)
-    for j, nb in enumerate(_neighbours(p, dilations)):
-      out = out + aff[..., j : j + 1] * nb
+    for j, nb in enumerate(_neighbours(p, dilations, axes=(2, 3))):
+      out = out + aff_t[:, j : j + 1] * nb
     return out
 
-  return lax.fori_loop(0, iters, body, probs.astype(_F32))
+  p = lax.fori_loop(0, iters, body, jnp.moveaxis(probs.astype(_F32), -1, 1))
+  return jnp.moveaxis(p, 1, -1)
 
 
 def pseudo_labels(probs, class_ids, valid=None):
