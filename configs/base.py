@@ -7,16 +7,7 @@ unpublished SSR details and exist so that ablations are one flag away.
 
 import ml_collections
 
-VOC_FG_NAMES = (
-    "aeroplane", "bicycle", "bird avian", "boat", "bottle", "bus", "car", "cat", "chair seat",
-    "cow", "diningtable", "dog", "horse", "motorbike", "person with clothes,people,human",
-    "pottedplant", "sheep", "sofa", "train", "tvmonitor screen",
-)  # fmt: skip
-VOC_BG_NAMES = (
-    "ground", "land", "grass", "tree", "building", "wall", "sky", "lake", "water", "river",
-    "sea", "railway", "railroad", "keyboard", "helmet", "cloud", "house", "mountain", "ocean",
-    "road", "rock", "street", "valley", "bridge", "sign",
-)  # fmt: skip
+from ssr_jax.clip.prompts import VOC_BG, VOC_FG
 
 
 def get_config():
@@ -32,8 +23,8 @@ def get_config():
   # ---------------------------------------------------------------- model (§1-§3)
   c.model = ml_collections.ConfigDict()
   c.model.dtype = "float32"  # Compute dtype: float32 or bfloat16 (params stay float32).
-  c.model.class_names = VOC_FG_NAMES  # Foreground names (synonyms comma-separated), §1.2.
-  c.model.bg_names = VOC_BG_NAMES  # Background names for the CAM softmax, §1.2.
+  c.model.class_names = VOC_FG  # Foreground names (synonyms comma-separated), §1.2.
+  c.model.bg_names = VOC_BG  # Background names for the CAM softmax, §1.2.
   c.model.prompt_template = "a clean origami {}."  # WeCLIP's single template.
   c.model.normalization = "imagenet"  # Input statistics: imagenet (WeCLIP quirk, §1.1) or clip.
   c.model.max_classes = 6  # Kmax: present classes per image padded to this (VOC 6, COCO 20).

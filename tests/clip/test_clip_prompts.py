@@ -51,7 +51,16 @@ def test_text_classifier_matches_loop():
 
 
 def test_name_lists():
-  assert VOC_FG == tuple(base.VOC_FG_NAMES) and VOC_BG == tuple(base.VOC_BG_NAMES)
+  c = base.get_config()
+  assert tuple(c.model.class_names) == VOC_FG and tuple(c.model.bg_names) == VOC_BG
+  # WeCLIP's synonyms (method §1.2), in VOC class order.
+  assert (VOC_FG[2], VOC_FG[8], VOC_FG[14], VOC_FG[19]) == (
+    "bird avian",
+    "chair seat",
+    "person with clothes,people,human",
+    "tvmonitor screen",
+  )
+  assert VOC_BG[:3] == ("ground", "land", "grass") and VOC_BG[-1] == "sign"
   assert len(VOC_FG) == 20 and len(VOC_BG) == 25
   assert len(COCO_FG) == len(set(COCO_FG)) == 80 and len(COCO_BG) == 23
   assert set(VOC_BG) - set(COCO_BG) == {"keyboard", "sign"}
