@@ -13,21 +13,18 @@ from absl import logging
 
 from ssr_jax.clip import load_clip
 from ssr_jax.clip.prompts import text_classifier
-from ssr_jax.model.ssr import build_task
+from ssr_jax.model.ssr import build_task, compute_dtype
 
 
 class UserError(Exception):
   """A problem the user can fix (config, paths, data); printed without a traceback."""
 
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
 def load_frozen(config, workdir):
   """(CLIP module, frozen pytree {clip, text_fg, text_bg}, weights fingerprint) for a config."""
   from ssr_jax.clip.convert import weights_fingerprint
 
-  dtype = DTYPES[config.model.dtype]
+  dtype = compute_dtype(config.model.dtype)
   if config.data.name == "synthetic" and not config.clip.weights:
     from ssr_jax import demo
 

@@ -12,7 +12,7 @@ import numpy as np
 from configs import voc
 from ssr_jax.bench import common
 from ssr_jax.clip.model import CLIP, CONFIGS, CLIPConfig, init_params
-from ssr_jax.model.ssr import build_task
+from ssr_jax.model.ssr import build_task, compute_dtype
 
 SMALL_CLIP = CLIPConfig(
     embed_dim=32, image_size=64, patch_size=16, vision_width=64, vision_layers=4, vision_heads=4,
@@ -44,7 +44,7 @@ def bench_config(args):
 def random_setup(config, *, small, seed=0):
   """(task, frozen, batch) with random CLIP weights and text embeddings; a VOC-like batch with
   2-3 classes per image and 32x32-pixel block superpixels (about 100 per 320 crop)."""
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.model.dtype]
+  dtype = compute_dtype(config.model.dtype)
   cfg = SMALL_CLIP if small else CONFIGS["ViT-B/16"]
   clip = CLIP(cfg, dtype=dtype)
   keys = jax.random.split(jax.random.PRNGKey(seed), 3)

@@ -25,6 +25,16 @@ NORMALIZATION = {
 }
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.model.dtype values.
+
+
+def compute_dtype(name):
+  """The jnp dtype named by config.model.dtype."""
+  if name not in DTYPES:
+    raise ValueError(f"model.dtype={name!r}: use one of {sorted(DTYPES)}")
+  return DTYPES[name]
+
+
 def normalize(images, kind):
   """uint8 or float 0-255 images [B, H, W, 3] -> float32 normalised with the named statistics."""
   if kind not in NORMALIZATION:
@@ -233,9 +243,7 @@ class SSRTask:
 
 def build_task(model_cfg: ml_collections.ConfigDict, loss_cfg, *, clip: CLIP, num_classes: int):
   """SSRTask from config.model / config.loss and the (frozen) CLIP module."""
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(model_cfg.dtype)
-  if dtype is None:
-    raise ValueError(f"model.dtype={model_cfg.dtype!r}: use 'float32' or 'bfloat16'")
+  dtype = compute_dtype(model_cfg.dtype)
   if len(model_cfg.class_names) != num_classes - 1:
     raise ValueError(
       f"model.class_names has {len(model_cfg.class_names)} names but data.num_classes="
