@@ -9,6 +9,8 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("NO_GCE_CHECK", "true")
 
+import logging as pylogging  # noqa: E402
+
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -25,7 +27,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from ssr_jax import experiment  # Imported late so --help stays fast and jax sees the env.
 
-  logging.set_verbosity(logging.INFO)
+  # Library INFO logs (Orbax, absl) drown the progress lines: keep them at WARNING and let
+  # ssr_jax's own loggers (training progress, data, demo) through at INFO.
+  logging.set_verbosity(logging.WARNING)
+  pylogging.getLogger("ssr_jax").setLevel(pylogging.INFO)
   try:
     experiment.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
   except experiment.UserError as e:

@@ -147,6 +147,7 @@ def get_config():
   # ---------------------------------------------------------------- demo (configs/demo.py)
   c.demo = ml_collections.ConfigDict()
   c.demo.clip_steps = 0  # Steps of in-process tiny-CLIP pretraining (demo only).
+  c.demo.clip_images = 4096  # Size of the decorrelated synthetic stream the tiny CLIP sees.
   c.demo.clip_batch_size = 64
   c.demo.clip_lr = 1e-3
   c.demo.clip_width = 128

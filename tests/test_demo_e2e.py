@@ -19,6 +19,7 @@ def _tiny(config):
     config.data.crop_size = 32
     config.data.num_workers = 1
     config.demo.clip_steps = 3
+    config.demo.clip_images = 32
     config.demo.clip_batch_size = 8
     config.demo.clip_width = 32
     config.demo.clip_layers = 3

@@ -318,14 +318,23 @@ def _inter(a, b):
   return max(w, 0.0) * max(h, 0.0)
 
 
-def render(rng: np.random.Generator, size: int):
-  """One example: (image uint8 [S, S, 3], mask uint8 [S, S], caption str)."""
+def render(rng: np.random.Generator, size: int, *, decorrelated: bool = False):
+  """One example: (image uint8 [S, S, 3], mask uint8 [S, S], caption str).
+
+  decorrelated: backgrounds and groups drawn independently and uniformly (riders still only
+  ride horses). The demo pretrains its tiny CLIP on such a stream, standing in for the broad,
+  varied image-text data real CLIP sees, while the WSSS splits keep the correlations.
+  """
   n_groups = int(rng.choice(3, p=(0.55, 0.35, 0.1))) + 1
   groups = [int(rng.choice(GROUPS))]
-  bg = _choose(rng, SCENE_BG[groups[0]])  # The first group sets the scene.
-  # Boats only ever float: on water the others are boats or birds, elsewhere never boats, so
-  # water implies a boat and a boat (nearly always) implies water.
-  others = (BOAT, BIRD) if bg == WATER else tuple(g for g in GROUPS if g != BOAT)
+  if decorrelated:
+    bg = int(rng.integers(len(SPEC.bg_names)))
+    others = GROUPS
+  else:
+    bg = _choose(rng, SCENE_BG[groups[0]])  # The first group sets the scene.
+    # Boats only ever float: on water the others are boats or birds, elsewhere never boats, so
+    # water implies a boat and a boat (nearly always) implies water.
+    others = (BOAT, BIRD) if bg == WATER else tuple(g for g in GROUPS if g != BOAT)
   for _ in range(n_groups - 1):
     groups.append(int(rng.choice(others)))
   cv = _Canvas(size, rng)
@@ -358,8 +367,12 @@ def render(rng: np.random.Generator, size: int):
   return image, cv.mask, caption
 
 
-def generate(num: int, *, size: int, seed: int, stream: int = 0, start: int = 0) -> dict:
+def generate(
+  num: int, *, size: int, seed: int, stream: int = 0, start: int = 0, decorrelated: bool = False
+) -> dict:
   """Examples start..start+num-1 of a stream, each a pure function of (seed, stream, index).
+
+  decorrelated: see `render` (the demo's CLIP-pretraining stream).
 
   Returns image uint8 [N, S, S, 3], mask uint8 [N, S, S], labels float32 [N, 6] (multi-hot of
   the classes present in the mask), caption list[str], id list[str] ("train_00012" for stream 0,
@@ -367,7 +380,8 @@ def generate(num: int, *, size: int, seed: int, stream: int = 0, start: int = 0)
   """
   images, masks, captions = [], [], []
   for i in range(start, start + num):
-    img, m, cap = render(np.random.default_rng([int(seed), int(stream), i]), size)
+    rng = np.random.default_rng([int(seed), int(stream), i])
+    img, m, cap = render(rng, size, decorrelated=decorrelated)
     images.append(img)
     masks.append(m)
     captions.append(cap)
