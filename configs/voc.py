@@ -8,6 +8,11 @@ def get_config():
   c.data.name = "voc"
   c.data.train_split = "train_aug"
   c.data.val_split = "val"
+  # The numpy pipeline (used where TensorFlow is absent, as on our GPU host) needs processes to
+  # feed the GPU step: on a 16-core H100 host 12 processes gave 692 img/s, 12 threads 301 (GIL),
+  # and the bf16 step consumes 325 img/s.
+  c.data.worker_type = "process"
+  c.data.num_workers = 12
   c.data.num_classes = 21
   c.train.batch_size = 4
   c.train.num_steps = 30000

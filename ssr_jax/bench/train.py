@@ -3,8 +3,11 @@
 `python -m ssr_jax.bench train [--small] [--dtype bfloat16] [--steps 20]` prints steps/s,
 images/s, peak device memory, XLA FLOPs per step and model FLOPs utilisation, and the number of
 compilations over the timed steps (1 = no recompilation; the RFM switch is crossed mid-run).
+`--profile DIR` then traces a few more steps with jax.profiler into DIR (open it with
+TensorBoard or Perfetto) and adds the device time of each model stage (see bench/profile.py).
 """
 
+import os
 import time
 
 import jax
@@ -22,6 +25,8 @@ def add_args(p):
   p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--variant", default="ssr", choices=("ssr", "baseline"))
+  p.add_argument("--profile", default="", help="trace steps with jax.profiler into this dir")
+  p.add_argument("--profile_steps", type=int, default=3)
 
 
 def run(args):
@@ -54,6 +59,9 @@ def run(args):
     times.append(time.perf_counter() - t0)
   med = float(np.median(times))
   peak = common.peak_flops()
+  stages = None
+  if args.profile:
+    st, stages = _profile(train_step, st, frozen, gbatch, args.profile, args.profile_steps)
   out = dict(
       variant=args.variant, arch="small" if args.small else "ViT-B/16", dtype=args.dtype,
       batch=config.train.batch_size, crop=config.data.crop_size, devices=mesh.size,
@@ -65,4 +73,23 @@ def run(args):
       mfu=round(flops / med / (peak * mesh.size), 4) if flops and peak else None,
       peak_memory_bytes=common.peak_memory_bytes(),
   )  # fmt: skip
+  if stages:
+    out["profile"] = stages
   return out
+
+
+def _profile(train_step, st, frozen, gbatch, trace_dir, steps):
+  """Traces `steps` train steps into trace_dir; returns (state, per-stage summary)."""
+  from ssr_jax.bench import profile
+
+  # The compiled text names the instructions the trace's kernels refer to. Compiling the same
+  # HLO again yields the same instruction names as the executable that runs.
+  hlo = train_step.lower(st, frozen, gbatch).compile().as_text()
+  os.makedirs(trace_dir, exist_ok=True)
+  with open(os.path.join(trace_dir, "train_step.hlo.txt"), "w") as f:
+    f.write(hlo)
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(steps):
+      st, m = train_step(st, frozen, gbatch)
+    jax.block_until_ready(m)
+  return st, profile.summarize(profile.load_trace(trace_dir), hlo, steps=steps)

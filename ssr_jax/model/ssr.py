@@ -106,10 +106,11 @@ class SSRTask:
 
     Returns dict(cams [B, K, h, w], ids, valid, probs [B, H, W, 1+K], labels [B, H, W] int32).
     """
-    mc, cc, sc = self.model_cfg, self.model_cfg.cam, self.model_cfg.sgc
+    mc, cc = self.model_cfg, self.model_cfg.cam
     x, hidden, grid = feats_out["x"], feats_out["hidden"], feats_out["grid"]
     b, hh, ww, _ = x.shape
-    cams, ids, valid, attn_last = self.gradcam(frozen, hidden, labels, grid)
+    with jax.named_scope("gradcam"):
+      cams, ids, valid, attn_last = self.gradcam(frozen, hidden, labels, grid)
     attn = jnp.concatenate([feats_out["attn"], attn_last[None]], axis=0)  # [L, B, T, T]
 
     dec_feats = jax.lax.stop_gradient(dec_feats)
@@ -119,10 +120,33 @@ class SSRTask:
       m = cam.minmax_normalize(m, axes=-1).reshape(cams.shape)
       cams = jnp.where(use_rfm & valid[..., None, None], 0.5 * (cams + m), cams)
 
-    w_attn = affinity.attention_affinity(attn, num_layers=cc.num_attn_layers)
-    w_rfm = affinity.rfm_affinity(attn, dec_feats, num_layers=cc.rfm_layers)
-    trans = affinity.transition_matrix(jnp.where(use_rfm, w_rfm, w_attn), iters=cc.sinkhorn_iters)
-    src = affinity.box_masks(cams, threshold=cc.box_threshold)
+    with jax.named_scope("affinity"):
+      w_attn = affinity.attention_affinity(attn, num_layers=cc.num_attn_layers)
+      w_rfm = affinity.rfm_affinity(attn, dec_feats, num_layers=cc.rfm_layers)
+      w = jnp.where(use_rfm, w_rfm, w_attn)
+      trans = affinity.transition_matrix(w, iters=cc.sinkhorn_iters)
+    with jax.named_scope("box_masks"):
+      src = affinity.box_masks(cams, threshold=cc.box_threshold)
+    with jax.named_scope("sgc"):
+      trans, src, recv = self._sgc(cams, trans, src, superpixels, grid)
+    with jax.named_scope("refine"):
+      probs = affinity.refine_cams(
+        cams, trans, src, out_size=(hh, ww), valid=valid, bg_power=cc.bg_power, recv_masks=recv
+      )  # [B, 1+K, H, W]
+      probs = jnp.moveaxis(probs, 1, -1)
+    with jax.named_scope("par"):
+      probs = affinity.par(
+          x, probs, dilations=tuple(cc.par_dilations), iters=cc.par_iters, w_pos=cc.par_w_pos,
+          temp=cc.par_temp,
+      )  # fmt: skip
+    plabels = affinity.pseudo_labels(probs, ids, valid)
+    out = dict(cams=cams, ids=ids, valid=valid, probs=probs, labels=plabels)
+    return jax.tree_util.tree_map(jax.lax.stop_gradient, out)
+
+  def _sgc(self, cams, trans, src, superpixels, grid):
+    """SGC (§3): superpixel-filtered source masks, optional receiver masks and smoothed
+    affinity. Returns (trans, src, recv or None); the inputs unchanged when SGC is off."""
+    sc = self.model_cfg.sgc
     recv = None
     if sc.enabled:
       member = sgc.membership(
@@ -134,17 +158,7 @@ class SSRTask:
         recv = sgc.receiver_masks(u, grid=grid)
       if sc.soft_alpha < 1.0:
         trans = sgc.smooth_affinity(trans, member, alpha=sc.soft_alpha)
-    probs = affinity.refine_cams(
-      cams, trans, src, out_size=(hh, ww), valid=valid, bg_power=cc.bg_power, recv_masks=recv
-    )  # [B, 1+K, H, W]
-    probs = jnp.moveaxis(probs, 1, -1)
-    probs = affinity.par(
-        x, probs, dilations=tuple(cc.par_dilations), iters=cc.par_iters, w_pos=cc.par_w_pos,
-        temp=cc.par_temp,
-    )  # fmt: skip
-    plabels = affinity.pseudo_labels(probs, ids, valid)
-    out = dict(cams=cams, ids=ids, valid=valid, probs=probs, labels=plabels)
-    return jax.tree_util.tree_map(jax.lax.stop_gradient, out)
+    return trans, src, recv
 
   # ------------------------------------------------------------------ task protocol
   def init(self, rng, batch):
@@ -162,47 +176,54 @@ class SSRTask:
   def loss(self, params, frozen, batch, *, step, rng):
     """Total loss and its terms (§1.6, §2.6). Pseudo-labels are stop-gradient."""
     mc, lc = self.model_cfg, self.loss_cfg
-    f = self.clip_features(frozen, batch["image"])
+    # Named scopes label the profile (python -m ssr_jax.bench train --profile DIR).
+    with jax.named_scope("clip"):
+      f = self.clip_features(frozen, batch["image"])
     b, hh, ww, _ = f["x"].shape
     h, w = f["grid"]
-    logits, feats = self.decode(params, f["hidden"], train=True, rng=rng)
-    z = self.project(params, feats)
+    with jax.named_scope("decoder"):
+      logits, feats = self.decode(params, f["hidden"], train=True, rng=rng)
+      z = self.project(params, feats)
     use_rfm = step >= mc.cam.rfm_switch_step
     pl = self.pseudo_labels(
       frozen, f, batch["labels"], batch["superpixels"], feats, use_rfm=use_rfm, z=z
     )
     labels = pl["labels"]
 
-    logits_full = resize_lib.resize(logits.reshape(b, h, w, -1), (hh, ww), "bilinear")
-    seg = losses.balanced_ce(logits_full, labels, ignore=255)
-    attn_pred = affinity.feature_affinity(feats)
-    small = losses.downsample_labels(labels, (h, w))
-    aff = losses.affinity_loss(attn_pred, small, radius=lc.aff_radius)
+    with jax.named_scope("seg_aff_losses"):
+      logits_full = resize_lib.resize(logits.reshape(b, h, w, -1), (hh, ww), "bilinear")
+      seg = losses.balanced_ce(logits_full, labels, ignore=255)
+      attn_pred = affinity.feature_affinity(feats)
+      small = losses.downsample_labels(labels, (h, w))
+      aff = losses.affinity_loss(attn_pred, small, radius=lc.aff_radius)
     total = lc.seg_weight * seg + lc.aff_weight * aff
     metrics = dict(seg=seg, aff=aff)
 
-    if z is not None:
-      text = cmpa.text_prototypes(frozen["text_fg"], frozen["text_bg"], bg_mode=mc.cmpa.bg_text)
-      num_bg = text.shape[0] - frozen["text_fg"].shape[0]
-      flat = small.reshape(b, h * w)
-      if mc.cmpa.soft:
-        weights = self._soft_weights(pl, (h, w))
-        protos, valid = cmpa.soft_prototypes(z, weights, min_weight=mc.cmpa.min_pixels)
-      else:
-        protos, valid = cmpa.prototypes(
-          z, flat, num_classes=self.num_classes, min_pixels=mc.cmpa.min_pixels
+    with jax.named_scope("cmpa"):
+      if z is not None:
+        text = cmpa.text_prototypes(frozen["text_fg"], frozen["text_bg"], bg_mode=mc.cmpa.bg_text)
+        num_bg = text.shape[0] - frozen["text_fg"].shape[0]
+        flat = small.reshape(b, h * w)
+        if mc.cmpa.soft:
+          weights = self._soft_weights(pl, (h, w))
+          protos, valid = cmpa.soft_prototypes(z, weights, min_weight=mc.cmpa.min_pixels)
+        else:
+          protos, valid = cmpa.prototypes(
+            z, flat, num_classes=self.num_classes, min_pixels=mc.cmpa.min_pixels
+          )
+        l_align = cmpa.cmpa_loss(
+          protos, valid, text, temperature=mc.cmpa.temperature, num_bg=num_bg
         )
-      l_align = cmpa.cmpa_loss(protos, valid, text, temperature=mc.cmpa.temperature, num_bg=num_bg)
-      on = (step >= mc.cmpa.warmup_steps).astype(jnp.float32)
-      term = l_align
-      if mc.cmpa.pixel_weight > 0:
-        l_pix = cmpa.pixel_prototype_loss(
-          z, flat, text, temperature=mc.cmpa.temperature, num_bg=num_bg
-        )
-        metrics["cmpa_pixel"] = l_pix
-        term = term + mc.cmpa.pixel_weight * l_pix
-      total = total + on * mc.cmpa.weight * term
-      metrics["cmpa"] = l_align
+        on = (step >= mc.cmpa.warmup_steps).astype(jnp.float32)
+        term = l_align
+        if mc.cmpa.pixel_weight > 0:
+          l_pix = cmpa.pixel_prototype_loss(
+            z, flat, text, temperature=mc.cmpa.temperature, num_bg=num_bg
+          )
+          metrics["cmpa_pixel"] = l_pix
+          term = term + mc.cmpa.pixel_weight * l_pix
+        total = total + on * mc.cmpa.weight * term
+        metrics["cmpa"] = l_align
     return total, metrics
 
   def _soft_weights(self, pl, grid):

@@ -82,8 +82,9 @@ def make_train_step(task, tx: optax.GradientTransformation, *, schedule, nan_pol
       )
     ok = finite["loss"] & finite["grads"]
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("optimizer"):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
     if skip:
       params = jax.tree.map(lambda new, old: jnp.where(ok, new, old), params, state.params)
       opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), opt_state, state.opt_state)

@@ -32,7 +32,10 @@ def _theirs(tm, images, ids, interpolate=False):
     pooled = tm.visual_projection(out.pooler_output).numpy()
     hidden = np.stack([h.numpy() for h in out.hidden_states[1:]])  # [0] is the ln_pre output.
     attn = np.stack([a.mean(1).numpy() for a in out.attentions])  # Mean over heads.
-    text = tm.get_text_features(input_ids=torch.from_numpy(ids).long()).numpy()
+    # text_model + projection rather than get_text_features, whose return type changed in
+    # transformers 5 (an output object instead of the tensor).
+    tout = tm.text_model(input_ids=torch.from_numpy(ids).long())
+    text = tm.text_projection(tout.pooler_output).numpy()
   return pooled, hidden, attn, text
 
 

@@ -54,7 +54,9 @@ def test_matches_fast_tokenizer(fast):
 
 def test_ftfy_cleaning_like_openai():
   # openai/clip runs ftfy.fix_text first (the Rust tokenizer only applies NFC), which expands
-  # ligatures and unescapes HTML entities; ours follows openai/clip.
+  # ligatures and unescapes HTML entities; ours follows openai/clip. transformers' CLIPTokenizer
+  # does so only where ftfy is installed (requirements.txt pins it; bare GPU images may lack it).
+  pytest.importorskip("ftfy")
   a, b = tokenize(["ﬁsh &amp; chips", "fish & chips"])
   assert a.tolist() == b.tolist()
 

@@ -149,7 +149,10 @@ def test_numpy_pipeline_imports_no_tensorflow(syn_root):
     "assert 'tensorflow' not in sys.modules, 'numpy pipeline imported TensorFlow'\n"
   )
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env = dict(os.environ, PYTHONPATH=root)
+  # Prepend the repository, keeping any PYTHONPATH the environment needs for its packages.
+  env = dict(
+    os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+  )
   subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env, timeout=120)
 
 

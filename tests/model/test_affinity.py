@@ -175,6 +175,20 @@ def test_box_masks_match_connected_component_boxes(threshold):
   assert out[5, 3].reshape(12, 16)[:11, :15].all() and out[5, 3].sum() == 11 * 15
 
 
+def test_box_masks_long_snake_component_converges_past_the_unchecked_steps():
+  # A boustrophedon path through a 20x20 grid: one component whose far end is ~200 steps away,
+  # well past the unchecked steps, so the convergence loop must finish it. Its box is the
+  # path's extent; a separate dot elsewhere keeps its own box.
+  cam = np.zeros((20, 20), np.float32)
+  for r in range(0, 17, 2):
+    cam[r, 1:19] = 1.0
+    cam[r + 1, 18 if r % 4 == 0 else 1] = 1.0
+  cam[19, 19] = 1.0
+  out = np.asarray(_jit(affinity.box_masks, threshold=0.4)(cam[None, None]))
+  np.testing.assert_array_equal(out[0, 0], _box_mask_np(cam, 0.4))
+  assert out[0, 0].reshape(20, 20)[:18, 1:19].all()
+
+
 def test_box_mask_threshold_uses_reference_quantisation():
   # For every uint8 maximum q: a pixel at int(0.7 * q) is background, one above is foreground.
   q = np.arange(1, 256)
