@@ -87,9 +87,8 @@ def seg_predictions(task, frozen, params, images, eval_cfg, *, crf=False):
   mesh = sharding.make_mesh()
   bs = max(ec.batch_size // mesh.size, 1) * mesh.size
   mean, std = (np.asarray(v, np.float32) for v in ssr.NORMALIZATION[task.model_cfg.normalization])
-  logits_fn = lambda p, x: task.seg_logits(p[0], p[1], x, normalized=True)  # noqa: E731
   yield from inference.iter_predictions(
-      logits_fn, ((np.asarray(im, np.float32) - mean) / std for im in images),
+      task.normalized_seg_logits, ((np.asarray(im, np.float32) - mean) / std for im in images),
       params=(params, frozen), scales=tuple(ec.scales), flip=ec.flip,
       long_side=ec.long_side or None, multiple=task.clip.cfg.patch_size, batch_size=bs,
       sharding=sharding.batch_sharding(mesh), return_logits=crf,

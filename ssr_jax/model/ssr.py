@@ -7,6 +7,7 @@ text embeddings); it is passed to the jitted step as a replicated argument.
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -243,6 +244,15 @@ class SSRTask:
     return self.proj.apply({"params": params["proj"]}, feats)
 
   # ------------------------------------------------------------------ inference
+  @functools.cached_property
+  def normalized_seg_logits(self):
+    """`(params, frozen), normalised images -> seg_logits`, one function object per task.
+
+    Evaluation jits its multi-scale inference with the logits function as a static argument;
+    a fresh lambda per call would recompile every size bucket at every evaluation.
+    """
+    return lambda pf, x: self.seg_logits(pf[0], pf[1], x, normalized=True)
+
   def seg_logits(self, params, frozen, images, *, normalized=False):
     """images 0-255 (or normalised) [B, H, W, 3], sides multiples of the patch -> [B, h, w, C]."""
     f = self.clip_features(frozen, images, normalized=normalized)
