@@ -59,22 +59,20 @@ def _nearest(labels, size):
   return labels[rows][:, cols]
 
 
-def _cam_outputs_fn(task):
-  @jax.jit
-  def fn(params, frozen, image, labels, superpixels):
-    batch = dict(image=image[None], labels=labels[None], superpixels=superpixels[None])
-    out = task.cam_outputs(params, frozen, batch)
-    cams = out["cams"][0]  # [K, h, w]
-    bg_power = task.model_cfg.cam.bg_power
-    up = resize_lib.resize(jnp.moveaxis(cams, 0, -1), image.shape[:2], "bilinear")
-    bg = jnp.maximum(1.0 - up.max(axis=-1, keepdims=True), 0.0) ** bg_power
-    probs = jnp.concatenate([bg, jnp.where(out["valid"][0], up, -1.0)], axis=-1)
-    k = jnp.argmax(probs, axis=-1)
-    ids = jnp.concatenate([jnp.zeros((1,), jnp.int32), out["ids"][0] + 1])
-    return dict(cam_labels=ids[k], pseudo=out["labels"][0], cams=cams, ids=out["ids"][0],
-                valid=out["valid"][0])  # fmt: skip
-
-  return fn
+@functools.partial(jax.jit, static_argnums=0)
+def _cam_outputs(task, params, frozen, image, labels, superpixels):
+  """CAM and pseudo-label maps of one image (compiled once per task and image shape)."""
+  batch = dict(image=image[None], labels=labels[None], superpixels=superpixels[None])
+  out = task.cam_outputs(params, frozen, batch)
+  cams = out["cams"][0]  # [K, h, w]
+  bg_power = task.model_cfg.cam.bg_power
+  up = resize_lib.resize(jnp.moveaxis(cams, 0, -1), image.shape[:2], "bilinear")
+  bg = jnp.maximum(1.0 - up.max(axis=-1, keepdims=True), 0.0) ** bg_power
+  probs = jnp.concatenate([bg, jnp.where(out["valid"][0], up, -1.0)], axis=-1)
+  k = jnp.argmax(probs, axis=-1)
+  ids = jnp.concatenate([jnp.zeros((1,), jnp.int32), out["ids"][0] + 1])
+  return dict(cam_labels=ids[k], pseudo=out["labels"][0], cams=cams, ids=out["ids"][0],
+              valid=out["valid"][0])  # fmt: skip
 
 
 def seg_predictions(task, frozen, params, images, eval_cfg, *, crf=False):
@@ -112,7 +110,6 @@ def evaluate(
   acc = metrics.ConfusionAccumulator(dc.num_classes, ignore=dc.ignore_label)
   out_dir = os.path.join(workdir, "eval", f"{split}_{target}")
   patch = task.clip.cfg.patch_size
-  cam_fn = _cam_outputs_fn(task)
   t0 = time.time()
   vis_images = {}
   count = 0
@@ -120,8 +117,8 @@ def evaluate(
   def cam_outputs(ex):
     img, size = _multiple_of(ex["image"], patch)
     sp = _nearest(ex["superpixels"], size).astype(np.int32)
-    return cam_fn(params, frozen, jnp.asarray(img), jnp.asarray(ex["labels"], jnp.float32),
-                  jnp.asarray(sp))  # fmt: skip
+    labels = jnp.asarray(ex["labels"], jnp.float32)
+    return _cam_outputs(task, params, frozen, jnp.asarray(img), labels, jnp.asarray(sp))
 
   def handle(i, ex, pred):
     nonlocal count

@@ -263,11 +263,9 @@ def par(
   d*sqrt2). The weights therefore sum to 1 + w_pos, as in the reference. Each of the iters
   iterations sets probs <- sum_j aff_j * probs_j. Returns [B, H, W, C] float32.
   """
-  # Layouts chosen for memory traffic, which is all PAR costs. Affinities are [B, M, H, W]
-  # planes; probs iterate as [B, H, C, W], so the C channel rows of an image row are adjacent
-  # and reuse that row's affinities from L2. (Channels-first probs stream all 48 planes once per
-  # channel from HBM; channels-last puts C = 1 + K, about 7, on the vector lanes: both ran
-  # 1.5-2x slower on an H100.)
+  # Affinities are [B, M, H, W] planes and probs iterate as [B, H, C, W], so the C channel rows
+  # of an image row, which share that row's affinities, are processed close together. PAR alone
+  # at VOC train shapes on an H100: 4.13 ms this way, 4.30 channels-first, 5.94 channels-last.
   img = jnp.moveaxis(image.astype(_F32), -1, 1)  # [B, 3, H, W]
   n_img = jnp.stack(_neighbours(img, dilations, axes=(2, 3)), axis=1)  # [B, M, 3, H, W]
   std = jnp.std(n_img, axis=1, keepdims=True, ddof=1)
@@ -301,7 +299,7 @@ def pseudo_labels(probs, class_ids, valid=None):
   valid = jnp.concatenate([jnp.ones_like(class_ids[:, :1], bool), valid.astype(bool)], axis=1)
   scores = jnp.where(valid[:, None, None, :], probs.astype(_F32), -jnp.inf)
   # argmax as max + lowest matching slot: two plain reductions that fuse, where jnp.argmax's
-  # (value, index) reduction took 0.22 ms on an H100 for a VOC batch. NaN-only pixels get bg.
+  # (value, index) reduction took 0.22 ms on an H100 for a VOC batch. A NaN score gives bg.
   slot = jnp.arange(scores.shape[-1], dtype=jnp.int32)
   best = jnp.max(scores, axis=-1, keepdims=True)
   idx = jnp.min(jnp.where(scores == best, slot, scores.shape[-1]), axis=-1)  # [B, H, W]

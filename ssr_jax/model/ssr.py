@@ -44,7 +44,9 @@ def normalize(images, kind):
   return (images.astype(jnp.float32) - mean) / std
 
 
-@dataclasses.dataclass(frozen=True)
+# eq=False: hashed and compared by identity, so a task can be a static jit argument (its
+# ConfigDict fields are unhashable) and each task's compiled functions are cached once.
+@dataclasses.dataclass(frozen=True, eq=False)
 class SSRTask:
   """SSR on a frozen CLIP. Built by `build_task`; holds modules and sub-configs, no arrays."""
 

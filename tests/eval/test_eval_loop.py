@@ -31,3 +31,30 @@ def test_second_evaluation_compiles_nothing_and_predicts_the_same():
   for i in first:
     np.testing.assert_array_equal(first[i], second[i])
     assert first[i].shape == images[i].shape[:2]
+
+
+def test_second_cam_evaluation_compiles_nothing(tmp_path):
+  from configs import base
+  from ssr_jax.data import superpixels, synthetic
+
+  synthetic.write_dataset(str(tmp_path / "data"), num_train=2, num_val=4, size=64, seed=0)
+  config = bench_config(argparse.Namespace(small=True, batch=2, crop=64, dtype="float32"))
+  data = base.get_config().data
+  with config.unlocked():
+    data.update(name="synthetic", root=str(tmp_path / "data"), train_split="train",
+                val_split="val", num_classes=7, crop_size=64, num_workers=1)  # fmt: skip
+    config.data = data
+    config.model.class_names = synthetic.SPEC.class_names
+  superpixels.precompute(config.data, "val", workers=1, progress=False)
+  task, frozen, batch = random_setup(config, small=True)
+  params = task.init(jax.random.PRNGKey(0), batch)
+
+  def run():
+    return loop.evaluate(config, str(tmp_path / "w"), task=task, frozen=frozen, params=params,
+                         step=0, target="cam", split="val", write_outputs=False)  # fmt: skip
+
+  first = run()
+  compiled = loop._cam_outputs._cache_size()
+  second = run()
+  assert loop._cam_outputs._cache_size() == compiled  # Was: a new jit per evaluation.
+  assert first["miou"] == second["miou"] and first["num_images"] == 4
