@@ -65,15 +65,19 @@ class MultiheadAttention(nn.Module):
     b, t, _ = x.shape
     dh = self.width // self.heads
     qkv = nn.Dense(3 * self.width, dtype=self.dtype, name="in_proj")(x)
-    q, k, v = jnp.split(qkv.reshape(b, t, 3, self.heads, dh), 3, axis=2)
-    q, k, v = (a[:, :, 0] for a in (q, k, v))  # [B, T, heads, dh]
+    # Heads-major once ([3, B, heads, T, dh]), so both attention products are plain batched
+    # matmuls. Einsums on [B, T, heads, dh] made the ViT-B/16 encoder 1.3x slower on XLA:CPU
+    # at 224 px (0.93 vs 0.73 s for 8 images on 2 cores).
+    qkv = qkv.reshape(b, t, 3, self.heads, dh).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
     # float32 logits straight from the matmul: rounding them to bf16 first would perturb the
     # softmax (and the attention maps used as affinities, method §1.4) by ~1% of the logit size.
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * (dh**-0.5), k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q * (dh**-0.5), k, preferred_element_type=jnp.float32)
     if mask is not None:
       logits = logits + mask
     w = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", w.astype(self.dtype), v).reshape(b, t, self.width)
+    out = jnp.einsum("bhqk,bhkd->bhqd", w.astype(self.dtype), v)
+    out = out.transpose(0, 2, 1, 3).reshape(b, t, self.width)
     out = nn.Dense(self.width, dtype=self.dtype, name="out_proj")(out)
     return out, w.mean(axis=1)
 
