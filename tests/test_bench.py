@@ -15,6 +15,7 @@ def test_rehearsal_small_trains_resumes_and_restores(tmp_path):
 def test_eval_small_counts_every_image():
   out = bench.main(["eval", "--small", "--images", "11", "--batch", "8"])["eval"]
   assert out["images"] == 11 and out["images_per_s"] > 0
+  assert out["timed_pass_compilations"] == 0
 
 
 def _meta(pid, tid, kind, name):
