@@ -94,6 +94,11 @@ def _mosaics(images, key, *, num):
   return tiles.reshape(num, s, s, 3), idx
 
 
+def num_mosaics(batch_size: int, mosaic_weight: float = MOSAIC_WEIGHT) -> int:
+  """Mosaics per tiny-CLIP pretraining step: one per 5 images, none without the mosaic term."""
+  return batch_size // 5 if mosaic_weight > 0 else 0
+
+
 def pretrain_clip(
   model: CLIP, images, captions, *, steps, batch_size, lr, seed, normalization,
   mosaic_weight=MOSAIC_WEIGHT,
@@ -105,8 +110,9 @@ def pretrain_clip(
     WeCLIP's GradCAM pools the patch mean (§1.3), which a from-scratch CLIP only aligns with
     text if trained that way; the CLS term keeps the last block's value path text-aligned
     (patch-mean alone gave inverted CAMs in our sweep);
-  - mosaic_weight x a region term: batch_size // 5 mosaics of 2x2 other images (downsampled
-    2x), where the patch-token mean of each quadrant must match that tile's caption. A token
+  - mosaic_weight x a region term: num_mosaics(batch_size) mosaics of 2x2 other images
+    (downsampled 2x), where the patch-token mean of each quadrant must match that tile's
+    caption. A token
     may then only carry what is near it, which makes the patch features, and so GradCAM and
     the attention affinities, local (without it the tiny CLIP's tokens mix globally).
   Returns (params, final loss).
@@ -119,8 +125,8 @@ def pretrain_clip(
   opt = tx.init(params)
   images = jnp.asarray(images)
   size, grid = images.shape[1], model.cfg.grid
-  num_mosaics = batch_size // 5 if mosaic_weight > 0 else 0
-  if num_mosaics and (size % 2 or grid % 2):
+  mosaics = num_mosaics(batch_size, mosaic_weight)
+  if mosaics and (size % 2 or grid % 2):
     raise ValueError(
       f"tiny CLIP mosaics need an even image size and patch grid, got {size} px and "
       f"{grid}x{grid} patches: set data.synthetic.image_size / demo.clip_patch accordingly"
@@ -152,8 +158,8 @@ def pretrain_clip(
     x = jnp.where(flip, x[:, :, ::-1], x)  # Captions are flip-invariant.
     x = normalize(x, normalization)
     xm = tm = None
-    if num_mosaics:
-      xm, tiles = _mosaics(images, k3, num=num_mosaics)
+    if mosaics:
+      xm, tiles = _mosaics(images, k3, num=mosaics)
       xm, tm = normalize(xm, normalization), ids[tiles]
     loss, g = jax.value_and_grad(loss_fn)(p, x, ids[idx], xm, tm)
     up, o = tx.update(g, o, p)
@@ -217,7 +223,7 @@ def ensure_tiny_clip(config, workdir):
   info = dict(steps=d.clip_steps, images=d.clip_images, final_loss=loss,
               zero_shot_top1_present=acc, seconds=time.time() - t0)  # fmt: skip
   print(f"tiny CLIP: {d.clip_steps} steps (batch {d.clip_batch_size} + "
-        f"{d.clip_batch_size // 5 if MOSAIC_WEIGHT > 0 else 0} 2x2 mosaics) on "
+        f"{num_mosaics(d.clip_batch_size)} 2x2 mosaics) on "
         f"{d.clip_images} decorrelated synthetic image-caption pairs in {info['seconds']:.0f}s, "
         f"loss {loss:.3f}, zero-shot accuracy on val (top-1 class present) {acc:.3f}")  # fmt: skip
   os.makedirs(os.path.dirname(path), exist_ok=True)
