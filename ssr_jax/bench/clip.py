@@ -16,6 +16,7 @@ import numpy as np
 from ssr_jax.bench import common
 from ssr_jax.clip import CLIP, CONFIGS, CLIPConfig, init_params
 from ssr_jax.clip.convert import params_from_state_dict
+from ssr_jax.clip.model import cast_for_compute
 
 _SMALL = CLIPConfig(embed_dim=64, image_size=32, patch_size=8, vision_width=128, vision_layers=2,
                     vision_heads=2, context_length=16, vocab_size=128, text_width=64,
@@ -101,7 +102,7 @@ def run(args) -> dict:
   model = CLIP(cfg, dtype=jnp.dtype(args.dtype), pos_interp="bicubic")
   # Params are an argument (not closed-over constants) so compilation does not embed weights.
   encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=CLIP.encode_image))
-  params = jax.device_put(params)
+  params = jax.device_put(cast_for_compute(params, jnp.dtype(args.dtype)))  # As torch's bf16 model.
 
   peak = common.peak_flops()
   rng = np.random.default_rng(0)

@@ -11,7 +11,7 @@ import numpy as np
 
 from configs import voc
 from ssr_jax.bench import common
-from ssr_jax.clip.model import CLIP, CONFIGS, CLIPConfig, init_params
+from ssr_jax.clip.model import CLIP, CONFIGS, CLIPConfig, cast_for_compute, init_params
 from ssr_jax.model.ssr import build_task, compute_dtype
 
 SMALL_CLIP = CLIPConfig(
@@ -51,7 +51,7 @@ def random_setup(config, *, small, seed=0):
   c = config.data.num_classes - 1
   unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
   frozen = dict(
-    clip=jax.jit(lambda k: init_params(clip, k))(keys[0]),
+    clip=cast_for_compute(jax.jit(lambda k: init_params(clip, k))(keys[0]), dtype),
     text_fg=unit(jax.random.normal(keys[1], (c, cfg.embed_dim))),
     text_bg=unit(jax.random.normal(keys[2], (len(config.model.bg_names), cfg.embed_dim))),
   )

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from ssr_jax.clip.model import CLIP, CLIPConfig
+from ssr_jax.clip.model import CLIP, CLIPConfig, cast_for_compute
 
 _CACHE_VERSION = 1  # Bump when the converted layout changes; older caches are then rebuilt.
 _META_KEY = "__meta__"
@@ -440,7 +440,8 @@ def load_converted(path, *, cache_dir=None) -> tuple[CLIPConfig, dict[str, np.nd
 
 
 def load_clip(path, *, dtype=jnp.float32, pos_interp="bilinear", cache_dir=None):
-  """Loads CLIP weights -> (CLIP model, params). Params are float32; dtype is the compute dtype.
+  """Loads CLIP weights -> (CLIP model, params). dtype is the compute dtype; Dense/Conv kernels
+  and biases are stored in it (`cast_for_compute`), all other params are float32.
 
   path: HF directory, OpenAI .pt, or converted .npz (see the module docstring). pos_interp:
   position-embedding resize for other resolutions ("bilinear" as WeCLIP, or "bicubic" as
@@ -448,7 +449,7 @@ def load_clip(path, *, dtype=jnp.float32, pos_interp="bilinear", cache_dir=None)
   beside the weights file).
   """
   cfg, flat, _ = load_converted(path, cache_dir=cache_dir)
-  return CLIP(cfg, dtype=dtype, pos_interp=pos_interp), _unflatten(flat)
+  return CLIP(cfg, dtype=dtype, pos_interp=pos_interp), cast_for_compute(_unflatten(flat), dtype)
 
 
 def save_converted(path, cfg: CLIPConfig, params, *, meta: dict | None = None) -> Path:

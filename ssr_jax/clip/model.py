@@ -262,6 +262,20 @@ class CLIP(nn.Module):
     return self.visual.head(x)
 
 
+def cast_for_compute(params, dtype):
+  """Dense/Conv kernels and biases stored in the compute dtype; everything else as given.
+
+  Flax casts those to the module's dtype on every call, so the outputs are bit-identical, but a
+  frozen CLIP would pay that conversion every step (11 kernels per step on an H100 in bf16).
+  LayerNorm scales/biases, embeddings and projections keep their precision.
+  """
+  if not isinstance(params, dict):
+    return params
+  if "kernel" in params:
+    return {k: v.astype(dtype) if k in ("kernel", "bias") else v for k, v in params.items()}
+  return {k: cast_for_compute(v, dtype) for k, v in params.items()}
+
+
 def init_params(model: CLIP, rng, image_size=None):
   """Random params (tests, benchmarks, the demo's from-scratch CLIP)."""
   c = model.cfg

@@ -267,10 +267,15 @@ def par(
   # of an image row, which share that row's affinities, are processed close together. PAR alone
   # at VOC train shapes on an H100: 4.13 ms this way, 4.30 channels-first, 5.94 channels-last.
   img = jnp.moveaxis(image.astype(_F32), -1, 1)  # [B, 3, H, W]
-  n_img = jnp.stack(_neighbours(img, dilations, axes=(2, 3)), axis=1)  # [B, M, 3, H, W]
-  std = jnp.std(n_img, axis=1, keepdims=True, ddof=1)
-  aff = -((jnp.abs(n_img - img[:, None]) / (std + 1e-8) / temp) ** 2)
-  aff = jax.nn.softmax(jnp.mean(aff, axis=2), axis=1)  # [B, M, H, W]
+  # Sums over the M neighbour views rather than a stacked [B, M, 3, H, W] tensor, which XLA
+  # materialised (0.47 ms of the step on an H100); two passes, as jnp.std.
+  n_img = _neighbours(img, dilations, axes=(2, 3))  # M x [B, 3, H, W]
+  mean = sum(n_img) / len(n_img)
+  std = jnp.sqrt(sum((n - mean) ** 2 for n in n_img) / (len(n_img) - 1))
+  scale = 1.0 / ((std + 1e-8) * temp)
+  d2 = [((n - img) * scale) ** 2 for n in n_img]
+  logits = [-(d[:, 0] + d[:, 1] + d[:, 2]) / 3 for d in d2]  # RGB mean, elementwise on GPU.
+  aff = jax.nn.softmax(jnp.stack(logits, axis=1), axis=1)  # [B, M, H, W]
   aff = aff + jnp.asarray(_pos_weights(dilations, w_pos, temp))[:, None, None]
 
   def body(_, p):  # p: [B, H, C, W]

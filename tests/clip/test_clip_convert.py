@@ -152,6 +152,8 @@ def test_openai_checkpoints_match_hf_path(hf_tiny, tmp_path):
 
 def test_flax_msgpack(tmp_path):
   transformers = pytest.importorskip("transformers")
+  if not hasattr(transformers, "FlaxCLIPModel"):
+    pytest.skip("transformers >= 5 has no Flax models (requirements-test.txt pins 4.57.6)")
   fm = transformers.FlaxCLIPModel(tiny_hf_config(), seed=0)
   leaves, tree = jax.tree.flatten(fm.params)
   keys = jax.random.split(jax.random.key(1), len(leaves))

@@ -2,11 +2,14 @@
 
 import math
 
+import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from ssr_jax.clip import CLIP, CONFIGS
+from ssr_jax.clip import CLIP, CONFIGS, CLIPConfig, init_params
+from ssr_jax.clip.model import cast_for_compute
 
 # OpenAI's published totals (sum of numel over the released state dicts, logit_scale included).
 EXPECTED = {"ViT-B/16": 149_620_737, "ViT-B/32": 151_277_313, "ViT-L/14": 427_616_513}
@@ -38,3 +41,27 @@ def test_param_count(name):
   )["params"]
   n = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
   assert n == _formula(c) == EXPECTED[name]
+
+
+def test_cast_for_compute_is_bit_identical_and_keeps_norms_float32():
+  cfg = CLIPConfig(
+    embed_dim=16, image_size=32, patch_size=8, vision_width=24, vision_layers=2, vision_heads=4,
+    context_length=8, vocab_size=64, text_width=16, text_layers=1, text_heads=2,
+  )  # fmt: skip
+  model = CLIP(cfg, dtype=jnp.bfloat16)
+  params = init_params(model, jax.random.key(0))
+  cast = cast_for_compute(params, jnp.bfloat16)
+  flat = flax.traverse_util.flatten_dict(cast)
+  low = {k for k, v in flat.items() if v.dtype == jnp.bfloat16}
+  # Exactly the Dense/Conv weights: in_proj, out_proj, c_fc, c_proj (kernel + bias) per block, and
+  # conv1's kernel; LayerNorms, embeddings, projections and logit_scale stay float32.
+  assert low == {k for k in flat if k[-1] in ("kernel", "bias") and k[:-1] + ("kernel",) in flat}
+  assert len(low) == 8 * (cfg.vision_layers + cfg.text_layers) + 1
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  ids = jnp.array([[1, 5, 63, 0, 0, 0, 0, 0]], jnp.int32)
+  feats = lambda p: model.apply({"params": p}, images, method=CLIP.image_features)  # noqa: E731
+  text = lambda p: model.apply({"params": p}, ids, method=CLIP.encode_text)  # noqa: E731
+  for a, b in zip(
+    jax.tree.leaves((feats(params), text(params))), jax.tree.leaves((feats(cast), text(cast)))
+  ):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

@@ -122,3 +122,21 @@ def test_decoder_param_count_vit_b16():
   expected = 11 * (768 * 256 + 256 + 256 * 256 + 256) + 2816 * 256 + 256 + 3 * block + 256 * 21 + 21
   assert block == 789_760
   assert count == expected == 5_985_045
+
+
+def test_decoder_features_match_per_layer_numpy():
+  # F = fuse(concat_l MLP_l(X_l)) with a separate MLP per layer (method §1.5), in numpy.
+  rng = np.random.default_rng(3)
+  hidden = rng.normal(size=(3, 2, 5, 8)).astype(np.float32)  # [L, B, N, W]
+  dec = Decoder(num_classes=4, embed_dim=6, num_layers=1, num_heads=2, mlp_dim=24)
+  params = dec.init(jax.random.PRNGKey(0), jnp.asarray(hidden), train=False)["params"]
+  _, feats = dec.apply({"params": params}, jnp.asarray(hidden), train=False)
+  p = jax.tree.map(np.asarray, params)
+  fc1, fc2 = p["mlps"]["fc1"], p["mlps"]["fc2"]
+  maps = [
+    np.maximum(x @ fc1["kernel"][l] + fc1["bias"][l], 0) @ fc2["kernel"][l] + fc2["bias"][l]
+    for l, x in enumerate(hidden)
+  ]
+  want = np.concatenate(maps, axis=-1) @ p["fuse"]["kernel"] + p["fuse"]["bias"]
+  np.testing.assert_allclose(np.asarray(feats), want, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(fc1["kernel"][0], fc1["kernel"][1])  # Each layer initialised apart.
