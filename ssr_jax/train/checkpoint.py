@@ -94,8 +94,9 @@ def check_compatible(saved_tree, target, *, where: str = "checkpoint") -> None:
     raise CheckpointMismatchError(
       f"{where} does not match the model being restored ({len(problems)} difference(s)):\n"
       + "\n".join(shown)
-      + "\nThe model config differs from the one that wrote the checkpoint (its `config` item "
-      "holds that config): use the same config or a fresh workdir."
+      + "\nThe model config, or the ssr_jax version, differs from the one that wrote the "
+      "checkpoint (its `config` item holds that config): use the same config and version, or a "
+      "fresh workdir."
     )
 
 
