@@ -52,6 +52,8 @@ def test_profile_summary_attributes_kernels_to_named_scopes():
   assert out["stages_ms_per_step"] == {
     "par": 2.0, "decoder": 0.25, "optimizer": 0.125, "unattributed": 0.125}  # fmt: skip
   assert out["device_ms_per_step"] == 2.5 and out["kernels_per_step"] == 2.5
+  assert out["stage_kernels_per_step"] == {
+    "par": 1.0, "decoder": 0.5, "optimizer": 0.5, "unattributed": 0.5}  # fmt: skip
   assert out["unattributed_kernels"] == 1
   assert out["top_kernels_ms_per_step"]["fusion_3 (x1)"] == 2.0
 

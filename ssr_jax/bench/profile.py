@@ -93,6 +93,7 @@ def summarize(trace: dict, hlo_text: str, *, steps: int, top: int = 15) -> dict:
   """
   names = op_names(hlo_text)
   per_stage = collections.Counter()
+  stage_counts = collections.Counter()
   per_kernel = collections.Counter()
   counts = collections.Counter()
   unmatched = 0
@@ -100,7 +101,9 @@ def summarize(trace: dict, hlo_text: str, *, steps: int, top: int = 15) -> dict:
     dur_ms = float(e.get("dur", 0.0)) / 1e3  # Trace times are microseconds.
     op = _lookup(e, names)
     unmatched += op is None
-    per_stage[stage_of(op) if op else "unattributed"] += dur_ms
+    stage = stage_of(op) if op else "unattributed"
+    per_stage[stage] += dur_ms
+    stage_counts[stage] += 1
     per_kernel[e.get("name", "?")] += dur_ms
     counts[e.get("name", "?")] += 1
   total = sum(per_stage.values())
@@ -109,6 +112,10 @@ def summarize(trace: dict, hlo_text: str, *, steps: int, top: int = 15) -> dict:
     kernels_per_step=round(sum(counts.values()) / steps, 1),
     unattributed_kernels=unmatched,
     stages_ms_per_step={k: round(v / steps, 3) for k, v in per_stage.most_common()},
+    # Many small kernels are what a latency-bound step pays for (launch gaps included).
+    stage_kernels_per_step={
+      k: round(stage_counts[k] / steps, 1) for k, _ in per_stage.most_common()
+    },
     top_kernels_ms_per_step={
       f"{k} (x{counts[k] // steps})": round(v / steps, 3) for k, v in per_kernel.most_common(top)
     },
