@@ -289,7 +289,10 @@ def test_bfloat16_compute_close_to_float32(hf_tiny, tmp_path):
   images = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
   ids = random_ids(rng, 3)
   model, params = load_clip(d, dtype=jax.numpy.bfloat16, cache_dir=tmp_path)
-  assert params["visual"]["proj"].dtype == np.float32  # Storage stays float32.
+  assert params["visual"]["proj"].dtype == np.float32  # Projections and norms stay float32...
+  assert params["visual"]["ln_post"]["scale"].dtype == np.float32
+  block = params["visual"]["transformer"]["resblocks_0"]
+  assert block["attn"]["in_proj"]["kernel"].dtype == jax.numpy.bfloat16  # ...matmul weights not.
   feats, text = _ours(model, params, images, ids)
   pooled, _, attn, ttext = _theirs(tm, images, ids)
   rel = lambda a, b: np.abs(a - b).max() / np.abs(b).max()
