@@ -112,9 +112,9 @@ def pretrain_clip(
     (patch-mean alone gave inverted CAMs in our sweep);
   - mosaic_weight x a region term: num_mosaics(batch_size) mosaics of 2x2 other images
     (downsampled 2x), where the patch-token mean of each quadrant must match that tile's
-    caption. A token
-    may then only carry what is near it, which makes the patch features, and so GradCAM and
-    the attention affinities, local (without it the tiny CLIP's tokens mix globally).
+    caption. A token may then only carry what is near it, which makes the patch features, and
+    so GradCAM and the attention affinities, local (without it the tiny CLIP's tokens mix
+    globally).
   Returns (params, final loss).
   """
   rng = jax.random.PRNGKey(seed)

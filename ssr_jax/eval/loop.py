@@ -20,7 +20,7 @@ from absl import logging
 from ssr_jax import resize as resize_lib
 from ssr_jax.eval import crf, inference, metrics, png, visualize
 from ssr_jax.eval.class_names import CLASS_NAMES
-from ssr_jax.model import ssr
+from ssr_jax.model import affinity, ssr
 from ssr_jax.train import checkpoint, sharding, state
 
 
@@ -68,10 +68,9 @@ def _cam_outputs(task, params, frozen, image, labels, superpixels):
   bg_power = task.model_cfg.cam.bg_power
   up = resize_lib.resize(jnp.moveaxis(cams, 0, -1), image.shape[:2], "bilinear")
   bg = jnp.maximum(1.0 - up.max(axis=-1, keepdims=True), 0.0) ** bg_power
-  probs = jnp.concatenate([bg, jnp.where(out["valid"][0], up, -1.0)], axis=-1)
-  k = jnp.argmax(probs, axis=-1)
-  ids = jnp.concatenate([jnp.zeros((1,), jnp.int32), out["ids"][0] + 1])
-  return dict(cam_labels=ids[k], pseudo=out["labels"][0], cams=cams, ids=out["ids"][0],
+  probs = jnp.concatenate([bg, up], axis=-1)[None]  # [1, H, W, 1+K]
+  cam_labels = affinity.pseudo_labels(probs, out["ids"], out["valid"])[0]
+  return dict(cam_labels=cam_labels, pseudo=out["labels"][0], cams=cams, ids=out["ids"][0],
               valid=out["valid"][0])  # fmt: skip
 
 
