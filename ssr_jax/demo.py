@@ -26,8 +26,8 @@ import optax
 
 from ssr_jax.clip import convert
 from ssr_jax.clip.model import CLIP, CLIPConfig, init_params
+from ssr_jax.clip.preprocess import normalize
 from ssr_jax.clip.tokenizer import tokenize
-from ssr_jax.model.ssr import normalize
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,17 @@ def ensure_data(config, workdir):
 def tiny_clip_config(config) -> CLIPConfig:
   d = config.demo
   return CLIPConfig(
-      embed_dim=d.clip_width, image_size=config.data.crop_size, patch_size=d.clip_patch,
-      vision_width=d.clip_width, vision_layers=d.clip_layers, vision_heads=4, context_length=24,
-      text_width=d.clip_width, text_layers=2, text_heads=4,
-  )  # fmt: skip
+    embed_dim=d.clip_width,
+    image_size=config.data.crop_size,
+    patch_size=d.clip_patch,
+    vision_width=d.clip_width,
+    vision_layers=d.clip_layers,
+    vision_heads=4,
+    context_length=24,
+    text_width=d.clip_width,
+    text_layers=2,
+    text_heads=4,
+  )
 
 
 def _contrastive(img, txt, scale):
@@ -100,9 +107,17 @@ def num_mosaics(batch_size: int, mosaic_weight: float = MOSAIC_WEIGHT) -> int:
 
 
 def pretrain_clip(
-  model: CLIP, images, captions, *, steps, batch_size, lr, seed, normalization,
+  model: CLIP,
+  images,
+  captions,
+  *,
+  steps,
+  batch_size,
+  lr,
+  seed,
+  normalization,
   mosaic_weight=MOSAIC_WEIGHT,
-):  # fmt: skip
+):
   """Contrastive CLIP training on (uint8 images [N, S, S, 3], captions) pairs.
 
   Three InfoNCE terms, all on image-caption pairs (never masks):
@@ -213,19 +228,37 @@ def ensure_tiny_clip(config, workdir):
   model = CLIP(tiny_clip_config(config))
   t0 = time.time()
   params, loss = pretrain_clip(
-    model, corpus["image"], corpus["caption"], steps=d.clip_steps, batch_size=d.clip_batch_size,
-    lr=d.clip_lr, seed=config.seed, normalization=config.model.normalization,
-  )  # fmt: skip
+    model,
+    corpus["image"],
+    corpus["caption"],
+    steps=d.clip_steps,
+    batch_size=d.clip_batch_size,
+    lr=d.clip_lr,
+    seed=config.seed,
+    normalization=config.model.normalization,
+  )
   acc = zero_shot_accuracy(
-    model, params, val["image"], val["labels"], config.model.class_names,
-    config.model.prompt_template, config.model.normalization,
-  )  # fmt: skip
-  info = dict(steps=d.clip_steps, images=d.clip_images, final_loss=loss,
-              zero_shot_top1_present=acc, seconds=time.time() - t0)  # fmt: skip
-  print(f"tiny CLIP: {d.clip_steps} steps (batch {d.clip_batch_size} + "
-        f"{num_mosaics(d.clip_batch_size)} 2x2 mosaics) on "
-        f"{d.clip_images} decorrelated synthetic image-caption pairs in {info['seconds']:.0f}s, "
-        f"loss {loss:.3f}, zero-shot accuracy on val (top-1 class present) {acc:.3f}")  # fmt: skip
+    model,
+    params,
+    val["image"],
+    val["labels"],
+    config.model.class_names,
+    config.model.prompt_template,
+    config.model.normalization,
+  )
+  info = dict(
+    steps=d.clip_steps,
+    images=d.clip_images,
+    final_loss=loss,
+    zero_shot_top1_present=acc,
+    seconds=time.time() - t0,
+  )
+  print(
+    f"tiny CLIP: {d.clip_steps} steps (batch {d.clip_batch_size} + "
+    f"{num_mosaics(d.clip_batch_size)} 2x2 mosaics) on "
+    f"{d.clip_images} decorrelated synthetic image-caption pairs in {info['seconds']:.0f}s, "
+    f"loss {loss:.3f}, zero-shot accuracy on val (top-1 class present) {acc:.3f}"
+  )
   os.makedirs(os.path.dirname(path), exist_ok=True)
   convert.save_converted(path, model.cfg, params, meta=dict(demo_pretraining=info))
   with open(os.path.join(workdir, "clip", "pretraining.json"), "w") as f:
@@ -248,8 +281,10 @@ def train_and_eval(config, workdir):
       config.eval.split = config.data.val_split
     results[target] = experiment.evaluate(config, workdir)["miou"]
   out = os.path.join(workdir, "eval")
-  print(f"demo mIoU on val: CAM {results['cam']:.3f}  pseudo-labels {results['pseudo']:.3f}  "
-        f"segmentation {results['seg']:.3f}")  # fmt: skip
+  print(
+    f"demo mIoU on val: CAM {results['cam']:.3f}  pseudo-labels {results['pseudo']:.3f}  "
+    f"segmentation {results['seg']:.3f}"
+  )
   print(f"metrics, predictions and visualisations: {out}")
   return results
 

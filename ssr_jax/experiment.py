@@ -12,8 +12,9 @@ import jax.numpy as jnp
 from absl import logging
 
 from ssr_jax.clip import load_clip
+from ssr_jax.clip.preprocess import compute_dtype
 from ssr_jax.clip.prompts import text_classifier
-from ssr_jax.model.ssr import build_task, compute_dtype
+from ssr_jax.model.ssr import build_task
 
 
 class UserError(Exception):
@@ -67,8 +68,11 @@ def train(config, workdir, *, eval_during_training=False):
 
   def make_iterator(start_step):
     return pipeline.make_train_iterator(
-        config.data, batch_size=config.train.batch_size, seed=config.seed, start_step=start_step,
-    )  # fmt: skip
+      config.data,
+      batch_size=config.train.batch_size,
+      seed=config.seed,
+      start_step=start_step,
+    )
 
   eval_fn = None
   if eval_during_training and config.train.eval_every > 0:
@@ -76,15 +80,27 @@ def train(config, workdir, *, eval_during_training=False):
 
     def eval_fn(state, step):
       res = eval_loop.evaluate(
-          config, workdir, task=task, frozen=frozen, params=state.params, step=step,
-          target="seg", split=config.data.val_split, write_outputs=False,
-      )  # fmt: skip
+        config,
+        workdir,
+        task=task,
+        frozen=frozen,
+        params=state.params,
+        step=step,
+        target="seg",
+        split=config.data.val_split,
+        write_outputs=False,
+      )
       return dict(miou=res["miou"], images=res.get("images", {}))
 
   return loop.train(
-      config, workdir, task=task, frozen=frozen, make_iterator=make_iterator, eval_fn=eval_fn,
-      clip_fingerprint=fingerprint,
-  )  # fmt: skip
+    config,
+    workdir,
+    task=task,
+    frozen=frozen,
+    make_iterator=make_iterator,
+    eval_fn=eval_fn,
+    clip_fingerprint=fingerprint,
+  )
 
 
 def evaluate(config, workdir):
@@ -94,9 +110,16 @@ def evaluate(config, workdir):
   task, frozen, fingerprint = build(config, workdir)
   params, step = eval_loop.restore_params(config, workdir, task)
   res = eval_loop.evaluate(
-      config, workdir, task=task, frozen=frozen, params=params, step=step,
-      target=config.eval.target, split=config.eval.split, clip_fingerprint=fingerprint,
-  )  # fmt: skip
+    config,
+    workdir,
+    task=task,
+    frozen=frozen,
+    params=params,
+    step=step,
+    target=config.eval.target,
+    split=config.eval.split,
+    clip_fingerprint=fingerprint,
+  )
   return res
 
 

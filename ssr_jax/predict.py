@@ -96,8 +96,9 @@ def main(argv=None):
     Image.fromarray(png.overlay(images[i], pred)).save(
       os.path.join(args.out, f"{stem}_overlay.png")
     )
-  print(f"checkpoint step {step}: wrote {len(images)} predictions to {args.out}; "
-        f"{len(failed)} failed")  # fmt: skip
+  print(
+    f"checkpoint step {step}: wrote {len(images)} predictions to {args.out}; {len(failed)} failed"
+  )
   return 1 if failed else 0
 
 

@@ -18,8 +18,9 @@ def _available(name: str) -> bool:
 
 def _common_args(p):
   p.add_argument("--out", default="", help="write the results as JSON to this file")
-  p.add_argument("--device", choices=("cpu", "gpu"), default=None,
-                 help="JAX platform (default: jax's choice)")  # fmt: skip
+  p.add_argument(
+    "--device", choices=("cpu", "gpu"), default=None, help="JAX platform (default: jax's choice)"
+  )
   p.add_argument("--small", action="store_true", help="tiny sizes: a smoke test")
 
 
@@ -66,8 +67,9 @@ def main(argv=None):
       results[name] = "not available"
       continue
     if args.bench == "all":
-      run_args = argparse.Namespace(**(_defaults(modules[name]) | {
-          "out": args.out, "device": args.device, "small": args.small}))  # fmt: skip
+      run_args = argparse.Namespace(
+        **(_defaults(modules[name]) | {"out": args.out, "device": args.device, "small": args.small})
+      )
     else:
       run_args = args
     results[name] = modules[name].run(run_args)

@@ -18,9 +18,19 @@ from ssr_jax.clip import CLIP, CONFIGS, CLIPConfig, init_params
 from ssr_jax.clip.convert import params_from_state_dict
 from ssr_jax.clip.model import cast_for_compute
 
-_SMALL = CLIPConfig(embed_dim=64, image_size=32, patch_size=8, vision_width=128, vision_layers=2,
-                    vision_heads=2, context_length=16, vocab_size=128, text_width=64,
-                    text_layers=1, text_heads=1)  # fmt: skip
+_SMALL = CLIPConfig(
+  embed_dim=64,
+  image_size=32,
+  patch_size=8,
+  vision_width=128,
+  vision_layers=2,
+  vision_heads=2,
+  context_length=16,
+  vocab_size=128,
+  text_width=64,
+  text_layers=1,
+  text_heads=1,
+)
 
 
 def add_args(p):
@@ -37,16 +47,26 @@ def hf_config(c: CLIPConfig):
   import transformers
 
   return transformers.CLIPConfig(
-      text_config=dict(hidden_size=c.text_width, intermediate_size=4 * c.text_width,
-                       num_hidden_layers=c.text_layers, num_attention_heads=c.text_heads,
-                       max_position_embeddings=c.context_length, vocab_size=c.vocab_size,
-                       projection_dim=c.embed_dim),
-      vision_config=dict(hidden_size=c.vision_width, intermediate_size=4 * c.vision_width,
-                         num_hidden_layers=c.vision_layers, num_attention_heads=c.vision_heads,
-                         image_size=c.image_size, patch_size=c.patch_size,
-                         projection_dim=c.embed_dim),
+    text_config=dict(
+      hidden_size=c.text_width,
+      intermediate_size=4 * c.text_width,
+      num_hidden_layers=c.text_layers,
+      num_attention_heads=c.text_heads,
+      max_position_embeddings=c.context_length,
+      vocab_size=c.vocab_size,
       projection_dim=c.embed_dim,
-  )  # fmt: skip
+    ),
+    vision_config=dict(
+      hidden_size=c.vision_width,
+      intermediate_size=4 * c.vision_width,
+      num_hidden_layers=c.vision_layers,
+      num_attention_heads=c.vision_heads,
+      image_size=c.image_size,
+      patch_size=c.patch_size,
+      projection_dim=c.embed_dim,
+    ),
+    projection_dim=c.embed_dim,
+  )
 
 
 def _torch_models(cfg, on_gpu, dtype):
@@ -58,8 +78,13 @@ def _torch_models(cfg, on_gpu, dtype):
   full = transformers.CLIPModel(hf_config(cfg))
   sd = {k: v.detach().numpy() for k, v in full.state_dict().items()}
   vision = transformers.CLIPVisionModelWithProjection(full.config.vision_config)
-  vision.load_state_dict({k: v for k, v in full.state_dict().items()
-                          if k.startswith(("vision_model.", "visual_projection."))})  # fmt: skip
+  vision.load_state_dict(
+    {
+      k: v
+      for k, v in full.state_dict().items()
+      if k.startswith(("vision_model.", "visual_projection."))
+    }
+  )
   vision.eval().to("cuda" if on_gpu else "cpu", getattr(torch, dtype))
   return sd, vision
 
@@ -130,8 +155,11 @@ def run(args) -> dict:
         row["ours_mfu"] = flops / t["median_s"] / peak
     if use_torch:
       tt = times["torch"]
-      row |= dict(torch_img_s=batch / tt["median_s"], torch_median_s=tt["median_s"],
-                  ratio=tt["median_s"] / t["median_s"])  # fmt: skip
+      row |= dict(
+        torch_img_s=batch / tt["median_s"],
+        torch_median_s=tt["median_s"],
+        ratio=tt["median_s"] / t["median_s"],
+      )
       # Same weights, same inputs: the outputs must agree (a guard against benchmarking a bug).
       ours = np.asarray(encode(params, xj), np.float32)
       theirs = fns["torch"][0](xt).float().cpu().numpy()

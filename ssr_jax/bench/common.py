@@ -78,10 +78,16 @@ def time_interleaved(fns: dict, *, warmup: int = 2, iters: int = 10) -> dict:
       _block(fn(*args))
       times[name].append(time.perf_counter() - t0)
   return {
-      name: dict(compile_s=compile_s[name], median_s=statistics.median(ts),
-                 mean_s=statistics.fmean(ts), min_s=min(ts), max_s=max(ts), iters=iters)
-      for name, ts in times.items()
-  }  # fmt: skip
+    name: dict(
+      compile_s=compile_s[name],
+      median_s=statistics.median(ts),
+      mean_s=statistics.fmean(ts),
+      min_s=min(ts),
+      max_s=max(ts),
+      iters=iters,
+    )
+    for name, ts in times.items()
+  }
 
 
 def peak_memory_bytes(device=None) -> int | None:

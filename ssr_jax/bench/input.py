@@ -23,8 +23,11 @@ def add_args(p):
   p.add_argument("--crop", type=int, default=320)
   p.add_argument("--steps", type=int, default=40, help="timed batches per pipeline")
   p.add_argument("--workers", type=int, default=4, help="data.num_workers")
-  p.add_argument("--pipelines", default="numpy,numpy-process,tf",
-                 help="numpy (threads), numpy-process (data.worker_type=process), tf")  # fmt: skip
+  p.add_argument(
+    "--pipelines",
+    default="numpy,numpy-process,tf",
+    help="numpy (threads), numpy-process (data.worker_type=process), tf",
+  )
 
 
 def write_voc_like(root: str, num: int, *, height: int = 375, width: int = 500) -> str:
@@ -58,8 +61,14 @@ def run(args) -> dict:
   num = 8 if args.small else args.images
   steps = 3 if args.small else args.steps
   h, w = (188, 250) if args.small else (375, 500)
-  out = {"images": num, "image_size": f"{w}x{h}", "crop": args.crop, "batch": args.batch,
-         "workers": args.workers, "timed_batches": steps}  # fmt: skip
+  out = {
+    "images": num,
+    "image_size": f"{w}x{h}",
+    "crop": args.crop,
+    "batch": args.batch,
+    "workers": args.workers,
+    "timed_batches": steps,
+  }
   with tempfile.TemporaryDirectory() as root:
     split = write_voc_like(root, num, height=h, width=w)
     data_cfg = _config(root, split, args)
@@ -75,9 +84,15 @@ def run(args) -> dict:
         continue
       with data_cfg.unlocked():
         data_cfg.worker_type = "process" if name == "numpy-process" else "thread"
-      it = pipeline.make_train_iterator(data_cfg, batch_size=args.batch, seed=0,
-                                        process_index=0, process_count=1, pipeline=kind,
-                                        superpixels=True)  # fmt: skip
+      it = pipeline.make_train_iterator(
+        data_cfg,
+        batch_size=args.batch,
+        seed=0,
+        process_index=0,
+        process_count=1,
+        pipeline=kind,
+        superpixels=True,
+      )
       t0 = time.perf_counter()
       for _ in range(3):  # Warm-up (graph building, worker start).
         next(it)
@@ -87,6 +102,9 @@ def run(args) -> dict:
         next(it)
       dt = time.perf_counter() - t0
       it.close()
-      out[name] = {"images_per_s": steps * args.batch / dt, "ms_per_batch": 1e3 * dt / steps,
-                   "warmup_s": warm}  # fmt: skip
+      out[name] = {
+        "images_per_s": steps * args.batch / dt,
+        "ms_per_batch": 1e3 * dt / steps,
+        "warmup_s": warm,
+      }
   return out

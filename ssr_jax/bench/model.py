@@ -12,12 +12,22 @@ import numpy as np
 from configs import voc
 from ssr_jax.bench import common
 from ssr_jax.clip.model import CLIP, CONFIGS, CLIPConfig, cast_for_compute, init_params
-from ssr_jax.model.ssr import build_task, compute_dtype
+from ssr_jax.clip.preprocess import compute_dtype
+from ssr_jax.model.ssr import build_task
 
 SMALL_CLIP = CLIPConfig(
-    embed_dim=32, image_size=64, patch_size=16, vision_width=64, vision_layers=4, vision_heads=4,
-    context_length=8, vocab_size=64, text_width=32, text_layers=1, text_heads=2,
-)  # fmt: skip
+  embed_dim=32,
+  image_size=64,
+  patch_size=16,
+  vision_width=64,
+  vision_layers=4,
+  vision_heads=4,
+  context_length=8,
+  vocab_size=64,
+  text_width=32,
+  text_layers=1,
+  text_heads=2,
+)
 
 
 def add_args(p):
@@ -93,8 +103,12 @@ def _variants(config):
 
 def run(args):
   config = bench_config(args)
-  out = dict(batch=config.train.batch_size, crop=config.data.crop_size, dtype=args.dtype,
-             arch="small" if args.small else "ViT-B/16")  # fmt: skip
+  out = dict(
+    batch=config.train.batch_size,
+    crop=config.data.crop_size,
+    dtype=args.dtype,
+    arch="small" if args.small else "ViT-B/16",
+  )
   times = {}
   for name, cfg in _variants(config).items():
     task, frozen, batch = random_setup(cfg, small=args.small)

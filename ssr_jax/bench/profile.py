@@ -15,9 +15,18 @@ import os
 import re
 
 STAGES = (
-  "clip", "gradcam", "affinity", "box_masks", "sgc", "refine", "par", "decoder",
-  "seg_aff_losses", "cmpa", "optimizer",
-)  # fmt: skip
+  "clip",
+  "gradcam",
+  "affinity",
+  "box_masks",
+  "sgc",
+  "refine",
+  "par",
+  "decoder",
+  "seg_aff_losses",
+  "cmpa",
+  "optimizer",
+)
 
 _INSTR = re.compile(
   r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*op_name=\"([^\"]*)\"", re.M

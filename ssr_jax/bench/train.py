@@ -63,16 +63,23 @@ def run(args):
   if args.profile:
     st, stages = _profile(train_step, st, frozen, gbatch, args.profile, args.profile_steps)
   out = dict(
-      variant=args.variant, arch="small" if args.small else "ViT-B/16", dtype=args.dtype,
-      batch=config.train.batch_size, crop=config.data.crop_size, devices=mesh.size,
-      compile_s=round(compile_s, 1), step_ms=round(1e3 * med, 3),
-      steps_per_s=round(1 / med, 2), images_per_s=round(config.train.batch_size / med, 1),
-      minutes_per_30k_steps=round(30000 * med / 60, 1),
-      compilations=train_step.trace_count, loss=float(m["loss"]),
-      xla_tflops_per_step=round(flops / 1e12, 4) if flops else None,
-      mfu=round(flops / med / (peak * mesh.size), 4) if flops and peak else None,
-      peak_memory_bytes=common.peak_memory_bytes(),
-  )  # fmt: skip
+    variant=args.variant,
+    arch="small" if args.small else "ViT-B/16",
+    dtype=args.dtype,
+    batch=config.train.batch_size,
+    crop=config.data.crop_size,
+    devices=mesh.size,
+    compile_s=round(compile_s, 1),
+    step_ms=round(1e3 * med, 3),
+    steps_per_s=round(1 / med, 2),
+    images_per_s=round(config.train.batch_size / med, 1),
+    minutes_per_30k_steps=round(30000 * med / 60, 1),
+    compilations=train_step.trace_count,
+    loss=float(m["loss"]),
+    xla_tflops_per_step=round(flops / 1e12, 4) if flops else None,
+    mfu=round(flops / med / (peak * mesh.size), 4) if flops and peak else None,
+    peak_memory_bytes=common.peak_memory_bytes(),
+  )
   if stages:
     out["profile"] = stages
   return out

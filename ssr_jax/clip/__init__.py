@@ -6,6 +6,13 @@ from ssr_jax.clip.prompts import text_classifier
 from ssr_jax.clip.tokenizer import load_tokenizer, tokenize
 
 __all__ = [
-    "CLIP", "CLIPConfig", "CONFIGS", "init_params", "load_clip", "load_tokenizer",
-    "text_classifier", "tokenize", "weights_fingerprint",
-]  # fmt: skip
+  "CLIP",
+  "CLIPConfig",
+  "CONFIGS",
+  "init_params",
+  "load_clip",
+  "load_tokenizer",
+  "text_classifier",
+  "tokenize",
+  "weights_fingerprint",
+]

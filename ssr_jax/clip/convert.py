@@ -84,8 +84,9 @@ def _resolve(path) -> _Source:
 
 
 def _stamp(files) -> list[dict]:
-  return [{"name": f.name, "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
-          for f in files]  # fmt: skip
+  return [
+    {"name": f.name, "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files
+  ]
 
 
 def _sha256(path: Path) -> str:
@@ -146,8 +147,14 @@ def _config_from_hf(config_path: Path) -> CLIPConfig:
 
 def _config_from_openai(sd: dict, path: Path) -> CLIPConfig:
   """CLIPConfig from OpenAI state-dict shapes, as openai/clip's build_model derives it."""
-  needed = ["visual.conv1.weight", "visual.positional_embedding", "text_projection",
-            "positional_embedding", "token_embedding.weight", "ln_final.weight"]  # fmt: skip
+  needed = [
+    "visual.conv1.weight",
+    "visual.positional_embedding",
+    "text_projection",
+    "positional_embedding",
+    "token_embedding.weight",
+    "ln_final.weight",
+  ]
   if "visual.proj" not in sd and "visual.attnpool.c_proj.weight" in sd:
     raise ValueError(f"{path}: ResNet CLIP checkpoints are not supported; use a ViT one")
   missing = [k for k in needed + ["visual.proj"] if k not in sd]
@@ -190,13 +197,19 @@ def _block_spec(src, dst, w, hf):
     for i, n in enumerate("qkv"):
       s[f"{src}.self_attn.{n}_proj.weight"] = (f"{dst}/attn/in_proj/kernel", (w, w), ("qkv", i))
       s[f"{src}.self_attn.{n}_proj.bias"] = (f"{dst}/attn/in_proj/bias", (w,), ("qkv", i))
-    names = dict(out="self_attn.out_proj", ln_1="layer_norm1", ln_2="layer_norm2",
-                 c_fc="mlp.fc1", c_proj="mlp.fc2")  # fmt: skip
+    names = dict(
+      out="self_attn.out_proj",
+      ln_1="layer_norm1",
+      ln_2="layer_norm2",
+      c_fc="mlp.fc1",
+      c_proj="mlp.fc2",
+    )
   else:
     s[f"{src}.attn.in_proj_weight"] = (f"{dst}/attn/in_proj/kernel", (3 * w, w), _T)
     s[f"{src}.attn.in_proj_bias"] = (f"{dst}/attn/in_proj/bias", (3 * w,), _ID)
-    names = dict(out="attn.out_proj", ln_1="ln_1", ln_2="ln_2", c_fc="mlp.c_fc",
-                 c_proj="mlp.c_proj")  # fmt: skip
+    names = dict(
+      out="attn.out_proj", ln_1="ln_1", ln_2="ln_2", c_fc="mlp.c_fc", c_proj="mlp.c_proj"
+    )
   s[f"{src}.{names['out']}.weight"] = (f"{dst}/attn/out_proj/kernel", (w, w), _T)
   s[f"{src}.{names['out']}.bias"] = (f"{dst}/attn/out_proj/bias", (w,), _ID)
   for ln in ("ln_1", "ln_2"):
@@ -217,21 +230,30 @@ def _hf_spec(c: CLIPConfig) -> dict:
   W, Wt, D, p = c.vision_width, c.text_width, c.embed_dim, c.patch_size
   v, t = "vision_model", "text_model"
   s = {
-      f"{v}.embeddings.class_embedding": ("visual/class_embedding", (W,), _ID),
-      f"{v}.embeddings.patch_embedding.weight": ("visual/conv1/kernel", (W, 3, p, p), _CONV),
-      f"{v}.embeddings.position_embedding.weight": (
-          "visual/positional_embedding", (c.grid**2 + 1, W), _ID),
-      **_ln_spec(f"{v}.pre_layrnorm", "visual/ln_pre", W),
-      **_ln_spec(f"{v}.post_layernorm", "visual/ln_post", W),
-      "visual_projection.weight": ("visual/proj", (D, W), _T),
-      f"{t}.embeddings.token_embedding.weight": (
-          "text/token_embedding/embedding", (c.vocab_size, Wt), _ID),
-      f"{t}.embeddings.position_embedding.weight": (
-          "text/positional_embedding", (c.context_length, Wt), _ID),
-      **_ln_spec(f"{t}.final_layer_norm", "text/ln_final", Wt),
-      "text_projection.weight": ("text/text_projection", (D, Wt), _T),
-      "logit_scale": ("logit_scale", (), _ID),
-  }  # fmt: skip
+    f"{v}.embeddings.class_embedding": ("visual/class_embedding", (W,), _ID),
+    f"{v}.embeddings.patch_embedding.weight": ("visual/conv1/kernel", (W, 3, p, p), _CONV),
+    f"{v}.embeddings.position_embedding.weight": (
+      "visual/positional_embedding",
+      (c.grid**2 + 1, W),
+      _ID,
+    ),
+    **_ln_spec(f"{v}.pre_layrnorm", "visual/ln_pre", W),
+    **_ln_spec(f"{v}.post_layernorm", "visual/ln_post", W),
+    "visual_projection.weight": ("visual/proj", (D, W), _T),
+    f"{t}.embeddings.token_embedding.weight": (
+      "text/token_embedding/embedding",
+      (c.vocab_size, Wt),
+      _ID,
+    ),
+    f"{t}.embeddings.position_embedding.weight": (
+      "text/positional_embedding",
+      (c.context_length, Wt),
+      _ID,
+    ),
+    **_ln_spec(f"{t}.final_layer_norm", "text/ln_final", Wt),
+    "text_projection.weight": ("text/text_projection", (D, Wt), _T),
+    "logit_scale": ("logit_scale", (), _ID),
+  }
   for i in range(c.vision_layers):
     s |= _block_spec(f"{v}.encoder.layers.{i}", f"visual/transformer/resblocks_{i}", W, hf=True)
   for i in range(c.text_layers):
@@ -255,8 +277,9 @@ def _openai_spec(c: CLIPConfig) -> dict:
     "logit_scale": ("logit_scale", (), _ID),
   }
   for i in range(c.vision_layers):
-    s |= _block_spec(f"visual.transformer.resblocks.{i}", f"visual/transformer/resblocks_{i}", W,
-                     hf=False)  # fmt: skip
+    s |= _block_spec(
+      f"visual.transformer.resblocks.{i}", f"visual/transformer/resblocks_{i}", W, hf=False
+    )
   for i in range(c.text_layers):
     s |= _block_spec(f"transformer.resblocks.{i}", f"text/transformer/resblocks_{i}", Wt, hf=False)
   return s
@@ -266,8 +289,11 @@ def _apply_spec(sd: dict, spec: dict, ignored: set, path: Path) -> dict[str, np.
   """Validates sd against spec (all problems in one error) and returns our flat float32 dict."""
   unknown = sorted(k for k in sd if k not in spec and k not in ignored)
   missing = sorted(k for k in spec if k not in sd)
-  bad = sorted(f"{k}: expected {spec[k][1]}, got {tuple(sd[k].shape)}"
-               for k in spec if k in sd and tuple(sd[k].shape) != spec[k][1])  # fmt: skip
+  bad = sorted(
+    f"{k}: expected {spec[k][1]}, got {tuple(sd[k].shape)}"
+    for k in spec
+    if k in sd and tuple(sd[k].shape) != spec[k][1]
+  )
   if unknown or missing or bad:
     lines = [f"{path}: weights do not match the CLIP config"]
     lines += [f"  unknown key {k}" for k in unknown]
@@ -371,8 +397,10 @@ def _read_npz(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
       raise ValueError(f"{path}: not an ssr_jax CLIP cache (no {_META_KEY} entry)")
     meta = json.loads(str(z[_META_KEY]))
     if meta.get("version") != _CACHE_VERSION:
-      raise ValueError(f"{path}: cache version {meta.get('version')} != {_CACHE_VERSION}; "
-                       "convert the original weights again")  # fmt: skip
+      raise ValueError(
+        f"{path}: cache version {meta.get('version')} != {_CACHE_VERSION}; "
+        "convert the original weights again"
+      )
     return meta, {k: z[k] for k in z.files if k != _META_KEY}
 
 
@@ -458,16 +486,18 @@ def save_converted(path, cfg: CLIPConfig, params, *, meta: dict | None = None) -
   Its fingerprint is the sha256 of the parameter arrays; meta (JSON-serialisable) is stored
   under "extra" in the file's metadata (see load_converted).
   """
-  flat = {"/".join(k): np.asarray(v, np.float32)
-          for k, v in traverse_util.flatten_dict(params).items()}  # fmt: skip
+  flat = {
+    "/".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(params).items()
+  }
   path = Path(path)
   _check_against_model(flat, cfg, path)
   h = hashlib.sha256()
   for k in sorted(flat):
     h.update(f"{k}:{flat[k].shape}".encode())
     h.update(np.ascontiguousarray(flat[k]).tobytes())
-  info = dict(version=_CACHE_VERSION, config=dataclasses.asdict(cfg), sha256=h.hexdigest(),
-              extra=meta or {})  # fmt: skip
+  info = dict(
+    version=_CACHE_VERSION, config=dataclasses.asdict(cfg), sha256=h.hexdigest(), extra=meta or {}
+  )
   _write_npz(path, info, flat)
   return path
 
@@ -487,8 +517,9 @@ def params_from_state_dict(state_dict, cfg: CLIPConfig, *, layout: str = "hf"):
 
 
 def _unflatten(flat: dict[str, np.ndarray]):
-  return traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v)
-                                       for k, v in flat.items()})  # fmt: skip
+  return traverse_util.unflatten_dict(
+    {tuple(k.split("/")): jnp.asarray(v) for k, v in flat.items()}
+  )
 
 
 def weights_fingerprint(path, *, cache_dir=None) -> str:

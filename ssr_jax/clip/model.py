@@ -37,13 +37,18 @@ class CLIPConfig:
 
 
 CONFIGS = {
-    "ViT-B/16": CLIPConfig(),
-    "ViT-B/32": CLIPConfig(patch_size=32),
-    "ViT-L/14": CLIPConfig(
-        embed_dim=768, patch_size=14, vision_width=1024, vision_layers=24, vision_heads=16,
-        text_width=768, text_heads=12,
-    ),
-}  # fmt: skip
+  "ViT-B/16": CLIPConfig(),
+  "ViT-B/32": CLIPConfig(patch_size=32),
+  "ViT-L/14": CLIPConfig(
+    embed_dim=768,
+    patch_size=14,
+    vision_width=1024,
+    vision_layers=24,
+    vision_heads=16,
+    text_width=768,
+    text_heads=12,
+  ),
+}
 
 
 class QuickGELU(nn.Module):
@@ -150,8 +155,9 @@ class VisionTransformer(nn.Module):
   def setup(self):
     c = self.cfg
     w = c.vision_width
-    self.conv1 = nn.Conv(w, (c.patch_size,) * 2, (c.patch_size,) * 2, use_bias=False,
-                         padding="VALID", dtype=self.dtype)  # fmt: skip
+    self.conv1 = nn.Conv(
+      w, (c.patch_size,) * 2, (c.patch_size,) * 2, use_bias=False, padding="VALID", dtype=self.dtype
+    )
     init = nn.initializers.normal(w**-0.5)
     self.class_embedding = self.param("class_embedding", init, (w,))
     self.positional_embedding = self.param("positional_embedding", init, (c.grid**2 + 1, w))
@@ -199,8 +205,9 @@ class TextTransformer(nn.Module):
 
   def setup(self):
     c = self.cfg
-    self.token_embedding = nn.Embed(c.vocab_size, c.text_width,
-                                    embedding_init=nn.initializers.normal(0.02))  # fmt: skip
+    self.token_embedding = nn.Embed(
+      c.vocab_size, c.text_width, embedding_init=nn.initializers.normal(0.02)
+    )
     self.positional_embedding = self.param(
       "positional_embedding", nn.initializers.normal(0.01), (c.context_length, c.text_width)
     )

@@ -47,11 +47,13 @@ def write_vocab_files(directory) -> tuple[Path, Path]:
   vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + [SOT, EOT]
   d = Path(directory)
   d.mkdir(parents=True, exist_ok=True)
-  (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False),
-                                encoding="utf-8")  # fmt: skip
+  (d / "vocab.json").write_text(
+    json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8"
+  )
   header = "#version: 0.2\n"
-  (d / "merges.txt").write_text(header + "\n".join(" ".join(m) for m in merges) + "\n",
-                                encoding="utf-8")  # fmt: skip
+  (d / "merges.txt").write_text(
+    header + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+  )
   # Names the class, so from_pretrained does not guess one (and warn) from the files.
   (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer"}))
   return d / "vocab.json", d / "merges.txt"

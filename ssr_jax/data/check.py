@@ -110,8 +110,11 @@ def main(argv):
 
   del argv
   cfg = flags.FLAGS.config
-  splits = flags.FLAGS.splits.split(",") if flags.FLAGS.splits else [
-      cfg.data.train_split, cfg.data.val_split]  # fmt: skip
+  splits = (
+    flags.FLAGS.splits.split(",")
+    if flags.FLAGS.splits
+    else [cfg.data.train_split, cfg.data.val_split]
+  )
   bad = 0
   for split in splits:
     try:
@@ -119,8 +122,10 @@ def main(argv):
     except DataError as e:
       raise SystemExit(f"error: {e}") from None
     sp = f", superpixels in {r.superpixel_dir}" if r.superpixel_dir else ", no superpixel folder"
-    print(f"{split}: {r.total} images, {r.unlabeled} without a foreground label{sp}, "
-          f"{len(r.problems)} problem(s)")  # fmt: skip
+    print(
+      f"{split}: {r.total} images, {r.unlabeled} without a foreground label{sp}, "
+      f"{len(r.problems)} problem(s)"
+    )
     for p in r.problems:
       print(f"  {p}")
     bad += len(r.problems)

@@ -172,8 +172,9 @@ def convert_split(root: str, out: str, split: str, *, workers: int = 0, progress
 
   labels = {}
   bar = _progress(len(tasks), f"COCO {split}", progress)
-  for image_id, vals in parallel.imap(_convert_one, tasks, workers=workers or os.cpu_count() or 1,
-                                      chunksize=64):  # fmt: skip
+  for image_id, vals in parallel.imap(
+    _convert_one, tasks, workers=workers or os.cpu_count() or 1, chunksize=64
+  ):
     labels[image_id] = vals
     bar.update(1)
   bar.close()
@@ -186,8 +187,9 @@ def convert_split(root: str, out: str, split: str, *, workers: int = 0, progress
   )
   _write_lines(os.path.join(out, "classes.txt"), names)
   if split in EXPECTED and len(ids) != EXPECTED[split]:
-    log.warning("COCO %s: %d labelled images (WeCLIP's list has %d)", split, len(ids),
-                EXPECTED[split])  # fmt: skip
+    log.warning(
+      "COCO %s: %d labelled images (WeCLIP's list has %d)", split, len(ids), EXPECTED[split]
+    )
   log.info("COCO %s: %d of %d images have labels", split, len(ids), len(tasks))
   return len(ids)
 

@@ -137,8 +137,9 @@ def host_positions(step: int, batch_size: int, process_index: int, process_count
 def load_example(split: Split, sp_paths, index: int, u, opts: AugmentOptions):
   """Decodes, validates and augments one training example (numpy) -> (image, mask, sp)."""
   sp_path = None if sp_paths is None else sp_paths[index]
-  return load_files(split.image_paths[index], split.mask_paths[index], sp_path,
-                    split.num_classes, u, opts)  # fmt: skip
+  return load_files(
+    split.image_paths[index], split.mask_paths[index], sp_path, split.num_classes, u, opts
+  )
 
 
 def load_files(image_path, mask_path, sp_path, num_classes, u, opts: AugmentOptions):
@@ -203,8 +204,9 @@ class TrainIterator:
     self.close()
 
 
-def _numpy_batches(split, sp_paths, opts, order, positions_of, start_step, workers, prefetch,
-                   worker_type):  # fmt: skip
+def _numpy_batches(
+  split, sp_paths, opts, order, positions_of, start_step, workers, prefetch, worker_type
+):
   if worker_type == "process" and parallel.main_is_importable():
     # Past the GIL: each task pickles only paths and draws; results are the small crops.
     ctx = multiprocessing.get_context("spawn")  # Not fork: JAX's threads make it unsafe.
@@ -220,8 +222,14 @@ def _numpy_batches(split, sp_paths, opts, order, positions_of, start_step, worke
     for g in positions_of(step):
       i = order(g)
       sp_path = None if sp_paths is None else sp_paths[i]
-      args = (split.image_paths[i], split.mask_paths[i], sp_path, split.num_classes,
-              augment.draws(order.seed, g), opts)  # fmt: skip
+      args = (
+        split.image_paths[i],
+        split.mask_paths[i],
+        sp_path,
+        split.num_classes,
+        augment.draws(order.seed, g),
+        opts,
+      )
       futs.append((i, pool.submit(load_files, *args)))
     pending.append(futs)
 
@@ -295,11 +303,21 @@ def make_train_iterator(
   if name == "tf":
     from ssr_jax.data import pipeline_tf
 
-    batches = pipeline_tf.batches(split, sp_paths, opts, order, positions_of, start_step,
-                                  workers=workers, prefetch=prefetch)  # fmt: skip
+    batches = pipeline_tf.batches(
+      split, sp_paths, opts, order, positions_of, start_step, workers=workers, prefetch=prefetch
+    )
   else:
-    batches = _numpy_batches(split, sp_paths, opts, order, positions_of, start_step, workers,
-                             prefetch, data_cfg.worker_type)  # fmt: skip
+    batches = _numpy_batches(
+      split,
+      sp_paths,
+      opts,
+      order,
+      positions_of,
+      start_step,
+      workers,
+      prefetch,
+      data_cfg.worker_type,
+    )
   log.info(
     "train input: %s pipeline, %s split (%d images), %d per host, from step %d",
     name,
@@ -363,8 +381,9 @@ class EvalDataset:
         yield window.popleft().result()
 
 
-def make_eval_dataset(data_cfg, split: str, *, max_images: int = 0,
-                      superpixels: bool | None = None) -> EvalDataset:  # fmt: skip
+def make_eval_dataset(
+  data_cfg, split: str, *, max_images: int = 0, superpixels: bool | None = None
+) -> EvalDataset:
   """Per-image data of a split (e.g. data.val_split, or "train" for pseudo-label quality).
 
   max_images > 0 keeps the first max_images images of the list. superpixels as in

@@ -69,7 +69,7 @@ def _plan_arrays(h, w, u, opts):
         *augment.valid_span(p.col_valid),
       ],
       np.int32,
-    ),  # fmt: skip
+    ),
     p.row_taps,
     p.row_weights,
     p.col_taps,
@@ -118,24 +118,36 @@ def _example_fn(split, sp_paths, opts):
     mask = _decode_mask(tf.io.read_file(tf.gather(mask_paths, index)))
     hw = tf.shape(image)[:2]
     checks = [
-        tf.debugging.assert_equal(tf.shape(mask), hw, message="mask size != image size"),
-        tf.debugging.assert_equal(
-            tf.reduce_any((mask >= c) & (mask != files.IGNORE)), False,
-            message="mask value out of range",
-        ),
-    ]  # fmt: skip
+      tf.debugging.assert_equal(tf.shape(mask), hw, message="mask size != image size"),
+      tf.debugging.assert_equal(
+        tf.reduce_any((mask >= c) & (mask != files.IGNORE)),
+        False,
+        message="mask value out of range",
+      ),
+    ]
     if sp_table is not None:
       sp = tf.io.decode_png(tf.io.read_file(tf.gather(sp_table, index)), 1, tf.uint16)[..., 0]
       sp = tf.cast(sp, tf.int32)
       checks.append(tf.debugging.assert_equal(tf.shape(sp), hw, message="superpixel size"))
     with tf.control_dependencies(checks):
       outs = tf.numpy_function(
-          lambda h, w, uu: _plan_arrays(h, w, uu, opts),
-          [hw[0], hw[1], u],
-          [tf.bool, tf.int32, tf.int32, tf.int32, tf.int32, tf.int32, tf.int32, tf.int32,
-           tf.bool, tf.bool, tf.float32],
-          stateful=False,
-      )  # fmt: skip
+        lambda h, w, uu: _plan_arrays(h, w, uu, opts),
+        [hw[0], hw[1], u],
+        [
+          tf.bool,
+          tf.int32,
+          tf.int32,
+          tf.int32,
+          tf.int32,
+          tf.int32,
+          tf.int32,
+          tf.int32,
+          tf.bool,
+          tf.bool,
+          tf.float32,
+        ],
+        stateful=False,
+      )
     vfirst, win, rtaps, rw, ctaps, cw, rnn, cnn, rvalid, cvalid, jit = outs
     x = tf.cast(image[win[0] : win[1], win[2] : win[3]], tf.int32)
     r0, r1, c0, c1 = win[4], win[5], win[6], win[7]  # The unpadded output block.
@@ -183,8 +195,9 @@ def batches(split, sp_paths, opts, order, positions_of, start_step, *, workers, 
       tf.TensorSpec([augment.NUM_DRAWS], tf.float64),
     ),
   )
-  ds = ds.map(_example_fn(split, sp_paths, opts), num_parallel_calls=max(1, workers),
-              deterministic=True)  # fmt: skip
+  ds = ds.map(
+    _example_fn(split, sp_paths, opts), num_parallel_calls=max(1, workers), deterministic=True
+  )
   ds = ds.batch(per_host, drop_remainder=True).prefetch(max(1, prefetch))
   options = tf.data.Options()
   options.threading.max_intra_op_parallelism = 1  # Parallel over examples, not inside ops.

@@ -80,8 +80,9 @@ def _opencv_slic(image, n, compactness, sigma):
     x = cv2.GaussianBlur(x, (0, 0), sigma)  # skimage smooths before SLIC too.
   lab = cv2.cvtColor(x, cv2.COLOR_RGB2Lab)  # L 0..100, a/b ~+-127, as skimage's rgb2lab.
   region = max(2, int(round(np.sqrt(image.shape[0] * image.shape[1] / n))))
-  sp = ximgproc.createSuperpixelSLIC(lab, algorithm=ximgproc.SLIC, region_size=region,
-                                     ruler=float(compactness))  # fmt: skip
+  sp = ximgproc.createSuperpixelSLIC(
+    lab, algorithm=ximgproc.SLIC, region_size=region, ruler=float(compactness)
+  )
   sp.iterate(10)
   sp.enforceLabelConnectivity(25)
   return sp.getLabels()
@@ -106,8 +107,11 @@ def command(data_cfg, split: str) -> str:
   config = {"voc": "configs/voc.py", "coco": "configs/coco.py"}.get(
     data_cfg.name, "configs/demo.py"
   )
-  parts = [f"python -m ssr_jax.data.superpixels --config {config}",
-           f"--config.data.root={data_cfg.root}", f"--split {split}"]  # fmt: skip
+  parts = [
+    f"python -m ssr_jax.data.superpixels --config {config}",
+    f"--config.data.root={data_cfg.root}",
+    f"--split {split}",
+  ]
   parts.append(f"--config.data.superpixel_backend={data_cfg.superpixel_backend}")
   parts.append(f"--config.data.n_segments={data_cfg.n_segments}")
   if data_cfg.superpixel_dir:
@@ -171,8 +175,9 @@ def _work(task):
   return True, None
 
 
-def precompute(data_cfg, split: str, *, workers: int = 0, verify: bool = False,
-               progress: bool = True) -> dict:  # fmt: skip
+def precompute(
+  data_cfg, split: str, *, workers: int = 0, verify: bool = False, progress: bool = True
+) -> dict:
   """Computes (or with verify=True only checks) the superpixel files of a split.
 
   Returns counts {"total", "written", "problems": [...]}.
@@ -184,10 +189,17 @@ def precompute(data_cfg, split: str, *, workers: int = 0, verify: bool = False,
   d = directory(data_cfg, ds.root)
   os.makedirs(d, exist_ok=True)
   tasks = [
-      (img, os.path.join(d, f"{i}.png"), data_cfg.superpixel_backend, data_cfg.n_segments,
-       data_cfg.compactness, data_cfg.sigma, verify)
-      for i, img in zip(sf.ids, sf.images)
-  ]  # fmt: skip
+    (
+      img,
+      os.path.join(d, f"{i}.png"),
+      data_cfg.superpixel_backend,
+      data_cfg.n_segments,
+      data_cfg.compactness,
+      data_cfg.sigma,
+      verify,
+    )
+    for i, img in zip(sf.ids, sf.images)
+  ]
   written, problems = 0, []
   bar = None
   if progress:

@@ -48,9 +48,14 @@ class SyntheticSpec:
   class_names: tuple[str, ...] = ("boat", "horse", "rider", "car", "bird", "flower")
   bg_names: tuple[str, ...] = ("water", "grass", "sky", "sand", "road")
   palette: tuple[tuple[int, int, int], ...] = (
-      (0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128),
-      (0, 128, 128),
-  )  # fmt: skip
+    (0, 0, 0),
+    (128, 0, 0),
+    (0, 128, 0),
+    (128, 128, 0),
+    (0, 0, 128),
+    (128, 0, 128),
+    (0, 128, 128),
+  )
 
   @property
   def num_classes(self) -> int:
@@ -60,8 +65,13 @@ class SyntheticSpec:
 SPEC = SyntheticSpec()
 BOAT, HORSE, RIDER, CAR, BIRD, FLOWER = range(1, 7)  # Mask values.
 WATER, GRASS, SKY, SAND, ROAD = range(5)  # Background indices into SPEC.bg_names.
-WHERE = {WATER: "on water", GRASS: "on grass", SKY: "in the sky", SAND: "on sand",
-         ROAD: "on a road"}  # fmt: skip
+WHERE = {
+  WATER: "on water",
+  GRASS: "on grass",
+  SKY: "in the sky",
+  SAND: "on sand",
+  ROAD: "on a road",
+}
 # Background choice given the group that sets the scene (the correlations described above).
 SCENE_BG = {
   BOAT: ((WATER, 0.9), (SAND, 0.1)),
@@ -208,8 +218,9 @@ def _rider(cv, cx, cy, s, d):
   stripes = 0.8 + 0.35 * ((cv.yy // max(1.0, s / 16)) % 2)
   tx = cx - d * 0.05 * s
   torso_top, torso_bot = cy - 0.62 * s, cy - 0.12 * s
-  cv.paint(cv.region("rect", torso_top, tx - 0.14 * s, torso_bot, tx + 0.14 * s), shirt, RIDER,
-           stripes)  # fmt: skip
+  cv.paint(
+    cv.region("rect", torso_top, tx - 0.14 * s, torso_bot, tx + 0.14 * s), shirt, RIDER, stripes
+  )
   arm = cv.region(
     "poly",
     [torso_top + 0.08 * s, torso_top + 0.16 * s, cy - 0.22 * s, cy - 0.3 * s],
@@ -218,8 +229,9 @@ def _rider(cv, cx, cy, s, d):
   cv.paint(arm, shirt, RIDER, stripes)
   leg = cv.region("rect", cy - 0.15 * s, tx - 0.06 * s, cy + 0.22 * s, tx + 0.06 * s)
   cv.paint(leg, _jitter(rng, (40, 50, 110)), RIDER)
-  cv.paint(cv.region("disk", torso_top - 0.1 * s, tx, 0.12 * s), _jitter(rng, (240, 200, 160)),
-           RIDER)  # fmt: skip
+  cv.paint(
+    cv.region("disk", torso_top - 0.1 * s, tx, 0.12 * s), _jitter(rng, (240, 200, 160)), RIDER
+  )
   helmet = cv.region("ellipse", torso_top - 0.17 * s, tx, 0.07 * s, 0.13 * s)
   cv.paint(helmet, (25, 25, 25), RIDER)
 
@@ -273,8 +285,11 @@ def _flower(cv, cx, cy, s, d):
   a0 = rng.uniform(0, 2 * np.pi)
   for k in range(n):
     a = a0 + 2 * np.pi * k / n
-    cv.paint(cv.region("disk", cy + 0.22 * s * np.sin(a), cx + 0.22 * s * np.cos(a), 0.15 * s),
-             petal * (0.9 + 0.1 * (k % 2)), FLOWER)  # fmt: skip
+    cv.paint(
+      cv.region("disk", cy + 0.22 * s * np.sin(a), cx + 0.22 * s * np.cos(a), 0.15 * s),
+      petal * (0.9 + 0.1 * (k % 2)),
+      FLOWER,
+    )
   cv.paint(cv.region("disk", cy, cx, 0.12 * s), (250, 210, 40), FLOWER)
 
 
@@ -425,8 +440,9 @@ def _write(root: str, *, num_train: int, num_val: int, size: int, seed: int) -> 
     os.makedirs(os.path.join(root, "ImageSets"), exist_ok=True)
     with open(os.path.join(root, "ImageSets", f"{split}.txt"), "w") as f:
       f.writelines(f"{i}\n" for i in ids)
-    dataset.write_labels_file(os.path.join(root, "ImageLabels", f"{split}.txt"), ids,
-                              data["labels"])  # fmt: skip
+    dataset.write_labels_file(
+      os.path.join(root, "ImageLabels", f"{split}.txt"), ids, data["labels"]
+    )
     os.makedirs(os.path.join(root, "Captions"), exist_ok=True)
     with open(os.path.join(root, "Captions", f"{split}.txt"), "w") as f:
       f.writelines(f"{i}\t{c}\n" for i, c in zip(ids, data["caption"]))
@@ -513,8 +529,7 @@ def main(argv=None):
   p.add_argument("--size", type=int, default=128)
   p.add_argument("--seed", type=int, default=0)
   a = p.parse_args(argv)
-  wrote = write_dataset(a.out, num_train=a.num_train, num_val=a.num_val, size=a.size,
-                        seed=a.seed)  # fmt: skip
+  wrote = write_dataset(a.out, num_train=a.num_train, num_val=a.num_val, size=a.size, seed=a.seed)
   print(f"{'wrote' if wrote else 'up to date:'} {a.out}")
 
 

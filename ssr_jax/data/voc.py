@@ -12,10 +12,27 @@ from ssr_jax.data import dataset
 from ssr_jax.data.files import DataError
 
 CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-    "tvmonitor",
-)  # fmt: skip
+  "aeroplane",
+  "bicycle",
+  "bird",
+  "boat",
+  "bottle",
+  "bus",
+  "car",
+  "cat",
+  "chair",
+  "cow",
+  "diningtable",
+  "dog",
+  "horse",
+  "motorbike",
+  "person",
+  "pottedplant",
+  "sheep",
+  "sofa",
+  "train",
+  "tvmonitor",
+)
 NUM_CLASSES = 21
 SPLIT_SIZES = {"train_aug": 10582, "val": 1449, "train": 1464}
 SPLIT_DIR = os.path.join(os.path.dirname(__file__), "splits", "voc")

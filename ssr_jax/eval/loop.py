@@ -18,9 +18,10 @@ import numpy as np
 from absl import logging
 
 from ssr_jax import resize as resize_lib
+from ssr_jax.clip import preprocess
 from ssr_jax.eval import crf, inference, metrics, png, visualize
 from ssr_jax.eval.class_names import CLASS_NAMES
-from ssr_jax.model import affinity, ssr
+from ssr_jax.model import affinity
 from ssr_jax.train import checkpoint, sharding, state
 
 
@@ -70,8 +71,13 @@ def _cam_outputs(task, params, frozen, image, labels, superpixels):
   bg = jnp.maximum(1.0 - up.max(axis=-1, keepdims=True), 0.0) ** bg_power
   probs = jnp.concatenate([bg, up], axis=-1)[None]  # [1, H, W, 1+K]
   cam_labels = affinity.pseudo_labels(probs, out["ids"], out["valid"])[0]
-  return dict(cam_labels=cam_labels, pseudo=out["labels"][0], cams=cams, ids=out["ids"][0],
-              valid=out["valid"][0])  # fmt: skip
+  return dict(
+    cam_labels=cam_labels,
+    pseudo=out["labels"][0],
+    cams=cams,
+    ids=out["ids"][0],
+    valid=out["valid"][0],
+  )
 
 
 def seg_predictions(task, frozen, params, images, eval_cfg, *, crf=False):
@@ -83,19 +89,36 @@ def seg_predictions(task, frozen, params, images, eval_cfg, *, crf=False):
   ec = eval_cfg
   mesh = sharding.make_mesh()
   bs = max(ec.batch_size // mesh.size, 1) * mesh.size
-  mean, std = (np.asarray(v, np.float32) for v in ssr.NORMALIZATION[task.model_cfg.normalization])
+  mean, std = (
+    np.asarray(v, np.float32) for v in preprocess.NORMALIZATION[task.model_cfg.normalization]
+  )
   yield from inference.iter_predictions(
-      task.normalized_seg_logits, ((np.asarray(im, np.float32) - mean) / std for im in images),
-      params=(params, frozen), scales=tuple(ec.scales), flip=ec.flip,
-      long_side=ec.long_side or None, multiple=task.clip.cfg.patch_size, batch_size=bs,
-      sharding=sharding.batch_sharding(mesh), return_logits=crf,
-  )  # fmt: skip
+    task.normalized_seg_logits,
+    ((np.asarray(im, np.float32) - mean) / std for im in images),
+    params=(params, frozen),
+    scales=tuple(ec.scales),
+    flip=ec.flip,
+    long_side=ec.long_side or None,
+    multiple=task.clip.cfg.patch_size,
+    batch_size=bs,
+    sharding=sharding.batch_sharding(mesh),
+    return_logits=crf,
+  )
 
 
 def evaluate(
-    config, workdir, *, task, frozen, params, step, target, split, write_outputs=True,
-    clip_fingerprint="",
-):  # fmt: skip
+  config,
+  workdir,
+  *,
+  task,
+  frozen,
+  params,
+  step,
+  target,
+  split,
+  write_outputs=True,
+  clip_fingerprint="",
+):
   """Evaluates `target` on `split`; writes workdir/eval/metrics.json (+ per-run copy)."""
   from ssr_jax.data import pipeline
 
@@ -139,8 +162,15 @@ def evaluate(
       ex["image"], cams, pseudo, pred, ex.get("mask"), names
     )
     if write_outputs:
-      visualize.save_grid(os.path.join(out_dir, "vis", f"{ex['id']}.png"), ex["image"], cams,
-                          pseudo, pred, ex.get("mask"), names)  # fmt: skip
+      visualize.save_grid(
+        os.path.join(out_dir, "vis", f"{ex['id']}.png"),
+        ex["image"],
+        cams,
+        pseudo,
+        pred,
+        ex.get("mask"),
+        names,
+      )
 
   if target == "seg":
     pending = {}  # Examples waiting in a size bucket; bounded by the bucket batch size.
@@ -154,10 +184,15 @@ def evaluate(
       ex = pending.pop(i)
       if ec.crf:
         pred = crf.crf_predict(
-            ex["image"], logits[0], iter_max=ec.crf_iters, pos_xy_std=ec.crf_pos_xy_std,
-            pos_w=ec.crf_pos_w, bi_xy_std=ec.crf_bi_xy_std, bi_rgb_std=ec.crf_bi_rgb_std,
-            bi_w=ec.crf_bi_w,
-        )  # fmt: skip
+          ex["image"],
+          logits[0],
+          iter_max=ec.crf_iters,
+          pos_xy_std=ec.crf_pos_xy_std,
+          pos_w=ec.crf_pos_w,
+          bi_xy_std=ec.crf_bi_xy_std,
+          bi_rgb_std=ec.crf_bi_rgb_std,
+          bi_w=ec.crf_bi_w,
+        )
       handle(i, ex, pred)
   else:
     key = "cam_labels" if target == "cam" else "pseudo"
@@ -167,17 +202,26 @@ def evaluate(
   seconds = time.time() - t0
   res = acc.scores(names)
   res.update(
-      target=target, split=split, num_images=count, checkpoint_step=step, seconds=seconds,
-      scales=list(ec.scales) if target == "seg" else [1.0], flip=bool(ec.flip and target == "seg"),
-      crf=bool(ec.crf and target == "seg"), dataset=dc.name, clip_fingerprint=clip_fingerprint,
-      jax_version=jax.__version__,
-  )  # fmt: skip
+    target=target,
+    split=split,
+    num_images=count,
+    checkpoint_step=step,
+    seconds=seconds,
+    scales=list(ec.scales) if target == "seg" else [1.0],
+    flip=bool(ec.flip and target == "seg"),
+    crf=bool(ec.crf and target == "seg"),
+    dataset=dc.name,
+    clip_fingerprint=clip_fingerprint,
+    jax_version=jax.__version__,
+  )
   print(f"\n{split} / {target} @ step {step}: {count} images in {seconds:.1f}s")
   print(metrics.format_table(res))
   if write_outputs:
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    for path in (os.path.join(workdir, "eval", "metrics.json"),
-                 os.path.join(workdir, "eval", f"metrics_{split}_{target}.json")):  # fmt: skip
+    for path in (
+      os.path.join(workdir, "eval", "metrics.json"),
+      os.path.join(workdir, "eval", f"metrics_{split}_{target}.json"),
+    ):
       with open(path, "w") as f:
         json.dump(res, f, indent=2)
     logging.info("wrote %s", out_dir)

@@ -16,32 +16,9 @@ import ml_collections
 
 from ssr_jax import resize as resize_lib
 from ssr_jax.clip.model import CLIP
+from ssr_jax.clip.preprocess import compute_dtype, normalize
 from ssr_jax.model import affinity, cam, cmpa, losses, sgc
 from ssr_jax.model.decoder import Decoder, ProjectionHead
-
-# 0-255 RGB statistics. WeCLIP feeds CLIP ImageNet statistics, not CLIP's own (§1.1).
-NORMALIZATION = {
-  "imagenet": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
-  "clip": ((122.771, 116.746, 104.094), (68.501, 66.632, 70.323)),
-}
-
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.model.dtype values.
-
-
-def compute_dtype(name):
-  """The jnp dtype named by config.model.dtype."""
-  if name not in DTYPES:
-    raise ValueError(f"model.dtype={name!r}: use one of {sorted(DTYPES)}")
-  return DTYPES[name]
-
-
-def normalize(images, kind):
-  """uint8 or float 0-255 images [B, H, W, 3] -> float32 normalised with the named statistics."""
-  if kind not in NORMALIZATION:
-    raise ValueError(f"model.normalization={kind!r}: use one of {sorted(NORMALIZATION)}")
-  mean, std = (jnp.asarray(v, jnp.float32) for v in NORMALIZATION[kind])
-  return (images.astype(jnp.float32) - mean) / std
 
 
 # eq=False: hashed and compared by identity, so a task can be a static jit argument (its
@@ -63,9 +40,11 @@ class SSRTask:
     hidden [L-1, B, T, W], attn [L-1, B, T, T], grid (h, w)) from the first L-1 blocks (§1.2)."""
     x = images if normalized else normalize(images, self.model_cfg.normalization)
     out = self.clip.apply(
-        {"params": frozen["clip"]}, x, self.clip.cfg.vision_layers - 1,
-        method=self.clip.image_features,
-    )  # fmt: skip
+      {"params": frozen["clip"]},
+      x,
+      self.clip.cfg.vision_layers - 1,
+      method=self.clip.image_features,
+    )
     return dict(
       x=x,
       hidden=jax.lax.stop_gradient(out["hidden"]),
@@ -93,9 +72,16 @@ class SSRTask:
 
     ids, valid = cam.present_classes(labels, max_classes=self.model_cfg.max_classes)
     cams, attn_last = cam.gradcam(
-        block_fn, act, ids, valid, frozen["text_fg"], frozen["text_bg"], labels,
-        logit_scale=self.model_cfg.logit_scale, grid=grid,
-    )  # fmt: skip
+      block_fn,
+      act,
+      ids,
+      valid,
+      frozen["text_fg"],
+      frozen["text_bg"],
+      labels,
+      logit_scale=self.model_cfg.logit_scale,
+      grid=grid,
+    )
     return cams, ids, valid, jax.lax.stop_gradient(attn_last)
 
   # ------------------------------------------------------------------ pseudo-labels (§1.4, §3)
@@ -139,9 +125,13 @@ class SSRTask:
       probs = jnp.moveaxis(probs, 1, -1)
     with jax.named_scope("par"):
       probs = affinity.par(
-          x, probs, dilations=tuple(cc.par_dilations), iters=cc.par_iters, w_pos=cc.par_w_pos,
-          temp=cc.par_temp,
-      )  # fmt: skip
+        x,
+        probs,
+        dilations=tuple(cc.par_dilations),
+        iters=cc.par_iters,
+        w_pos=cc.par_w_pos,
+        temp=cc.par_temp,
+      )
     plabels = affinity.pseudo_labels(probs, ids, valid)
     out = dict(cams=cams, ids=ids, valid=valid, probs=probs, labels=plabels)
     return jax.tree_util.tree_map(jax.lax.stop_gradient, out)
@@ -288,9 +278,14 @@ def build_task(model_cfg: ml_collections.ConfigDict, loss_cfg, *, clip: CLIP, nu
       raise ValueError(f"model.cam.{key}={model_cfg.cam[key]} must be in [1, {layers}]")
   d = model_cfg.decoder
   decoder = Decoder(
-      num_classes=num_classes, embed_dim=d.embed_dim, num_layers=d.num_layers,
-      num_heads=d.num_heads, mlp_dim=d.mlp_dim, dropout=d.dropout, dtype=dtype,
-  )  # fmt: skip
+    num_classes=num_classes,
+    embed_dim=d.embed_dim,
+    num_layers=d.num_layers,
+    num_heads=d.num_heads,
+    mlp_dim=d.mlp_dim,
+    dropout=d.dropout,
+    dtype=dtype,
+  )
   proj = None
   if model_cfg.cmpa.enabled:
     proj = ProjectionHead(clip.cfg.embed_dim, kind=model_cfg.cmpa.proj, dtype=dtype)

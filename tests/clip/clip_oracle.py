@@ -13,17 +13,27 @@ def tiny_hf_config():
 
   # Widths of 128 give 2 heads both from config.json and from OpenAI's width // 64 rule.
   return transformers.CLIPConfig(
-      text_config=dict(
-          hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
-          max_position_embeddings=CONTEXT, vocab_size=VOCAB, eos_token_id=EOS,
-          bos_token_id=BOS, pad_token_id=0,
-      ),
-      vision_config=dict(
-          hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=2,
-          image_size=32, patch_size=8,
-      ),
-      projection_dim=32,
-  )  # fmt: skip
+    text_config=dict(
+      hidden_size=128,
+      intermediate_size=512,
+      num_hidden_layers=2,
+      num_attention_heads=2,
+      max_position_embeddings=CONTEXT,
+      vocab_size=VOCAB,
+      eos_token_id=EOS,
+      bos_token_id=BOS,
+      pad_token_id=0,
+    ),
+    vision_config=dict(
+      hidden_size=128,
+      intermediate_size=512,
+      num_hidden_layers=3,
+      num_attention_heads=2,
+      image_size=32,
+      patch_size=8,
+    ),
+    projection_dim=32,
+  )
 
 
 def perturb_(model, seed=0):

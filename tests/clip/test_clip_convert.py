@@ -27,8 +27,12 @@ def _ours(model, params, images, ids):
 def _theirs(tm, images, ids, interpolate=False):
   with torch.no_grad():
     px = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
-    out = tm.vision_model(pixel_values=px, output_hidden_states=True, output_attentions=True,
-                          interpolate_pos_encoding=interpolate)  # fmt: skip
+    out = tm.vision_model(
+      pixel_values=px,
+      output_hidden_states=True,
+      output_attentions=True,
+      interpolate_pos_encoding=interpolate,
+    )
     pooled = tm.visual_projection(out.pooler_output).numpy()
     hidden = np.stack([h.numpy() for h in out.hidden_states[1:]])  # [0] is the ln_pre output.
     attn = np.stack([a.mean(1).numpy() for a in out.attentions])  # Mean over heads.
@@ -136,8 +140,11 @@ def test_openai_checkpoints_match_hf_path(hf_tiny, tmp_path):
     np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
 
   # The in-memory route (used by the benchmark) gives the same tree.
-  mem = _flat(convert.params_from_state_dict({k: v.numpy() for k, v in sd.items()}, model.cfg,
-                                             layout="openai"))  # fmt: skip
+  mem = _flat(
+    convert.params_from_state_dict(
+      {k: v.numpy() for k, v in sd.items()}, model.cfg, layout="openai"
+    )
+  )
   for k in ref:
     np.testing.assert_array_equal(mem[k], ref[k], err_msg=k)
 
@@ -206,9 +213,19 @@ def test_cache_roundtrip_and_invalidation(hf_tiny, tmp_path, monkeypatch):
 def test_save_converted(tmp_path):
   from ssr_jax.clip import CLIPConfig, init_params
 
-  cfg = CLIPConfig(embed_dim=8, image_size=16, patch_size=8, vision_width=16, vision_layers=1,
-                   vision_heads=2, context_length=6, vocab_size=20, text_width=16, text_layers=1,
-                   text_heads=2)  # fmt: skip
+  cfg = CLIPConfig(
+    embed_dim=8,
+    image_size=16,
+    patch_size=8,
+    vision_width=16,
+    vision_layers=1,
+    vision_heads=2,
+    context_length=6,
+    vocab_size=20,
+    text_width=16,
+    text_layers=1,
+    text_heads=2,
+  )
   params = init_params(CLIP(cfg), jax.random.key(3))
   path = convert.save_converted(tmp_path / "tiny.npz", cfg, params, meta={"steps": 7})
   model, loaded = load_clip(path)

@@ -45,9 +45,18 @@ def test_param_count(name):
 
 def test_cast_for_compute_is_bit_identical_and_keeps_norms_float32():
   cfg = CLIPConfig(
-    embed_dim=16, image_size=32, patch_size=8, vision_width=24, vision_layers=2, vision_heads=4,
-    context_length=8, vocab_size=64, text_width=16, text_layers=1, text_heads=2,
-  )  # fmt: skip
+    embed_dim=16,
+    image_size=32,
+    patch_size=8,
+    vision_width=24,
+    vision_layers=2,
+    vision_heads=4,
+    context_length=8,
+    vocab_size=64,
+    text_width=16,
+    text_layers=1,
+    text_heads=2,
+  )
   model = CLIP(cfg, dtype=jnp.bfloat16)
   params = init_params(model, jax.random.key(0))
   cast = cast_for_compute(params, jnp.bfloat16)

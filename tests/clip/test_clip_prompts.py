@@ -8,9 +8,19 @@ from configs import base
 from ssr_jax.clip import CLIP, CLIPConfig, init_params
 from ssr_jax.clip.prompts import COCO_BG, COCO_FG, VOC_BG, VOC_FG, text_classifier
 
-CFG = CLIPConfig(embed_dim=16, image_size=16, patch_size=8, vision_width=32, vision_layers=1,
-                 vision_heads=2, context_length=12, vocab_size=64, text_width=32, text_layers=2,
-                 text_heads=2)  # fmt: skip
+CFG = CLIPConfig(
+  embed_dim=16,
+  image_size=16,
+  patch_size=8,
+  vision_width=32,
+  vision_layers=1,
+  vision_heads=2,
+  context_length=12,
+  vocab_size=64,
+  text_width=32,
+  text_layers=2,
+  text_heads=2,
+)
 
 
 def _fake_tokenize(texts, context_length):
@@ -40,8 +50,9 @@ def test_text_classifier_matches_loop():
     want.append(m / np.linalg.norm(m))
   np.testing.assert_allclose(got, np.stack(want), rtol=1e-5, atol=1e-5)
   # Causal attention: dropping trailing padding (a shorter context) changes nothing.
-  short = text_classifier(model, params, names, templates, tokenize_fn=_fake_tokenize,
-                          context_length=10)  # fmt: skip
+  short = text_classifier(
+    model, params, names, templates, tokenize_fn=_fake_tokenize, context_length=10
+  )
   np.testing.assert_allclose(short, got, rtol=1e-5, atol=1e-6)
   # A single template string is accepted and is the normalised embedding itself.
   one = text_classifier(model, params, names, "{}", tokenize_fn=_fake_tokenize)
@@ -64,7 +75,14 @@ def test_name_lists():
   assert len(VOC_FG) == 20 and len(VOC_BG) == 25
   assert len(COCO_FG) == len(set(COCO_FG)) == 80 and len(COCO_BG) == 23
   assert set(VOC_BG) - set(COCO_BG) == {"keyboard", "sign"}
-  for name in ("person with clothes,people,human", "sknowboard", "dessertspoon",
-               "hairdrier,blowdrier", "remote control", "necktie", "glove"):  # fmt: skip
+  for name in (
+    "person with clothes,people,human",
+    "sknowboard",
+    "dessertspoon",
+    "hairdrier,blowdrier",
+    "remote control",
+    "necktie",
+    "glove",
+  ):
     assert name in COCO_FG
   assert COCO_FG[0].startswith("person") and COCO_FG[-1] == "toothbrush"

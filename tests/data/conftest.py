@@ -18,8 +18,16 @@ def data_config(**overrides):
 
 
 def synthetic_config(root, **overrides):
-  kw = dict(name="synthetic", root=str(root), train_split="train", val_split="val",
-            num_classes=7, crop_size=64, num_workers=2, prefetch=1)  # fmt: skip
+  kw = dict(
+    name="synthetic",
+    root=str(root),
+    train_split="train",
+    val_split="val",
+    num_classes=7,
+    crop_size=64,
+    num_workers=2,
+    prefetch=1,
+  )
   kw.update(overrides)
   return data_config(**kw)
 

@@ -23,8 +23,11 @@ def weclip_reference(image, mask, sp, u, crop, scale_range=(0.5, 2.0)):
   ph, pw = max(crop, nh), max(crop, nw)
   oy, ox = int(u[2] * (ph - nh + 1)), int(u[3] * (pw - nw + 1))
   cy, cx = int(u[4] * (ph - crop + 1)), int(u[5] * (pw - crop + 1))
-  canvas = [np.zeros((ph, pw, 3), np.uint8), np.full((ph, pw), 255, np.uint8),
-            np.full((ph, pw), -1, np.int32)]  # fmt: skip
+  canvas = [
+    np.zeros((ph, pw, 3), np.uint8),
+    np.full((ph, pw), 255, np.uint8),
+    np.full((ph, pw), -1, np.int32),
+  ]
   for c, x in zip(canvas, (im, m, spr)):
     c[oy : oy + nh, ox : ox + nw] = x
   return [c[cy : cy + crop, cx : cx + crop] for c in canvas]

@@ -26,13 +26,22 @@ def jpeg_bytes(image, quality=95):
 
 def voc(tmp_path, images, masks, **kw):
   lst = write_voc_tree(tmp_path, images, masks)
-  return data_config(name="voc", root=str(tmp_path), train_split=lst, val_split=lst,
-                     crop_size=32, num_workers=1, prefetch=1, **kw), lst  # fmt: skip
+  return data_config(
+    name="voc",
+    root=str(tmp_path),
+    train_split=lst,
+    val_split=lst,
+    crop_size=32,
+    num_workers=1,
+    prefetch=1,
+    **kw,
+  ), lst
 
 
 def first_batch(cfg, name, batch_size):
-  with pipeline.make_train_iterator(cfg, batch_size=batch_size, seed=0, process_index=0,
-                                    process_count=1, pipeline=name) as it:  # fmt: skip
+  with pipeline.make_train_iterator(
+    cfg, batch_size=batch_size, seed=0, process_index=0, process_count=1, pipeline=name
+  ) as it:
     return next(it)
 
 
@@ -66,8 +75,14 @@ def test_grayscale_and_rgba_are_converted(tmp_path, name):
   assert g.shape == (30, 40, 3) and np.array_equal(g[..., 0], g[..., 2])
   a = files.read_image(str(tmp_path / "JPEGImages" / "a.jpg"))
   np.testing.assert_array_equal(a, rgb)  # Alpha dropped, as PIL's convert("RGB").
-  cfg = data_config(name="voc", root=str(tmp_path), train_split=str(lst), crop_size=64,
-                    scale_range=(1.0, 1.0), num_workers=1)  # fmt: skip
+  cfg = data_config(
+    name="voc",
+    root=str(tmp_path),
+    train_split=str(lst),
+    crop_size=64,
+    scale_range=(1.0, 1.0),
+    num_workers=1,
+  )
   batch = first_batch(cfg, name, 2)
   assert batch["image"].shape == (2, 64, 64, 3)
   if name == "tf":
@@ -100,8 +115,12 @@ def test_mask_values_out_of_range(tmp_path, name):
   bad[0, 0] = 21
   labels = tmp_path / "labels.txt"
   labels.write_text("im0 1\nim1 1\n")
-  cfg, lst = voc(tmp_path, [random_image(rng, 20, 20)] * 2, [np.ones((20, 20), np.uint8), bad],
-                 labels_file=str(labels))  # fmt: skip
+  cfg, lst = voc(
+    tmp_path,
+    [random_image(rng, 20, 20)] * 2,
+    [np.ones((20, 20), np.uint8), bad],
+    labels_file=str(labels),
+  )
   with pytest.raises(DataError, match=r"im1\.png has values \[21\] outside 0\.\.20 and 255"):
     first_batch(cfg, name, 2)
   cfg2, _ = voc(tmp_path, [random_image(rng, 20, 20)] * 2, [np.ones((20, 20), np.uint8), bad])
@@ -143,8 +162,13 @@ def test_check_reports_every_problem(tmp_path):
   good = random_image(rng, 30, 30)
   bad_vals = np.ones((30, 30), np.uint8)
   bad_vals[3, 3] = 40
-  masks = [np.ones((30, 30), np.uint8), bad_vals, np.ones((29, 30), np.uint8),
-           np.zeros((30, 30), np.uint8), np.ones((30, 30), np.uint8)]  # fmt: skip
+  masks = [
+    np.ones((30, 30), np.uint8),
+    bad_vals,
+    np.ones((29, 30), np.uint8),
+    np.zeros((30, 30), np.uint8),
+    np.ones((30, 30), np.uint8),
+  ]
   images = [good, good, good, good, jpeg_bytes(good)[:200]]
   cfg, lst = voc(tmp_path, images, masks)
   r = check.check_split(cfg, lst, workers=2)

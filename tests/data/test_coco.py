@@ -37,20 +37,46 @@ def coco_root(tmp_path):
   big, small, other = cat_ids[10], cat_ids[70], cat_ids[0]
   crowd = box(0, 6, 0, 10)
   anns = [
-      # Image 1: a large polygon, a small RLE object inside it (drawn last: wins), a crowd
-      # region overlapping the polygon's corner (objects win), listed small-first.
-      {"id": 1, "image_id": 1, "category_id": small, "iscrowd": 0, "area": 16.0,
-       "segmentation": rle(box(8, 12, 10, 14))},
-      {"id": 2, "image_id": 1, "category_id": big, "iscrowd": 0, "area": 416.0,
-       "segmentation": [[4.0, 4.0, 26.0, 4.0, 26.0, 16.0, 4.0, 16.0]]},
-      {"id": 3, "image_id": 1, "category_id": other, "iscrowd": 1, "area": 60.0,
-       "segmentation": rle(crowd)},
-      # Image 2: only a crowd region -> no label -> not in the split list.
-      {"id": 4, "image_id": 2, "category_id": big, "iscrowd": 1, "area": 60.0,
-       "segmentation": rle(crowd)},
-  ]  # fmt: skip
-  images = [{"id": k, "file_name": f"COCO_train2014_{k:012d}.jpg", "height": H, "width": W}
-            for k in (1, 2, 3)]  # fmt: skip  # Image 3 has no annotation.
+    # Image 1: a large polygon, a small RLE object inside it (drawn last: wins), a crowd
+    # region overlapping the polygon's corner (objects win), listed small-first.
+    {
+      "id": 1,
+      "image_id": 1,
+      "category_id": small,
+      "iscrowd": 0,
+      "area": 16.0,
+      "segmentation": rle(box(8, 12, 10, 14)),
+    },
+    {
+      "id": 2,
+      "image_id": 1,
+      "category_id": big,
+      "iscrowd": 0,
+      "area": 416.0,
+      "segmentation": [[4.0, 4.0, 26.0, 4.0, 26.0, 16.0, 4.0, 16.0]],
+    },
+    {
+      "id": 3,
+      "image_id": 1,
+      "category_id": other,
+      "iscrowd": 1,
+      "area": 60.0,
+      "segmentation": rle(crowd),
+    },
+    # Image 2: only a crowd region -> no label -> not in the split list.
+    {
+      "id": 4,
+      "image_id": 2,
+      "category_id": big,
+      "iscrowd": 1,
+      "area": 60.0,
+      "segmentation": rle(crowd),
+    },
+  ]
+  images = [
+    {"id": k, "file_name": f"COCO_train2014_{k:012d}.jpg", "height": H, "width": W}
+    for k in (1, 2, 3)
+  ]  # Image 3 has no annotation.
   root = tmp_path / "coco"
   (root / "annotations").mkdir(parents=True)
   (root / "train2014").mkdir()

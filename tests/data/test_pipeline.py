@@ -112,8 +112,10 @@ def test_epochs_are_permutations(syn_root):
 def test_hosts_take_slices_of_the_global_batch(syn_root):
   cfg = synthetic_config(syn_root)
   whole = take(cfg, 2, batch_size=4, seed=3, pipeline="numpy")
-  parts = [take(cfg, 2, batch_size=4, seed=3, pipeline="numpy", process_index=p,
-                process_count=2) for p in (0, 1)]  # fmt: skip
+  parts = [
+    take(cfg, 2, batch_size=4, seed=3, pipeline="numpy", process_index=p, process_count=2)
+    for p in (0, 1)
+  ]
   for step in range(2):
     for k in whole[step]:
       joined = np.concatenate([parts[0][step][k], parts[1][step][k]])

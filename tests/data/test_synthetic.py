@@ -40,9 +40,7 @@ def test_statistics_and_failure_modes():
   # Rider only on a horse, touching it; most horses carry a rider.
   assert np.all(horse[rider])
   assert rider[horse].mean() > 0.6
-  touching = [
-      (ndimage.binary_dilation(m == 3) & (m == 2)).any() for m in d["mask"][rider]
-  ]  # fmt: skip
+  touching = [(ndimage.binary_dilation(m == 3) & (m == 2)).any() for m in d["mask"][rider]]
   assert np.mean(touching) > 0.95
   # Boat <-> water.
   assert water[boat].mean() > 0.8 and boat[water].mean() > 0.95

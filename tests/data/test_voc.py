@@ -46,8 +46,15 @@ def test_palette_masks_read_as_indices(tmp_path):
   im = Image.frombytes("P", (30, 24), m.tobytes())
   im.putpalette(np.random.default_rng(2).integers(0, 256, 768).astype(np.uint8).tobytes())
   im.save(tmp_path / "SegmentationClass" / "im0.png")
-  cfg = data_config(name="voc", root=str(tmp_path), train_split=lst, crop_size=40,
-                    scale_range=(1.0, 1.0), hflip=False, num_workers=1)  # fmt: skip
+  cfg = data_config(
+    name="voc",
+    root=str(tmp_path),
+    train_split=lst,
+    crop_size=40,
+    scale_range=(1.0, 1.0),
+    hflip=False,
+    num_workers=1,
+  )
   split = pipeline.get_dataset(cfg).split(lst)
   np.testing.assert_array_equal(split.labels[0][[4, 11]], [1, 1])
   assert split.labels[0].sum() == 2
@@ -59,8 +66,9 @@ def test_palette_masks_read_as_indices(tmp_path):
   except ImportError:
     pass
   for name in names:
-    with pipeline.make_train_iterator(cfg, batch_size=1, seed=0, process_index=0,
-                                      process_count=1, pipeline=name) as it:  # fmt: skip
+    with pipeline.make_train_iterator(
+      cfg, batch_size=1, seed=0, process_index=0, process_count=1, pipeline=name
+    ) as it:
       mask = next(it)["mask"][0]
     valid = mask != 255
     assert set(np.unique(mask[valid])) <= {0, 5, 12}

@@ -41,8 +41,15 @@ def test_second_cam_evaluation_compiles_nothing(tmp_path):
   config = bench_config(argparse.Namespace(small=True, batch=2, crop=64, dtype="float32"))
   data = base.get_config().data
   with config.unlocked():
-    data.update(name="synthetic", root=str(tmp_path / "data"), train_split="train",
-                val_split="val", num_classes=7, crop_size=64, num_workers=1)  # fmt: skip
+    data.update(
+      name="synthetic",
+      root=str(tmp_path / "data"),
+      train_split="train",
+      val_split="val",
+      num_classes=7,
+      crop_size=64,
+      num_workers=1,
+    )
     config.data = data
     config.model.class_names = synthetic.SPEC.class_names
   superpixels.precompute(config.data, "val", workers=1, progress=False)
@@ -50,8 +57,17 @@ def test_second_cam_evaluation_compiles_nothing(tmp_path):
   params = task.init(jax.random.PRNGKey(0), batch)
 
   def run():
-    return loop.evaluate(config, str(tmp_path / "w"), task=task, frozen=frozen, params=params,
-                         step=0, target="cam", split="val", write_outputs=False)  # fmt: skip
+    return loop.evaluate(
+      config,
+      str(tmp_path / "w"),
+      task=task,
+      frozen=frozen,
+      params=params,
+      step=0,
+      target="cam",
+      split="val",
+      write_outputs=False,
+    )
 
   first = run()
   compiled = loop._cam_outputs._cache_size()

@@ -8,9 +8,18 @@ from ssr_jax.clip.model import CLIP, CLIPConfig, init_params
 from ssr_jax.model import cam
 
 CFG = CLIPConfig(
-    embed_dim=16, image_size=32, patch_size=8, vision_width=24, vision_layers=3, vision_heads=4,
-    context_length=8, vocab_size=64, text_width=16, text_layers=1, text_heads=2,
-)  # fmt: skip
+  embed_dim=16,
+  image_size=32,
+  patch_size=8,
+  vision_width=24,
+  vision_layers=3,
+  vision_heads=4,
+  context_length=8,
+  vocab_size=64,
+  text_width=16,
+  text_layers=1,
+  text_heads=2,
+)
 
 
 def _setup():

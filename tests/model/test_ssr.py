@@ -11,9 +11,18 @@ from ssr_jax.model.decoder import Decoder
 from ssr_jax.model.ssr import build_task
 
 TINY = CLIPConfig(
-    embed_dim=16, image_size=32, patch_size=8, vision_width=24, vision_layers=4, vision_heads=4,
-    context_length=8, vocab_size=64, text_width=16, text_layers=1, text_heads=2,
-)  # fmt: skip
+  embed_dim=16,
+  image_size=32,
+  patch_size=8,
+  vision_width=24,
+  vision_layers=4,
+  vision_heads=4,
+  context_length=8,
+  vocab_size=64,
+  text_width=16,
+  text_layers=1,
+  text_heads=2,
+)
 
 
 def _config(cmpa=True, sgc=True, **cam):
@@ -83,8 +92,9 @@ def test_loss_compiles_once_and_is_finite(cmpa, sgc):
     assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
   assert len(traces) == 1
   assert ("cmpa" in metrics) == cmpa
-  norms = {k: sum(float(jnp.abs(g).sum()) for g in jax.tree_util.tree_leaves(v))
-           for k, v in grads.items()}  # fmt: skip
+  norms = {
+    k: sum(float(jnp.abs(g).sum()) for g in jax.tree_util.tree_leaves(v)) for k, v in grads.items()
+  }
   assert norms["decoder"] > 0
   if cmpa:
     assert norms["proj"] > 0
