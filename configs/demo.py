@@ -21,6 +21,7 @@ def get_config():
   c.data.scale_range = (0.75, 1.25)
   c.data.n_segments = 200  # Per 320x320, scaled by area: ~18 superpixels per 96x96 image.
   c.data.num_workers = 2
+  c.data.worker_type = "thread"
   c.data.synthetic.num_train = 512
   c.data.synthetic.num_val = 128
   c.data.synthetic.image_size = 96
@@ -62,7 +63,9 @@ def get_config():
   # No RFM switch within the run (val-mode pseudo-labels still use RFM, §1.8): this short run's
   # decoder features are a worse affinity than CLIP attention (seg 0.605 switching at step 150 vs
   # 0.695 never; one tiny-CLIP draw, 400 steps).
-  c.model.cam.rfm_switch_step = c.train.num_steps
+  # A derived reference (`* 1`): it follows --config.train.num_steps, and overriding the switch
+  # itself leaves num_steps alone (a plain get_ref would set both).
+  c.model.cam.rfm_switch_step = c.train.get_ref("num_steps") * 1
   c.train.checkpoint_every = 125
   c.train.log_every = 50
 
@@ -70,6 +73,7 @@ def get_config():
   c.eval.long_side = 0  # Keep the native 96 px.
   c.eval.batch_size = 16
   c.eval.num_vis = 8
+  c.eval.targets = ("cam", "pseudo", "seg")
 
   # Tiny CLIP: 600 steps of 64 images + 12 mosaics (ssr_jax/demo.py: pretrain_clip), ~3-4 min
   # here. Batch 64 gave better CAMs than 32 at about the same cost as 32 x 1000 steps.

@@ -1,7 +1,14 @@
-"""What `launch.py --mode ...` runs: wiring of CLIP, data, the SSR task, training and evaluation.
+"""What `launch.py --mode ...` runs: the one home of the wiring of CLIP, data, the SSR task,
+training and evaluation.
 
-Only this module (and launch.py) sees the whole ConfigDict; everything below it gets sub-configs
-or plain values.
+Modes mean the same for every dataset (VOC, COCO, the synthetic demo):
+- train: train (or resume) to train.num_steps, evaluating `seg` every train.eval_every steps;
+- eval: restore the checkpoint's parameters and evaluate each of eval.targets on eval.split;
+- train_and_eval: both;
+- ablation: train_and_eval of baseline / +CMPA / +SGC / SSR with the same seeds, one table.
+For data.name == "synthetic", `demo.prepare` first generates the data and points clip.weights
+at the tiny CLIP. Nothing below this module calls back into it. This module and the train/eval
+drivers see the whole ConfigDict; everything below them gets sub-configs or plain values.
 """
 
 import json
@@ -11,27 +18,35 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from ssr_jax import demo
 from ssr_jax.clip import load_clip
+from ssr_jax.clip.convert import weights_fingerprint
 from ssr_jax.clip.preprocess import compute_dtype
 from ssr_jax.clip.prompts import text_classifier
+from ssr_jax.data import pipeline
+from ssr_jax.data.files import DataError
+from ssr_jax.eval import loop as eval_loop
 from ssr_jax.model.ssr import build_task
+from ssr_jax.train import loop as train_loop
+from ssr_jax.train.checkpoint import CheckpointMismatchError
+
+TARGETS = ("cam", "pseudo", "seg")
+# (name, model.cmpa.enabled, model.sgc.enabled) of --mode ablation.
+VARIANTS = (
+  ("baseline", False, False),
+  ("+CMPA", True, False),
+  ("+SGC", False, True),
+  ("SSR (CMPA+SGC)", True, True),
+)
 
 
 class UserError(Exception):
   """A problem the user can fix (config, paths, data); printed without a traceback."""
 
 
-def load_frozen(config, workdir):
+def load_frozen(config):
   """(CLIP module, frozen pytree {clip, text_fg, text_bg}, weights fingerprint) for a config."""
-  from ssr_jax.clip.convert import weights_fingerprint
-
-  dtype = compute_dtype(config.model.dtype)
-  if config.data.name == "synthetic" and not config.clip.weights:
-    from ssr_jax import demo
-
-    path = demo.ensure_tiny_clip(config, workdir)
-  else:
-    path = config.clip.weights
+  path = config.clip.weights
   if not path:
     raise UserError(
       "clip.weights is empty: pass --config.clip.weights=/path/to/clip-vit-base-patch16 (a "
@@ -40,31 +55,31 @@ def load_frozen(config, workdir):
     )
   if not os.path.exists(path):
     raise UserError(f"clip.weights={path!r} does not exist")
+  cache_dir = config.clip.cache_dir or None
   clip, params = load_clip(
-    path, dtype=dtype, pos_interp=config.clip.pos_interp, cache_dir=config.clip.cache_dir or None
+    path,
+    dtype=compute_dtype(config.model.dtype),
+    pos_interp=config.clip.pos_interp,
+    cache_dir=cache_dir,
   )
-  m = config.model
+  m, ctx = config.model, clip.cfg.context_length
   templates = [m.prompt_template]
-  ctx = clip.cfg.context_length
   text_fg = text_classifier(clip, params, list(m.class_names), templates, context_length=ctx)
   text_bg = text_classifier(clip, params, list(m.bg_names), templates, context_length=ctx)
   frozen = dict(clip=params, text_fg=jnp.asarray(text_fg), text_bg=jnp.asarray(text_bg))
-  return clip, frozen, weights_fingerprint(path, cache_dir=config.clip.cache_dir or None)
+  return clip, frozen, weights_fingerprint(path, cache_dir=cache_dir)
 
 
-def build(config, workdir):
-  clip, frozen, fingerprint = load_frozen(config, workdir)
+def build(config):
+  """(SSRTask, frozen pytree, CLIP weights fingerprint)."""
+  clip, frozen, fingerprint = load_frozen(config)
   task = build_task(config.model, config.loss, clip=clip, num_classes=config.data.num_classes)
   return task, frozen, fingerprint
 
 
-def train(config, workdir, *, eval_during_training=False):
-  from ssr_jax.data import pipeline, superpixels
-  from ssr_jax.train import loop
-
-  if config.model.sgc.enabled:
-    superpixels.check_superpixels(config.data, config.data.train_split)
-  task, frozen, fingerprint = build(config, workdir)
+def train(config, workdir):
+  """Trains (or resumes) to train.num_steps; `seg` mIoU on the val split every eval_every."""
+  task, frozen, fingerprint = build(config)
 
   def make_iterator(start_step):
     return pipeline.make_train_iterator(
@@ -74,64 +89,101 @@ def train(config, workdir, *, eval_during_training=False):
       start_step=start_step,
     )
 
-  eval_fn = None
-  if eval_during_training and config.train.eval_every > 0:
-    from ssr_jax.eval import loop as eval_loop
+  def eval_fn(state, step):
+    res = eval_loop.evaluate(
+      config,
+      workdir,
+      task=task,
+      frozen=frozen,
+      params=state.params,
+      step=step,
+      target="seg",
+      split=config.data.val_split,
+      write_outputs=False,
+    )
+    return dict(miou=res["miou"], images=res.get("images", {}))
 
-    def eval_fn(state, step):
-      res = eval_loop.evaluate(
-        config,
-        workdir,
-        task=task,
-        frozen=frozen,
-        params=state.params,
-        step=step,
-        target="seg",
-        split=config.data.val_split,
-        write_outputs=False,
-      )
-      return dict(miou=res["miou"], images=res.get("images", {}))
-
-  return loop.train(
+  return train_loop.train(
     config,
     workdir,
     task=task,
     frozen=frozen,
     make_iterator=make_iterator,
-    eval_fn=eval_fn,
+    eval_fn=eval_fn if config.train.eval_every > 0 else None,
     clip_fingerprint=fingerprint,
   )
 
 
-def evaluate(config, workdir):
-  """Restores the checkpoint and evaluates config.eval.target on config.eval.split."""
-  from ssr_jax.eval import loop as eval_loop
+def evaluate(config, workdir) -> dict:
+  """Restores the checkpoint's parameters and evaluates each of eval.targets on eval.split.
 
-  task, frozen, fingerprint = build(config, workdir)
+  Returns {target: result dict (miou, pixel_accuracy, per-class IoU, ...)}.
+  """
+  unknown = sorted(set(config.eval.targets) - set(TARGETS))
+  if unknown or not config.eval.targets:
+    raise UserError(f"eval.targets={tuple(config.eval.targets)}: use a subset of {TARGETS}")
+  task, frozen, fingerprint = build(config)
   params, step = eval_loop.restore_params(config, workdir, task)
-  res = eval_loop.evaluate(
-    config,
-    workdir,
-    task=task,
-    frozen=frozen,
-    params=params,
-    step=step,
-    target=config.eval.target,
-    split=config.eval.split,
-    clip_fingerprint=fingerprint,
-  )
-  return res
+  results = {}
+  for target in config.eval.targets:
+    results[target] = eval_loop.evaluate(
+      config,
+      workdir,
+      task=task,
+      frozen=frozen,
+      params=params,
+      step=step,
+      target=target,
+      split=config.eval.split,
+      clip_fingerprint=fingerprint,
+    )
+  if jax.process_index() == 0:
+    figures = "  ".join(f"{t} {r['miou']:.3f}" for t, r in results.items())
+    print(f"mIoU on {config.eval.split}: {figures}")
+    print(f"metrics, predictions and visualisations: {os.path.join(workdir, 'eval')}")
+  return results
+
+
+def ablation(config, workdir) -> list:
+  """train_and_eval of each of VARIANTS with the same seeds; writes ablation.md and .json."""
+  rows = []
+  for name, use_cmpa, use_sgc in VARIANTS:
+    cfg = config.copy_and_resolve_references()
+    cfg.model.cmpa.enabled = use_cmpa
+    cfg.model.sgc.enabled = use_sgc
+    sub = os.path.join(workdir, "ablation", name.split()[0].replace("+", "plus_").lower())
+    train(cfg, sub)
+    rows.append((name, {t: r["miou"] for t, r in evaluate(cfg, sub).items()}))
+  targets = list(config.eval.targets)
+  lines = [
+    f"Ablation on {config.data.name} (seed {config.seed}, {config.train.num_steps} steps; "
+    f"mIoU on {config.eval.split})",
+    "",
+    "| variant | " + " | ".join(targets) + " |",
+    "|---" * (len(targets) + 1) + "|",
+  ]
+  lines += [f"| {n} | " + " | ".join(f"{r[t]:.3f}" for t in targets) + " |" for n, r in rows]
+  text = "\n".join(lines) + "\n"
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "ablation.md"), "w") as f:
+      f.write(text)
+    with open(os.path.join(workdir, "ablation.json"), "w") as f:
+      json.dump([{"variant": n, config.eval.split: r} for n, r in rows], f, indent=1)
+    print(text)
+  return rows
 
 
 def run(mode, config, workdir):
   """Runs a launch.py mode; problems the user can fix surface as UserError (no traceback)."""
-  from ssr_jax.data.files import DataError
-  from ssr_jax.train.checkpoint import CheckpointMismatchError
-  from ssr_jax.train.loop import NonFiniteError
-
   try:
     return _run(mode, config, workdir)
-  except (DataError, FileNotFoundError, CheckpointMismatchError, NonFiniteError) as e:
+  except (
+    DataError,
+    FileNotFoundError,
+    CheckpointMismatchError,
+    train_loop.NonFiniteError,
+    demo.DemoError,
+  ) as e:
     raise UserError(str(e)) from e
 
 
@@ -139,17 +191,10 @@ def _run(mode, config, workdir):
   os.makedirs(workdir, exist_ok=True)
   logging.info("mode=%s workdir=%s devices=%s", mode, workdir, jax.devices())
   if config.data.name == "synthetic":
-    from ssr_jax import demo
-
-    demo.ensure_data(config, workdir)
-    if mode == "ablation":
-      return demo.ablation(config, workdir)
-    if mode == "train_and_eval":
-      return demo.train_and_eval(config, workdir)
+    config = demo.prepare(config, workdir)
   if mode == "ablation":
-    raise UserError("--mode=ablation runs on the synthetic demo: use --config configs/demo.py")
+    return ablation(config, workdir)
   if mode in ("train", "train_and_eval"):
-    train(config, workdir, eval_during_training=True)
+    train(config, workdir)
   if mode in ("eval", "train_and_eval"):
-    res = evaluate(config, workdir)
-    print(json.dumps({k: res[k] for k in ("miou", "pixel_accuracy") if k in res}))
+    return evaluate(config, workdir)

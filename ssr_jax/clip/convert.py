@@ -419,11 +419,13 @@ def _valid_cache(src: _Source, cache: Path) -> bool:
   return meta.get("version") == _CACHE_VERSION and meta.get("sources") == _stamp(src.files)
 
 
-def _write_npz(path: Path, meta: dict, flat: dict):
+def _write_npz(path: Path, meta: dict, flat: dict, *, compress: bool = False):
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
   with open(tmp, "wb") as f:
-    np.savez(f, **flat, **{_META_KEY: np.asarray(json.dumps(meta))})
+    (np.savez_compressed if compress else np.savez)(
+      f, **flat, **{_META_KEY: np.asarray(json.dumps(meta))}
+    )
   os.replace(tmp, path)  # Atomic: concurrent readers never see a half-written file.
 
 
@@ -480,11 +482,14 @@ def load_clip(path, *, dtype=jnp.float32, pos_interp="bilinear", cache_dir=None)
   return CLIP(cfg, dtype=dtype, pos_interp=pos_interp), cast_for_compute(_unflatten(flat), dtype)
 
 
-def save_converted(path, cfg: CLIPConfig, params, *, meta: dict | None = None) -> Path:
+def save_converted(
+  path, cfg: CLIPConfig, params, *, meta: dict | None = None, compress: bool = False
+) -> Path:
   """Writes params (e.g. a CLIP trained in-process) as a converted .npz that load_clip reads.
 
   Its fingerprint is the sha256 of the parameter arrays; meta (JSON-serialisable) is stored
-  under "extra" in the file's metadata (see load_converted).
+  under "extra" in the file's metadata (see load_converted). compress: zip-deflate the arrays
+  (for files that ship with the package).
   """
   flat = {
     "/".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(params).items()
@@ -498,7 +503,7 @@ def save_converted(path, cfg: CLIPConfig, params, *, meta: dict | None = None) -
   info = dict(
     version=_CACHE_VERSION, config=dataclasses.asdict(cfg), sha256=h.hexdigest(), extra=meta or {}
   )
-  _write_npz(path, info, flat)
+  _write_npz(path, info, flat, compress=compress)
   return path
 
 

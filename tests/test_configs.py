@@ -1,0 +1,88 @@
+"""Every config under configs/ builds: the locked ConfigDict, the task, and an abstract trace of
+the whole loss on ViT-B/16 at the config's crop size (vit_jax's pattern: a config nobody builds
+breaks silently). Plus the one-line answer to a misspelled override."""
+
+import importlib
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from ssr_jax.clip.model import CLIP, CONFIGS, init_params
+from ssr_jax.model.ssr import build_task
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NAMES = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
+
+
+def test_every_config_is_listed():
+  assert NAMES == ["base", "coco", "demo", "voc"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_builds_and_traces(name):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  assert config.is_locked
+  c = config.data.crop_size
+  # The demo ships its own tiny CLIP; the others run ViT-B/16 (traced abstractly: no FLOPs).
+  clip = CLIP(CONFIGS["ViT-B/16"])
+  clip_params = jax.eval_shape(lambda: init_params(clip, jax.random.PRNGKey(0), image_size=c))
+  d, k = clip.cfg.embed_dim, config.data.num_classes - 1
+  frozen = dict(
+    clip=clip_params,
+    text_fg=jax.ShapeDtypeStruct((k, d), jnp.float32),
+    text_bg=jax.ShapeDtypeStruct((len(config.model.bg_names), d), jnp.float32),
+  )
+  task = build_task(config.model, config.loss, clip=clip, num_classes=config.data.num_classes)
+  b = 2
+  batch = dict(
+    image=jax.ShapeDtypeStruct((b, c, c, 3), jnp.uint8),
+    labels=jax.ShapeDtypeStruct((b, k), jnp.float32),
+    superpixels=jax.ShapeDtypeStruct((b, c, c), jnp.int32),
+  )
+  params = jax.eval_shape(task.init, jax.random.PRNGKey(0), batch)
+  step = jax.ShapeDtypeStruct((), jnp.int32)
+  total, terms = jax.eval_shape(
+    lambda p, f, x, s: task.loss(p, f, x, step=s, rng=jax.random.PRNGKey(1)),
+    params,
+    frozen,
+    batch,
+    step,
+  )
+  assert total.shape == () and "seg" in terms
+
+
+def test_derived_rfm_switch_follows_num_steps():
+  config = importlib.import_module("configs.demo").get_config()
+  config.train.num_steps = 400
+  assert config.model.cam.rfm_switch_step == 400
+  config.model.cam.rfm_switch_step = 7
+  assert (config.train.num_steps, config.model.cam.rfm_switch_step) == (400, 7)
+
+
+def _launch(*args):
+  return subprocess.run(
+    [sys.executable, "launch.py", "--workdir", "unused", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+
+
+def test_misspelled_override_is_one_line():
+  r = _launch("--config", "configs/demo.py", "--config.train.num_step=3")
+  assert r.returncode == 2
+  assert r.stderr.splitlines() == [
+    "error: --config.train.num_step: configs/demo.py has no field 'train.num_step'; "
+    "nearest: train.num_steps, train.warmup_steps, train.eps"
+  ]
+  r = _launch("--config=configs/voc.py", "--config.trian.batch_size=3")
+  assert r.returncode == 2
+  assert r.stderr.splitlines() == [
+    "error: --config.trian.batch_size: configs/voc.py has no field 'trian.batch_size'; "
+    "nearest: train.batch_size, eval.batch_size, demo.clip_batch_size"
+  ]
