@@ -257,6 +257,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def _fmt(v) -> str:
   if isinstance(v, float):
     return f"{v:.4g}"
+  if isinstance(v, list | tuple):
+    return " ".join(_fmt(x) for x in v)
   return str(v)
 
 
