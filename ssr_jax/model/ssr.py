@@ -169,7 +169,7 @@ class SSRTask:
   def loss(self, params, frozen, batch, *, step, rng):
     """Total loss and its terms (§1.6, §2.6). Pseudo-labels are stop-gradient."""
     mc, lc = self.model_cfg, self.loss_cfg
-    # Named scopes label the profile (python -m ssr_jax.bench train --profile DIR).
+    # Named scopes label the profile (python -m benchmarks train --profile DIR).
     with jax.named_scope("clip"):
       f = self.clip_features(frozen, batch["image"])
     b, hh, ww, _ = f["x"].shape

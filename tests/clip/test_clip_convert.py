@@ -211,21 +211,10 @@ def test_cache_roundtrip_and_invalidation(hf_tiny, tmp_path, monkeypatch):
 
 
 def test_save_converted(tmp_path):
+  from ssr_jax import testing
   from ssr_jax.clip import CLIPConfig, init_params
 
-  cfg = CLIPConfig(
-    embed_dim=8,
-    image_size=16,
-    patch_size=8,
-    vision_width=16,
-    vision_layers=1,
-    vision_heads=2,
-    context_length=6,
-    vocab_size=20,
-    text_width=16,
-    text_layers=1,
-    text_heads=2,
-  )
+  cfg = testing.tiny_clip_config()
   params = init_params(CLIP(cfg), jax.random.key(3))
   path = convert.save_converted(tmp_path / "tiny.npz", cfg, params, meta={"steps": 7})
   model, loaded = load_clip(path)

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssr_jax.clip import CLIP, CONFIGS, CLIPConfig, init_params
+from ssr_jax import testing
+from ssr_jax.clip import CLIP, CONFIGS, init_params
 from ssr_jax.clip.model import cast_for_compute
 
 # OpenAI's published totals (sum of numel over the released state dicts, logit_scale included).
@@ -44,19 +45,7 @@ def test_param_count(name):
 
 
 def test_cast_for_compute_is_bit_identical_and_keeps_norms_float32():
-  cfg = CLIPConfig(
-    embed_dim=16,
-    image_size=32,
-    patch_size=8,
-    vision_width=24,
-    vision_layers=2,
-    vision_heads=4,
-    context_length=8,
-    vocab_size=64,
-    text_width=16,
-    text_layers=1,
-    text_heads=2,
-  )
+  cfg = testing.tiny_clip_config(vision_layers=2)
   model = CLIP(cfg, dtype=jnp.bfloat16)
   params = init_params(model, jax.random.key(0))
   cast = cast_for_compute(params, jnp.bfloat16)

@@ -5,22 +5,11 @@ import numpy as np
 import pytest
 
 from configs import base
-from ssr_jax.clip import CLIP, CLIPConfig, init_params
+from ssr_jax import testing
+from ssr_jax.clip import CLIP, init_params
 from ssr_jax.clip.prompts import COCO_BG, COCO_FG, VOC_BG, VOC_FG, text_classifier
 
-CFG = CLIPConfig(
-  embed_dim=16,
-  image_size=16,
-  patch_size=8,
-  vision_width=32,
-  vision_layers=1,
-  vision_heads=2,
-  context_length=12,
-  vocab_size=64,
-  text_width=32,
-  text_layers=2,
-  text_heads=2,
-)
+CFG = testing.tiny_clip_config(context_length=12, text_layers=2)
 
 
 def _fake_tokenize(texts, context_length):

@@ -5,7 +5,7 @@ import argparse
 import jax
 import numpy as np
 
-from ssr_jax.bench.model import bench_config, random_setup
+from benchmarks.common import bench_config, random_setup
 from ssr_jax.eval import inference, loop
 
 

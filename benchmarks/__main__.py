@@ -1,5 +1,6 @@
-"""`python -m ssr_jax.bench {clip,model,train,input,superpixels,eval,all} [--out FILE]
-[--device cpu|gpu] [--small]`: runs benchmark modules, prints a table, writes JSON."""
+"""`python -m benchmarks {clip,model,train,input,superpixels,eval,rehearsal,all} [--out FILE]
+[--device cpu|gpu] [--small]`: runs benchmark modules, prints the machine and a table, writes
+JSON. Run it from the repository root."""
 
 import argparse
 import importlib
@@ -8,12 +9,15 @@ import json
 import os
 import sys
 
+# Modules of this package, imported by name and only when asked for: one module's optional
+# dependency (torch, TensorFlow, OpenCV) must not break the others, and --device must be set
+# before jax starts. Add a benchmark by adding its module name here.
 BENCHES = ("clip", "model", "train", "input", "superpixels", "eval", "rehearsal")
 
 
 def _available(name: str) -> bool:
   # Only a module that does not exist is "not available"; errors inside one propagate.
-  return importlib.util.find_spec(f"ssr_jax.bench.{name}") is not None
+  return importlib.util.find_spec(f"benchmarks.{name}") is not None
 
 
 def _common_args(p):
@@ -42,24 +46,24 @@ def main(argv=None):
   if device:
     os.environ["JAX_PLATFORMS"] = {"cpu": "cpu", "gpu": "cuda"}[device]
 
-  # Import only the requested benchmark(s): one module's optional dependency (TensorFlow, torch,
-  # ml_collections...) must not break the others.
   wanted = next((a for a in argv if a in BENCHES + ("all",)), None)
-  parser = argparse.ArgumentParser(prog="python -m ssr_jax.bench", description=__doc__)
+  parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
   sub = parser.add_subparsers(dest="bench", required=True)
   modules = {}
   for name in BENCHES:
     p = sub.add_parser(name)
     _common_args(p)
     if wanted in (name, "all") and _available(name):
-      modules[name] = importlib.import_module(f"ssr_jax.bench.{name}")
+      modules[name] = importlib.import_module(f"benchmarks.{name}")
       if wanted == name and hasattr(modules[name], "add_args"):
         modules[name].add_args(p)
   _common_args(sub.add_parser("all", help="every available benchmark with its defaults"))
   args = parser.parse_args(argv)
 
-  from ssr_jax.bench import common
+  from benchmarks import common
 
+  device = common.device_info()
+  print(common.machine_line(device), flush=True)  # First, so a log names its machine.
   names = BENCHES if args.bench == "all" else (args.bench,)
   results = {}
   for name in names:
@@ -74,7 +78,8 @@ def main(argv=None):
       run_args = args
     results[name] = modules[name].run(run_args)
   results = results if args.bench == "all" else {args.bench: results[args.bench]}
-  results["device"] = common.device_info()
+  results["machine"] = common.machine_line(device)
+  results["device"] = device
   common.print_table(results)
   if args.out:
     with open(args.out, "w") as f:

@@ -1,4 +1,4 @@
-"""Device time per model stage from a jax.profiler trace (`bench train --profile DIR`).
+"""Device time per model stage from a jax.profiler trace (`benchmarks train --profile DIR`).
 
 The SSR loss labels its stages with jax.named_scope (clip, gradcam, affinity, box_masks, sgc,
 refine, par, decoder, seg_aff_losses, cmpa; optimizer in the train step). XLA copies the scope

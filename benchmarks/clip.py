@@ -1,7 +1,7 @@
 """CLIP image-encoder throughput: our jitted Flax `encode_image` vs transformers' PyTorch
 `CLIPVisionModelWithProjection` holding the same (random) weights.
 
-`python -m ssr_jax.bench clip [--small] [--batch 8] [--sizes 224,320] [--dtype float32]`.
+`python -m benchmarks clip [--small] [--batch 8] [--sizes 224,320] [--dtype float32]`.
 Images/s per resolution and ratio = torch time / our time (> 1: ours is faster); torch runs with
 as many threads as CPUs, timed calls of the two alternate so both see the same machine load.
 """
@@ -13,32 +13,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssr_jax.bench import common
+from benchmarks import common
+from ssr_jax import testing
 from ssr_jax.clip import CLIP, CONFIGS, CLIPConfig, init_params
 from ssr_jax.clip.convert import params_from_state_dict
 from ssr_jax.clip.model import cast_for_compute
 
-_SMALL = CLIPConfig(
-  embed_dim=64,
-  image_size=32,
-  patch_size=8,
-  vision_width=128,
-  vision_layers=2,
-  vision_heads=2,
-  context_length=16,
-  vocab_size=128,
-  text_width=64,
-  text_layers=1,
-  text_heads=1,
-)
-
 
 def add_args(p):
   p.add_argument("--arch", default="ViT-B/16", choices=sorted(CONFIGS))
-  p.add_argument("--batch", type=int, default=8)
+  common.add_model_args(p, batch=8, crop=None, dtype="float32")
   p.add_argument("--sizes", default="224,320", help="comma-separated square input sizes")
   p.add_argument("--iters", type=int, default=3)
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--no-torch", dest="torch", action="store_false", help="skip the torch baseline")
 
 
@@ -103,7 +89,7 @@ def _torch_fn(vision, on_gpu):
 
 
 def run(args) -> dict:
-  cfg = _SMALL if args.small else CONFIGS[args.arch]
+  cfg = testing.TINY_CLIP if args.small else CONFIGS[args.arch]
   sizes = [32, 48] if args.small else [int(s) for s in args.sizes.split(",")]
   batch = 2 if args.small else args.batch
   on_gpu = jax.default_backend() == "gpu"

@@ -1,6 +1,6 @@
 """Superpixel throughput and quality per backend on VOC-sized (500x375) synthetic images.
 
-`python -m ssr_jax.bench superpixels [--small] [--images 16] [--n-segments 100]`.
+`python -m benchmarks superpixels [--small] [--images 16] [--n-segments 100]`.
 Images/s of `ssr_jax.data.superpixels.compute` in one process (the precompute CLI runs one
 such process per core), the ratio to skimage, mean superpixel count, and the achievable
 segmentation accuracy (ASA: pixel accuracy when every superpixel takes its majority

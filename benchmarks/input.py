@@ -1,6 +1,6 @@
 """Input-pipeline throughput: training images/s of the tf and numpy pipelines.
 
-`python -m ssr_jax.bench input [--small] [--images 64] [--batch 4] [--crop 320] [--steps 40]`.
+`python -m benchmarks input [--small] [--images 64] [--batch 4] [--crop 320] [--steps 40]`.
 Writes VOC-like data to a temporary folder (500x375 JPEGs rendered by the synthetic generator,
 class-index PNG masks, skimage superpixel PNGs, in the VOC layout with a custom split list),
 then times full training batches (decode, Pillow-exact rescale, flip, pad, crop, superpixels)
@@ -13,7 +13,8 @@ import time
 
 from PIL import Image
 
-from ssr_jax.bench.superpixels import voc_like_images
+from benchmarks.superpixels import voc_like_images
+from configs import base
 from ssr_jax.data import files, pipeline, superpixels
 
 
@@ -45,8 +46,6 @@ def write_voc_like(root: str, num: int, *, height: int = 375, width: int = 500) 
 
 
 def _config(root, split, args):
-  from configs import base
-
   c = base.get_config()
   with c.unlocked():
     c.data.name = "voc"

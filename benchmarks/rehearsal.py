@@ -1,7 +1,7 @@
 """Full-size training rehearsal: the real train loop (input pipeline, sharded step, Orbax saves,
 logging) with random ViT-B/16 weights on synthetic VOC-sized data, then a resume and a restore.
 
-`python -m ssr_jax.bench rehearsal [--small] [--steps 200] [--device gpu]`. Reports end-to-end
+`python -m benchmarks rehearsal [--small] [--steps 200] [--device gpu]`. Reports end-to-end
 steps/s (input included), the checkpoint/resume behaviour and the number of compilations. Needs
 no TensorFlow (numpy pipeline) and no real weights or data.
 """
@@ -12,23 +12,21 @@ import time
 
 import jax
 
-from ssr_jax.bench.model import bench_config, random_setup
+from benchmarks import common
 from ssr_jax.data import pipeline, superpixels, synthetic
 from ssr_jax.eval import loop as eval_loop
 from ssr_jax.train import loop
 
 
 def add_args(p):
-  p.add_argument("--batch", type=int, default=4)
-  p.add_argument("--crop", type=int, default=320)
-  p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+  common.add_model_args(p)
   p.add_argument("--steps", type=int, default=200)
   p.add_argument("--images", type=int, default=64)
   p.add_argument("--workdir", default="", help="default: a temporary directory")
 
 
 def run(args):
-  config = bench_config(args)
+  config = common.bench_config(args)
   work = args.workdir or tempfile.mkdtemp(prefix="ssr_rehearsal_")
   root = os.path.join(work, "data")
   size = config.data.crop_size + config.data.crop_size // 2  # Larger than the crop, as VOC.
@@ -52,7 +50,7 @@ def run(args):
   superpixels.precompute(config.data, "train", workers=os.cpu_count() or 1, progress=False)
   data_s = time.perf_counter() - t0
 
-  task, frozen, _ = random_setup(config, small=args.small)
+  task, frozen, _ = common.random_setup(config, small=args.small)
 
   def make_iterator(start):
     return pipeline.make_train_iterator(

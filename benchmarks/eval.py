@@ -1,6 +1,6 @@
 """Evaluation throughput: multi-scale + flip decoder inference on VOC-shaped images.
 
-`python -m ssr_jax.bench eval [--small] [--images 64] [--dtype bfloat16]`: random ViT-B/16 SSR
+`python -m benchmarks eval [--small] [--images 64] [--dtype bfloat16]`: random ViT-B/16 SSR
 weights, images with VOC's common sizes (500x375, 375x500, 500x333), scales (1.0, 0.75) + flip,
 long side 512, sharded over all devices. Prints images/s after compilation and the projected
 time for VOC val (1,449 images), CRF excluded.
@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 
-from ssr_jax.bench.model import bench_config, random_setup
+from benchmarks import common
 from ssr_jax.eval import inference, loop
 
 VOC_SIZES = ((375, 500), (500, 375), (333, 500))
@@ -19,18 +19,17 @@ VOC_SIZES = ((375, 500), (500, 375), (333, 500))
 
 def add_args(p):
   p.add_argument("--images", type=int, default=64)
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+  common.add_model_args(p, batch=8, crop=None)
 
 
 def run(args):
   args.crop = 64 if args.small else 320
-  config = bench_config(args)
+  config = common.bench_config(args)
   with config.unlocked():
     config.eval.batch_size = args.batch
     if args.small:
       config.eval.long_side = 64
-  task, frozen, batch = random_setup(config, small=args.small)
+  task, frozen, batch = common.random_setup(config, small=args.small)
   params = task.init(jax.random.PRNGKey(0), batch)
   rng = np.random.default_rng(0)
   sizes = [VOC_SIZES[i % len(VOC_SIZES)] for i in range(args.images)]

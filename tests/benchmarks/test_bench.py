@@ -1,6 +1,6 @@
 """The GPU rehearsal and eval benchmarks run end to end at small sizes (figures not asserted)."""
 
-from ssr_jax.bench import __main__ as bench
+from benchmarks import __main__ as bench
 
 
 def test_rehearsal_small_trains_resumes_and_restores(tmp_path):
@@ -24,7 +24,7 @@ def _meta(pid, tid, kind, name):
 
 
 def test_profile_summary_attributes_kernels_to_named_scopes():
-  from ssr_jax.bench import profile
+  from benchmarks import profile
 
   hlo = "\n".join(
     [
@@ -80,7 +80,7 @@ def test_profile_summary_attributes_kernels_to_named_scopes():
 
 
 def test_stage_of_unwraps_transformations_and_takes_innermost():
-  from ssr_jax.bench.profile import stage_of
+  from benchmarks.profile import stage_of
 
   assert stage_of("jit(f)/transpose(jvp(decoder))/cmpa/dot") == "cmpa"
   assert stage_of("jit(f)/vmap(jvp(gradcam))/add") == "gradcam"

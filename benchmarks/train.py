@@ -1,10 +1,10 @@
 """The real SSR train step (jitted, sharded, state donated): random ViT-B/16, VOC batch 4 x 320.
 
-`python -m ssr_jax.bench train [--small] [--dtype bfloat16] [--steps 20]` prints steps/s,
+`python -m benchmarks train [--small] [--dtype bfloat16] [--steps 20]` prints steps/s,
 images/s, peak device memory, XLA FLOPs per step and model FLOPs utilisation, and the number of
 compilations over the timed steps (1 = no recompilation; the RFM switch is crossed mid-run).
 `--profile DIR` then traces a few more steps with jax.profiler into DIR (open it with
-TensorBoard or Perfetto) and adds the device time of each model stage (see bench/profile.py).
+TensorBoard or Perfetto) and adds the device time of each model stage (see benchmarks/profile.py).
 """
 
 import os
@@ -13,16 +13,13 @@ import time
 import jax
 import numpy as np
 
-from ssr_jax.bench import common
-from ssr_jax.bench.model import bench_config, random_setup
+from benchmarks import common
 from ssr_jax.train import sharding, state
 from ssr_jax.train import step as step_lib
 
 
 def add_args(p):
-  p.add_argument("--batch", type=int, default=4)
-  p.add_argument("--crop", type=int, default=320)
-  p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+  common.add_model_args(p)
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--variant", default="ssr", choices=("ssr", "baseline"))
   p.add_argument("--profile", default="", help="trace steps with jax.profiler into this dir")
@@ -30,11 +27,11 @@ def add_args(p):
 
 
 def run(args):
-  config = bench_config(args)
+  config = common.bench_config(args)
   with config.unlocked():
     config.model.cmpa.enabled = config.model.sgc.enabled = args.variant == "ssr"
     config.model.cam.rfm_switch_step = args.steps // 2
-  task, frozen, batch = random_setup(config, small=args.small)
+  task, frozen, batch = common.random_setup(config, small=args.small)
   mesh = sharding.make_mesh()
   tx, schedule = state.make_optimizer(config.train)
   repl = sharding.replicated(mesh)
@@ -87,7 +84,7 @@ def run(args):
 
 def _profile(train_step, st, frozen, gbatch, trace_dir, steps):
   """Traces `steps` train steps into trace_dir; returns (state, per-stage summary)."""
-  from ssr_jax.bench import profile
+  from benchmarks import profile
 
   # The compiled text names the instructions the trace's kernels refer to. Compiling the same
   # HLO again yields the same instruction names as the executable that runs.

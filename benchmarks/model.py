@@ -1,0 +1,67 @@
+"""SSR loss-and-gradient cost per module: random ViT-B/16 weights, batch 4, crop 320 (VOC).
+
+`python -m benchmarks model [--small] [--dtype bfloat16]` times the jitted value_and_grad of
+the SSR loss for: the WeCLIP baseline without PAR, the
+WeCLIP baseline (no CMPA, no SGC), +CMPA, +SGC and full SSR, and prints each module's overhead.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import common
+
+
+def add_args(p):
+  common.add_model_args(p)
+  p.add_argument("--iters", type=int, default=10)
+
+
+def _variants(config):
+  def with_(cmpa, sgc, **cam):
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+      c.model.cmpa.enabled = cmpa
+      c.model.sgc.enabled = sgc
+      c.model.cam.update(cam)
+    return c
+
+  return {
+    "baseline, no PAR": with_(False, False, par_iters=0),
+    "baseline (WeCLIP)": with_(False, False),
+    "+CMPA": with_(True, False),
+    "+SGC": with_(False, True),
+    "SSR (CMPA+SGC)": with_(True, True),
+  }
+
+
+def run(args):
+  config = common.bench_config(args)
+  out = dict(
+    batch=config.train.batch_size,
+    crop=config.data.crop_size,
+    dtype=args.dtype,
+    arch="small" if args.small else "ViT-B/16",
+  )
+  times = {}
+  for name, cfg in _variants(config).items():
+    task, frozen, batch = common.random_setup(cfg, small=args.small)
+    params = task.init(jax.random.PRNGKey(1), batch)
+    batch = jax.tree_util.tree_map(jnp.asarray, batch)
+
+    @jax.jit
+    def loss_and_grad(params, frozen, batch, step, task=task):
+      fn = lambda p: task.loss(p, frozen, batch, step=step, rng=jax.random.PRNGKey(0))  # noqa: E731
+      return jax.value_and_grad(fn, has_aux=True)(params)
+
+    step = jnp.int32(cfg.model.cam.rfm_switch_step)  # After the RFM switch: the costlier path.
+    t = common.time_fn(loss_and_grad, params, frozen, batch, step, iters=args.iters)
+    times[name] = t["median_s"]
+    out[f"{name} ms"] = round(1e3 * t["median_s"], 3)
+    out[f"{name} compile_s"] = round(t["compile_s"], 1)
+  base = times["baseline (WeCLIP)"]
+  out["PAR overhead ms"] = round(1e3 * (base - times["baseline, no PAR"]), 3)
+  out["CMPA overhead ms"] = round(1e3 * (times["+CMPA"] - base), 3)
+  out["SGC overhead ms"] = round(1e3 * (times["+SGC"] - base), 3)
+  out["SSR / baseline"] = round(times["SSR (CMPA+SGC)"] / base, 3)
+  out["peak_memory_bytes"] = common.peak_memory_bytes()
+  return out
