@@ -159,12 +159,12 @@ def pretrain_tiny_clip(config, path) -> dict:
     final_loss=loss,
     zero_shot_top1_present=acc,
     seconds=seconds,
-    machine=machine.describe(),
+    machine=machine.cpu_line(),
   )
   print(
     f"tiny CLIP: {d.clip_steps} steps (batch {d.clip_batch_size} + "
     f"{pretrain.num_mosaics(d.clip_batch_size)} 2x2 mosaics) on {d.clip_images} decorrelated "
-    f"synthetic image-caption pairs in {seconds:.0f}s on {machine.summary()}, loss {loss:.3f}, "
+    f"synthetic image-caption pairs in {seconds:.0f}s ({machine.cpu_line()}), loss {loss:.3f}, "
     f"zero-shot accuracy on val (top-1 class present) {acc:.3f}"
   )
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ssr_jax.clip.model import CLIP, CLIPConfig, init_params
+from ssr_jax.clip.model import CLIP, init_params
 from ssr_jax.clip.preprocess import normalize
 from ssr_jax.clip.tokenizer import tokenize
 

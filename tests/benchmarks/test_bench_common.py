@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks import __main__ as bench_main
 from benchmarks import common
+from ssr_jax import machine
 
 
 def test_flops_of_matmul():
@@ -65,8 +66,8 @@ def test_machine_line_matches_proc_cpuinfo():
 def test_cpu_info_without_model_name_or_core_ids(monkeypatch):
   # An Arm /proc/cpuinfo: "Features", no "model name" (lscpu then names the part).
   arm = "processor\t: 0\nFeatures\t: fp asimd sve sve2 bf16 i8mm\n\nprocessor\t: 1\n"
-  monkeypatch.setattr(common, "_lscpu_model", lambda: "Neoverse-V2")
-  info = common.cpu_info(arm)
+  monkeypatch.setattr(machine, "_lscpu_model", lambda: "Neoverse-V2")
+  info = machine.cpu_info(arm)
   assert info["cpu_model"] == "Neoverse-V2" and info["isa"] == [
     "asimd",
     "sve",
