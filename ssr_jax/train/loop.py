@@ -21,7 +21,6 @@ rows). Only process 0 writes logs; all processes take part in checkpointing (orb
 """
 
 import functools
-import json
 import logging
 import signal
 import threading
@@ -32,8 +31,8 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from ssr_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, abstract_state
-from ssr_jax.train.metric_writer import MetricWriter
+from ssr_jax.train.checkpoint import Checkpointer, abstract_state, config_json, restore_checked
+from ssr_jax.train.metric_writer import MetricWriter, console_line, summarize
 from ssr_jax.train.sharding import make_mesh, put_batch, replicated
 from ssr_jax.train.state import TrainState, create_train_state, make_optimizer
 from ssr_jax.train.step import FINITE_PREFIX, NAN_POLICIES, jit_train_step, nonfinite_terms
@@ -127,78 +126,6 @@ def _check_batch_size(gbatch, batch_size: int) -> None:
     )
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def _config_json(config) -> dict:
-  return json.loads(config.to_json_best_effort())
-
-
-def _config_diff(saved: dict, current: dict) -> list[str]:
-  a, b = _flatten(saved), _flatten(current)
-  return [
-    f"  {k}: checkpoint {a.get(k, '<absent>')!r} vs now {b.get(k, '<absent>')!r}"
-    for k in sorted(set(a) | set(b))
-    if a.get(k) != b.get(k)
-  ]
-
-
-def _restore(ckpt: Checkpointer, target, *, step: int, config, clip_fingerprint: str):
-  saved = ckpt.read_config(step=step)
-  meta = saved.get("meta", {})
-  if meta.get("clip_fingerprint", "") != clip_fingerprint:
-    log.warning(
-      "Resuming with different frozen CLIP weights: checkpoint fingerprint %r, now %r.",
-      meta.get("clip_fingerprint"),
-      clip_fingerprint,
-    )
-  try:
-    return ckpt.restore(target, step=step)
-  except CheckpointMismatchError as e:
-    diff = _config_diff(saved.get("config", {}), _config_json(config))
-    raise CheckpointMismatchError(
-      f"{e}\nConfig fields that differ from the checkpoint's:\n" + ("\n".join(diff) or "  (none)")
-    ) from None
-
-
-def _format_duration(seconds: float) -> str:
-  if not np.isfinite(seconds):
-    return "?"
-  seconds = int(seconds)
-  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
-
-
-def _summarize(pending: list[dict]) -> dict:
-  """Mean over the logged interval of every float metric; `lr` is the last step's rate."""
-  out = {}
-  for k in pending[-1]:
-    if k.startswith(FINITE_PREFIX):
-      continue
-    out[k] = float(pending[-1][k]) if k == "lr" else float(np.mean([m[k] for m in pending]))
-  return out
-
-
-def _console_line(step: int, num_steps: int, scalars: dict, sps: float, batch_size: int) -> str:
-  terms = " ".join(
-    f"{k} {v:.4f}"
-    for k, v in scalars.items()
-    if k not in ("loss", "lr", "grad_norm", "param_norm", "steps_per_sec", "images_per_sec")
-  )
-  eta = (num_steps - step) / sps if sps > 0 else float("nan")
-  return (
-    f"step {step}/{num_steps} | loss {scalars['loss']:.4f} | {terms} | lr {scalars['lr']:.3e} | "
-    f"grad_norm {scalars['grad_norm']:.3f} | {sps:.2f} steps/s {sps * batch_size:.1f} img/s | "
-    f"ETA {_format_duration(eta)}"
-  )
-
-
 def train(
   config,
   workdir,
@@ -243,7 +170,9 @@ def train(
     rng = jax.random.PRNGKey(config.seed)
     if start:
       target = abstract_state(jax.eval_shape(create, rng, gbatch), repl)
-      state = _restore(ckpt, target, step=start, config=config, clip_fingerprint=clip_fingerprint)
+      state = restore_checked(
+        ckpt, target, step=start, config=config, clip_fingerprint=clip_fingerprint
+      )
       if is_main:
         log.info("Resumed from %s at step %d.", ckpt.directory / str(start), start)
     else:
@@ -252,7 +181,7 @@ def train(
     frozen = jax.device_put(frozen, repl)
     step_fn = jit_train_step(task, tx, schedule=schedule, nan_policy=tc.nan_policy, mesh=mesh)
     writer = MetricWriter(workdir, enabled=is_main, resume_step=start)
-    config_record = _config_json(config)
+    config_record = config_json(config)
 
     def save(step, state, metrics=None):
       guard(state)
@@ -310,12 +239,12 @@ def train(
           pending = []
           now = time.perf_counter()
           sps = (step - timer_step) / (now - timer_start) if step > timer_step else float("nan")
-          scalars = _summarize(fetched)
+          scalars = summarize(fetched, skip_prefix=FINITE_PREFIX)
           if step > timer_step:  # No rate yet at a log step right after compilation.
             scalars["steps_per_sec"] = sps
             scalars["images_per_sec"] = sps * tc.batch_size
           if is_main:
-            log.info(_console_line(step, tc.num_steps, scalars, sps, tc.batch_size))
+            log.info(console_line(step, tc.num_steps, scalars, sps, tc.batch_size))
           writer.write_scalars(step, scalars)
           timer_step, timer_start = step, now
           guard(state, fetched=flags[:2])
