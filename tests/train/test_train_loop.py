@@ -13,7 +13,6 @@ from toy_train_task import ToyData, ToyTask, toy_frozen, toy_state
 from configs.base import get_config
 from ssr_jax.train.checkpoint import Checkpointer, abstract_state, checkpoint_dir
 from ssr_jax.train.loop import NonFiniteError, train
-from ssr_jax.train.metric_writer import MetricWriter
 from ssr_jax.train.sharding import make_mesh, replicated
 
 STEPS = 12
@@ -221,25 +220,6 @@ def test_eval_hook_logs_and_keeps_best_checkpoint(tmp_path):
     assert ckpt.all_steps() == [8, 12] and ckpt.best_step() == 8
     assert ckpt.metrics(8) == {"miou": 0.9}
   assert sorted(p.name for p in checkpoint_dir(tmp_path).iterdir()) == ["12", "8"]
-
-
-def test_metric_writer_drops_records_after_resume_step(tmp_path):
-  w = MetricWriter(tmp_path)
-  for step in (2, 4, 6):
-    w.write_scalars(step, {"loss": step / 10})
-  w.write_scalars(4, {"miou": 0.5}, kind="eval")
-  w.write_scalars(6, {"miou": float("nan")}, kind="eval")
-  w.close()
-  w = MetricWriter(tmp_path, resume_step=4)
-  w.write_scalars(6, {"loss": 0.7})
-  with pytest.raises(ValueError, match="uint8"):
-    w.write_images(6, {"x": np.zeros((4, 4, 3), np.float32)})
-  w.close()
-  train_steps = [
-    json.loads(x) for x in (tmp_path / "train_metrics.jsonl").read_text().split("\n") if x
-  ]
-  assert [(r["step"], r["loss"]) for r in train_steps] == [(2, 0.2), (4, 0.4), (6, 0.7)]
-  assert (tmp_path / "eval_metrics.jsonl").read_text().count("\n") == 1
 
 
 def test_config_errors(tmp_path):
