@@ -222,6 +222,20 @@ def test_eval_hook_logs_and_keeps_best_checkpoint(tmp_path):
   assert sorted(p.name for p in checkpoint_dir(tmp_path).iterdir()) == ["12", "8"]
 
 
+def test_train_leaves_distributed_setup_to_the_entry_point(tmp_path, monkeypatch):
+  """jax cannot initialise the distributed system once devices were touched: train() never tries."""
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("train() called jax.distributed.initialize")
+
+  monkeypatch.setattr(jax.distributed, "initialize", refuse)
+  cfg = _config(num_steps=2, log_every=1, checkpoint_every=0)
+  if "distributed" in cfg.train:
+    cfg.train.distributed = True
+  state = train(cfg, tmp_path, task=TASK, frozen=toy_frozen(), make_iterator=ToyData(8))
+  assert int(state.step) == 2
+
+
 def test_config_errors(tmp_path):
   with pytest.raises(ValueError, match="train.batch_size=6"):
     train(_config(batch_size=6), tmp_path, task=TASK, frozen={}, make_iterator=ToyData(6))

@@ -122,3 +122,20 @@ def test_reserved_metric_names_and_bad_policy_rejected():
     jax.eval_shape(fn, state, frozen, put_batch(toy_batch(0, batch_size=8), mesh))
   with pytest.raises(ValueError, match="train.nan_policy"):
     make_train_step(ToyTask(), tx, schedule=schedule, nan_policy="ignore")
+
+
+def test_guard_names_any_number_of_task_metrics():
+  """No cap on the number of task metrics (the guard keeps no bitmask over them)."""
+
+  @dataclasses.dataclass(frozen=True)
+  class Many(ToyTask):
+    def loss(self, params, frozen, batch, *, step, rng):
+      loss, m = super().loss(params, frozen, batch, step=step, rng=rng)
+      extra = {f"t{i:02d}": loss * i for i in range(40)}
+      return loss, {**m, **extra}
+
+  state, frozen, step, mesh, _, _ = _setup(Many(switch_step=0, nan_step=0))
+  state, metrics = step(state, frozen, put_batch(toy_batch(0, batch_size=8), mesh))
+  assert int(state.nonfinite_step) == 0
+  want = ["aux", "grads", "loss"] + [f"t{i:02d}" for i in range(40)]
+  assert nonfinite_terms(jax.device_get(metrics)) == want
