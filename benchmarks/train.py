@@ -40,7 +40,7 @@ def run(args):
     jax.random.PRNGKey(0), gbatch
   )
   frozen = jax.device_put(frozen, repl)
-  train_step = step_lib.jit_train_step(
+  train_step = step_lib.JittedTrainStep(
     task, tx, schedule=schedule, nan_policy=config.train.nan_policy, mesh=mesh
   )
   t0 = time.perf_counter()  # Compilation happens in the cost analysis; the first call reuses it.

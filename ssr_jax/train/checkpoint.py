@@ -15,6 +15,7 @@ save killed before the rename leaves only that temporary directory, which `lates
 """
 
 import contextlib
+import json
 import logging
 import os
 
@@ -22,6 +23,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "checkpoints"
 BEST_METRIC = "miou"
@@ -243,6 +246,51 @@ class Checkpointer:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_json(config) -> dict:
+  """The ConfigDict as a JSON-serialisable dict (what a checkpoint's `config` item records)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def config_diff(saved: dict, current: dict) -> list[str]:
+  """One line per dotted config field that differs between two `config_json` dicts."""
+  a, b = _flatten(saved), _flatten(current)
+  return [
+    f"  {k}: checkpoint {a.get(k, '<absent>')!r} vs now {b.get(k, '<absent>')!r}"
+    for k in sorted(set(a) | set(b))
+    if a.get(k) != b.get(k)
+  ]
+
+
+def restore_checked(ckpt: Checkpointer, target, *, step: int, config, clip_fingerprint: str):
+  """`ckpt.restore(target, step=step)` for a resume: warns if the frozen CLIP weights changed, and
+  adds the config fields that differ from the checkpoint's to a CheckpointMismatchError."""
+  saved = ckpt.read_config(step=step)
+  meta = saved.get("meta", {})
+  if meta.get("clip_fingerprint", "") != clip_fingerprint:
+    log.warning(
+      "Resuming with different frozen CLIP weights: checkpoint fingerprint %r, now %r.",
+      meta.get("clip_fingerprint"),
+      clip_fingerprint,
+    )
+  try:
+    return ckpt.restore(target, step=step)
+  except CheckpointMismatchError as e:
+    diff = config_diff(saved.get("config", {}), config_json(config))
+    raise CheckpointMismatchError(
+      f"{e}\nConfig fields that differ from the checkpoint's:\n" + ("\n".join(diff) or "  (none)")
+    ) from None
 
 
 def restore(workdir, target_state, *, step: int | None = None):

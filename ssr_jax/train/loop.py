@@ -6,22 +6,27 @@ replicated, batch sharded). It resumes exactly from the latest checkpoint in `wo
 parameters, optimizer state, PRNG key and step, and the data iterator restarted at that step
 (`make_iterator(start_step)`; the data order is a pure function of (seed, step)).
 
+`train` is a short driver over the top-level helpers below, in banner sections: input, state
+(fresh or resumed), NaN guard, logging, eval, save, and the loop itself.
+
 Host-device syncs happen only at log steps (every train.log_every), evaluations and checkpoint
-saves; the NaN guard is therefore checked there, from the sticky `TrainState.nonfinite_*` fields,
-and a state that has seen a non-finite update is never checkpointed under nan_policy "halt".
+saves. The NaN guard is checked there: the state's sticky `nonfinite_step` says whether (and at
+which step) a loss or gradient first became non-finite, and that step's `finite/*` measurements,
+kept on device until the next log step, say which terms. Under nan_policy "halt" a state that has
+seen a non-finite update is never checkpointed.
 
 Preemption: SIGTERM sets a flag; at the next step boundary (single process) or the next log step
 (multi-process, where all processes agree on the step through an all-gather of the flag) the loop
 saves a checkpoint, logs it and returns the state, so the caller can exit 0.
 
-Multi-host: set train.distributed = True and call `initialize_distributed(config.train)` before
-anything touches a jax device (launch.py does; train() calls it again, which is then a no-op).
-`make_iterator` must yield this process's share of the batch (train.batch_size / process_count
-rows). Only process 0 writes logs; all processes take part in checkpointing (orbax coordinates).
+Multi-host: the entry point (launch.py) calls `jax.distributed.initialize()` before anything
+touches a jax device; train() assumes it is done. `make_iterator` must yield this process's share
+of the batch (train.batch_size / process_count rows). Only process 0 writes logs and metrics; all
+processes take part in checkpointing (orbax coordinates the save, so `save_checkpoint` is
+collective).
 """
 
 import functools
-import json
 import logging
 import signal
 import threading
@@ -32,13 +37,22 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from ssr_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, abstract_state
-from ssr_jax.train.metric_writer import MetricWriter
+from ssr_jax.train.checkpoint import Checkpointer, abstract_state, config_json, restore_checked
+from ssr_jax.train.metric_writer import MetricWriter, console_line, summarize
 from ssr_jax.train.sharding import make_mesh, put_batch, replicated
 from ssr_jax.train.state import TrainState, create_train_state, make_optimizer
-from ssr_jax.train.step import FINITE_PREFIX, NAN_POLICIES, jit_train_step, nonfinite_terms
+from ssr_jax.train.step import (
+  FINITE_PREFIX,
+  NAN_POLICIES,
+  JittedTrainStep,
+  nonfinite_terms,
+  update_skipped,
+)
 
 log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- errors, config checks, SIGTERM
 
 
 class NonFiniteError(RuntimeError):
@@ -60,12 +74,6 @@ class NonFiniteError(RuntimeError):
       f"Non-finite {', '.join(terms)} at step {step} (train.nan_policy='halt'); {where}. "
       "Fix the cause, or rerun with train.nan_policy='skip' to skip such updates."
     )
-
-
-def initialize_distributed(train_cfg) -> None:
-  """`jax.distributed.initialize()` (cluster auto-detected) when train.distributed is set."""
-  if train_cfg.distributed and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
 
 
 def validate_train_config(train_cfg, *, num_devices: int) -> None:
@@ -107,6 +115,9 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+# ---------------------------------------------------------------- input
+
+
 def _next_batch(batches, step: int, num_steps: int):
   try:
     return next(batches)
@@ -127,76 +138,167 @@ def _check_batch_size(gbatch, batch_size: int) -> None:
     )
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
+# ---------------------------------------------------------------- state: fresh or resumed
 
 
-def _config_json(config) -> dict:
-  return json.loads(config.to_json_best_effort())
+def init_or_resume(
+  task, tx, gbatch, *, ckpt: Checkpointer, start: int, config, clip_fingerprint: str, mesh
+) -> TrainState:
+  """A fresh state (start == 0) or the checkpoint of step `start`, replicated on `mesh`.
+
+  gbatch: the first global batch (its shapes define the state's). The resumed state is checked
+  against the checkpoint (config fields named on a mismatch; a CLIP fingerprint change warns).
+  """
+  create = functools.partial(create_train_state, task, tx)
+  rng = jax.random.PRNGKey(config.seed)
+  repl = replicated(mesh)
+  if not start:
+    # Parameters are created already replicated (no host copy, nothing to donate by mistake).
+    return jax.jit(create, out_shardings=repl)(rng, gbatch)
+  target = abstract_state(jax.eval_shape(create, rng, gbatch), repl)
+  state = restore_checked(
+    ckpt, target, step=start, config=config, clip_fingerprint=clip_fingerprint
+  )
+  if jax.process_index() == 0:
+    log.info("Resumed from %s at step %d.", ckpt.directory / str(start), start)
+  return state
 
 
-def _config_diff(saved: dict, current: dict) -> list[str]:
-  a, b = _flatten(saved), _flatten(current)
-  return [
-    f"  {k}: checkpoint {a.get(k, '<absent>')!r} vs now {b.get(k, '<absent>')!r}"
-    for k in sorted(set(a) | set(b))
-    if a.get(k) != b.get(k)
-  ]
+# ---------------------------------------------------------------- NaN guard
 
 
-def _restore(ckpt: Checkpointer, target, *, step: int, config, clip_fingerprint: str):
-  saved = ckpt.read_config(step=step)
-  meta = saved.get("meta", {})
-  if meta.get("clip_fingerprint", "") != clip_fingerprint:
+def halt_if_nonfinite(
+  state: TrainState, pending: list, *, step: int, nan_policy: str, ckpt: Checkpointer
+) -> None:
+  """Under nan_policy "halt", raises NonFiniteError once the state's sticky flag is set.
+
+  pending: the measurements of the steps since the last log step (device or host dicts), the
+  last one from step `step - 1`. Every check (log, eval, save) sees the steps since the previous
+  one, so the first bad step is among them and its `finite/*` flags name the bad terms.
+  A host sync; all processes hold the same flag, so all raise together.
+  """
+  if nan_policy != "halt":
+    return
+  bad = int(jax.device_get(state.nonfinite_step))
+  if bad < 0:
+    return
+  first = step - len(pending)
+  if first <= bad < step:
+    terms = nonfinite_terms(jax.device_get(pending[bad - first]))
+  else:  # Not reached from train(): a state restored with the flag already set.
+    terms = ["loss or gradients"]
+  ckpt.wait_until_finished()  # Let the last (good) save finish its rename.
+  ckpt.reload()
+  raise NonFiniteError(bad, terms, ckpt.latest_step(), ckpt.directory)
+
+
+def warn_skipped(measurements: list[dict], *, first_step: int) -> None:
+  """Warns (process 0) about the updates of a log interval skipped under nan_policy "skip".
+
+  measurements: host dicts of the interval's steps, the first from step `first_step`.
+  """
+  skipped = [i for i, m in enumerate(measurements) if update_skipped(m)]
+  if skipped and jax.process_index() == 0:
     log.warning(
-      "Resuming with different frozen CLIP weights: checkpoint fingerprint %r, now %r.",
-      meta.get("clip_fingerprint"),
-      clip_fingerprint,
+      "Skipped %d update(s) with non-finite loss/gradients (first at step %d: %s).",
+      len(skipped),
+      first_step + skipped[0],
+      ", ".join(nonfinite_terms(measurements[skipped[0]])),
     )
-  try:
-    return ckpt.restore(target, step=step)
-  except CheckpointMismatchError as e:
-    diff = _config_diff(saved.get("config", {}), _config_json(config))
-    raise CheckpointMismatchError(
-      f"{e}\nConfig fields that differ from the checkpoint's:\n" + ("\n".join(diff) or "  (none)")
-    ) from None
 
 
-def _format_duration(seconds: float) -> str:
-  if not np.isfinite(seconds):
-    return "?"
-  seconds = int(seconds)
-  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+# ---------------------------------------------------------------- logging
 
 
-def _summarize(pending: list[dict]) -> dict:
-  """Mean over the logged interval of every float metric; `lr` is the last step's rate."""
-  out = {}
-  for k in pending[-1]:
-    if k.startswith(FINITE_PREFIX):
-      continue
-    out[k] = float(pending[-1][k]) if k == "lr" else float(np.mean([m[k] for m in pending]))
-  return out
+class Throughput:
+  """Steps per second since the last restart (end of compilation, a log step or an eval)."""
+
+  def __init__(self, step: int):
+    self.restart(step)
+
+  def restart(self, step: int, now: float | None = None) -> None:
+    self.step, self.start = step, (time.perf_counter() if now is None else now)
 
 
-def _console_line(step: int, num_steps: int, scalars: dict, sps: float, batch_size: int) -> str:
-  terms = " ".join(
-    f"{k} {v:.4f}"
-    for k, v in scalars.items()
-    if k not in ("loss", "lr", "grad_norm", "param_norm", "steps_per_sec", "images_per_sec")
-  )
-  eta = (num_steps - step) / sps if sps > 0 else float("nan")
-  return (
-    f"step {step}/{num_steps} | loss {scalars['loss']:.4f} | {terms} | lr {scalars['lr']:.3e} | "
-    f"grad_norm {scalars['grad_norm']:.3f} | {sps:.2f} steps/s {sps * batch_size:.1f} img/s | "
-    f"ETA {_format_duration(eta)}"
-  )
+def log_interval(
+  writer: MetricWriter,
+  measurements: list[dict],
+  *,
+  step: int,
+  num_steps: int,
+  batch_size: int,
+  timer: Throughput,
+) -> None:
+  """Writes the interval's mean scalars and throughput, logs the console line (process 0)."""
+  now = time.perf_counter()
+  sps = (step - timer.step) / (now - timer.start) if step > timer.step else float("nan")
+  scalars = summarize(measurements, skip_prefix=FINITE_PREFIX)
+  if step > timer.step:  # No rate yet at a log step right after compilation.
+    scalars["steps_per_sec"] = sps
+    scalars["images_per_sec"] = sps * batch_size
+  if jax.process_index() == 0:
+    log.info(console_line(step, num_steps, scalars, sps, batch_size))
+  writer.write_scalars(step, scalars)
+  timer.restart(step, now)
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process if `flag` is set on any (a collective: all processes must call it)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+# ---------------------------------------------------------------- eval
+
+
+def evaluate_and_log(eval_fn, state: TrainState, *, step: int, writer: MetricWriter) -> dict:
+  """Runs `eval_fn(state, step)`, writes its scalars and images; returns {"miou": float}."""
+  result = dict(eval_fn(state, step))
+  images = result.pop("images", {})
+  if "miou" not in result:
+    raise KeyError(f"eval_fn returned {sorted(result)}; it must return 'miou'.")
+  writer.write_scalars(step, result, kind="eval")
+  writer.write_images(step, {f"eval/{k}": v for k, v in images.items()})
+  if jax.process_index() == 0:
+    log.info("eval step %d: %s", step, " ".join(f"{k} {float(v):.4f}" for k, v in result.items()))
+  return {"miou": float(result["miou"])}
+
+
+# ---------------------------------------------------------------- save
+
+
+def save_checkpoint(
+  ckpt: Checkpointer,
+  state: TrainState,
+  *,
+  step: int,
+  config_record: dict,
+  seed: int,
+  clip_fingerprint: str,
+  metrics: dict | None = None,
+) -> None:
+  """Starts an (async) save of `state` as `step`, with the config and run metadata.
+
+  Collective: every process calls it (orbax coordinates the write). metrics: {"miou": ...} for an
+  evaluated state (best-checkpoint retention).
+  """
+  meta = {
+    "clip_fingerprint": clip_fingerprint,
+    "jax_version": jax.__version__,
+    "data_step": step,  # The data iterator restarts here: make_iterator(data_step).
+    "seed": seed,
+    "device_count": jax.device_count(),
+    "process_count": jax.process_count(),
+  }
+  ckpt.save(step, state, config={"config": config_record, "meta": meta}, metrics=metrics)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _every(step: int, period: int) -> bool:
+  return period > 0 and step % period == 0
 
 
 def train(
@@ -224,141 +326,84 @@ def train(
   Raises NonFiniteError under nan_policy "halt" (the latest checkpoint then predates the bad step).
   """
   tc = config.train
-  initialize_distributed(tc)
   mesh = make_mesh() if mesh is None else mesh
   validate_train_config(tc, num_devices=mesh.size)
   workdir = epath.Path(workdir)
   is_main = jax.process_index() == 0
-  repl = replicated(mesh)
   tx, schedule = make_optimizer(tc)
   ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints)
   writer = None
   try:
-    # ---------------------------------------------------------------- state: fresh or resumed
+    # -------------------------------------------------------------- state: fresh or resumed
     start = ckpt.latest_step() or 0
     batches = iter(make_iterator(start))
     gbatch = put_batch(_next_batch(batches, start, tc.num_steps), mesh)
     _check_batch_size(gbatch, tc.batch_size)
-    create = functools.partial(create_train_state, task, tx)
-    rng = jax.random.PRNGKey(config.seed)
-    if start:
-      target = abstract_state(jax.eval_shape(create, rng, gbatch), repl)
-      state = _restore(ckpt, target, step=start, config=config, clip_fingerprint=clip_fingerprint)
-      if is_main:
-        log.info("Resumed from %s at step %d.", ckpt.directory / str(start), start)
-    else:
-      # Parameters are created already replicated (no host copy, nothing to donate by mistake).
-      state = jax.jit(create, out_shardings=repl)(rng, gbatch)
-    frozen = jax.device_put(frozen, repl)
-    step_fn = jit_train_step(task, tx, schedule=schedule, nan_policy=tc.nan_policy, mesh=mesh)
+    state = init_or_resume(
+      task,
+      tx,
+      gbatch,
+      ckpt=ckpt,
+      start=start,
+      config=config,
+      clip_fingerprint=clip_fingerprint,
+      mesh=mesh,
+    )
+    frozen = jax.device_put(frozen, replicated(mesh))
+    step_fn = JittedTrainStep(task, tx, schedule=schedule, nan_policy=tc.nan_policy, mesh=mesh)
     writer = MetricWriter(workdir, enabled=is_main, resume_step=start)
-    config_record = _config_json(config)
+    save = functools.partial(
+      save_checkpoint,
+      ckpt,
+      config_record=config_json(config),
+      seed=config.seed,
+      clip_fingerprint=clip_fingerprint,
+    )
+    guard = functools.partial(halt_if_nonfinite, nan_policy=tc.nan_policy, ckpt=ckpt)
 
-    def save(step, state, metrics=None):
-      guard(state)
-      meta = {
-        "clip_fingerprint": clip_fingerprint,
-        "jax_version": jax.__version__,
-        "data_step": step,  # The data iterator restarts here: make_iterator(data_step).
-        "seed": config.seed,
-        "device_count": jax.device_count(),
-        "process_count": jax.process_count(),
-      }
-      ckpt.save(step, state, config={"config": config_record, "meta": meta}, metrics=metrics)
-
-    metric_names = []
-
-    def guard(state, *, fetched=None):
-      """Raises NonFiniteError (halt) once the sticky flag is set; a rare host sync."""
-      if tc.nan_policy != "halt":
-        return
-      if fetched is None:
-        fetched = jax.device_get((state.nonfinite_step, state.nonfinite_mask))
-      first, mask = fetched
-      if first < 0:
-        return
-      ckpt.wait_until_finished()  # Let the last (good) save finish its rename.
-      ckpt.reload()
-      raise NonFiniteError(
-        int(first), nonfinite_terms(mask, metric_names), ckpt.latest_step(), ckpt.directory
-      )
-
-    # ---------------------------------------------------------------- loop
-    step = start
-    pending = []
-    seen_nonfinite = int(jax.device_get(state.nonfinite_count))
-    timer_step, timer_start = step, time.perf_counter()
+    # -------------------------------------------------------------- loop
+    step, pending, timer = start, [], Throughput(start)  # pending: measurements not yet logged
     with _SigtermFlag() as sigterm:
       while step < tc.num_steps:
         if gbatch is None:
           gbatch = put_batch(_next_batch(batches, step, tc.num_steps), mesh)
-        state, metrics = step_fn(state, frozen, gbatch)
+        state, measurements = step_fn(state, frozen, gbatch)
         gbatch = None
         step += 1
-        pending.append(metrics)
+        pending.append(measurements)
         if step == start + 1:
-          # Keep compilation out of the throughput figures.
-          metric_names = sorted(metrics)
-          jax.block_until_ready(metrics)
-          timer_step, timer_start = step, time.perf_counter()
-        stop = sigterm.requested if jax.process_count() == 1 else False
+          jax.block_until_ready(measurements)  # Keep compilation out of the throughput figures.
+          timer.restart(step)
+        # Several processes agree on a stop only at log steps (a collective).
+        stop = sigterm.requested and jax.process_count() == 1
+        last = step == tc.num_steps
 
-        if step % tc.log_every == 0 or step == tc.num_steps:
-          fetched, flags = jax.device_get(
-            (pending, (state.nonfinite_step, state.nonfinite_mask, state.nonfinite_count))
+        # logging (and the NaN guard and the multi-process stop, at this sync point)
+        if _every(step, tc.log_every) or last:
+          fetched, pending = jax.device_get(pending), []
+          log_interval(
+            writer,
+            fetched,
+            step=step,
+            num_steps=tc.num_steps,
+            batch_size=tc.batch_size,
+            timer=timer,
           )
-          pending = []
-          now = time.perf_counter()
-          sps = (step - timer_step) / (now - timer_start) if step > timer_step else float("nan")
-          scalars = _summarize(fetched)
-          if step > timer_step:  # No rate yet at a log step right after compilation.
-            scalars["steps_per_sec"] = sps
-            scalars["images_per_sec"] = sps * tc.batch_size
-          if is_main:
-            log.info(_console_line(step, tc.num_steps, scalars, sps, tc.batch_size))
-          writer.write_scalars(step, scalars)
-          timer_step, timer_start = step, now
-          guard(state, fetched=flags[:2])
-          if flags[2] > seen_nonfinite:
-            if is_main:
-              log.warning(
-                "Skipped %d update(s) with non-finite loss/gradients (first at step %d: %s).",
-                flags[2] - seen_nonfinite,
-                flags[0],
-                ", ".join(nonfinite_terms(flags[1], metric_names)),
-              )
-            seen_nonfinite = flags[2]
-          if jax.process_count() > 1:
-            # All processes must stop at the same step: agree on the flag at this sync point.
-            stop = bool(np.any(multihost_utils.process_allgather(np.int32(sigterm.requested))))
+          guard(state, fetched, step=step)
+          warn_skipped(fetched, first_step=step - len(fetched))
+          stop = any_process(sigterm.requested)
 
+        # eval
         eval_metrics = None
-        if (
-          eval_fn is not None
-          and tc.eval_every
-          and (step % tc.eval_every == 0 or step == tc.num_steps)
-        ):
-          guard(state)
-          result = dict(eval_fn(state, step))
-          images = result.pop("images", {})
-          if "miou" not in result:
-            raise KeyError(f"eval_fn returned {sorted(result)}; it must return 'miou'.")
-          writer.write_scalars(step, result, kind="eval")
-          writer.write_images(step, {f"eval/{k}": v for k, v in images.items()})
-          if is_main:
-            log.info(
-              "eval step %d: %s", step, " ".join(f"{k} {float(v):.4f}" for k, v in result.items())
-            )
-          eval_metrics = {"miou": float(result["miou"])}
-          timer_step, timer_start = step, time.perf_counter()
+        if eval_fn is not None and tc.eval_every > 0 and (_every(step, tc.eval_every) or last):
+          guard(state, pending, step=step)
+          eval_metrics = evaluate_and_log(eval_fn, state, step=step, writer=writer)
+          timer.restart(step)  # Keep eval time out of the throughput figures.
 
-        if (
-          (tc.checkpoint_every and step % tc.checkpoint_every == 0)
-          or eval_metrics is not None
-          or step == tc.num_steps
-          or stop
-        ):
-          save(step, state, eval_metrics)
+        # save (never a state past a non-finite update under "halt")
+        if _every(step, tc.checkpoint_every) or last or eval_metrics is not None or stop:
+          guard(state, pending, step=step)
+          save(state, step=step, metrics=eval_metrics)
         if stop:
           if is_main:
             log.info(

@@ -6,6 +6,9 @@
 On resume from step s, records with step > s (written by the run that died after its last
 checkpoint) are dropped from the JSON files and purged from TensorBoard, so every file describes
 one consistent history.
+
+`summarize` and `console_line` turn the fetched per-step measurements of a log interval into the
+logged scalars and the console line.
 """
 
 import json
@@ -20,6 +23,44 @@ log = logging.getLogger(__name__)
 TRAIN_JSONL = "train_metrics.jsonl"
 EVAL_JSONL = "eval_metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
+
+
+# Shown in fixed places of the console line; every other scalar is listed as a loss term.
+_CONSOLE_FIXED = ("loss", "lr", "grad_norm", "param_norm", "steps_per_sec", "images_per_sec")
+
+
+def format_duration(seconds: float) -> str:
+  """`1h02m03s`; "?" when unknown (not finite)."""
+  if not np.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def summarize(measurements: list[dict], *, skip_prefix: str) -> dict:
+  """Mean over a log interval of every measurement; `lr` is the last step's rate.
+
+  measurements: one host dict of scalars per step; keys starting with `skip_prefix` (the train
+  step's finiteness flags) are left out.
+  """
+  out = {}
+  for k in measurements[-1]:
+    if k.startswith(skip_prefix):
+      continue
+    last = measurements[-1][k]
+    out[k] = float(last) if k == "lr" else float(np.mean([m[k] for m in measurements]))
+  return out
+
+
+def console_line(step: int, num_steps: int, scalars: dict, sps: float, batch_size: int) -> str:
+  """One log line: step, loss, each term, lr, grad norm, throughput and ETA at `sps` steps/s."""
+  terms = " ".join(f"{k} {v:.4f}" for k, v in scalars.items() if k not in _CONSOLE_FIXED)
+  eta = (num_steps - step) / sps if sps > 0 else float("nan")
+  return (
+    f"step {step}/{num_steps} | loss {scalars['loss']:.4f} | {terms} | lr {scalars['lr']:.3e} | "
+    f"grad_norm {scalars['grad_norm']:.3f} | {sps:.2f} steps/s {sps * batch_size:.1f} img/s | "
+    f"ETA {format_duration(eta)}"
+  )
 
 
 def _truncate_jsonl(path: epath.Path, last_step: int) -> None:

@@ -26,11 +26,10 @@ class TrainState:
   opt_state: optax state of `make_optimizer`'s transformation.
   rng: uint32[2] base key; step s draws from `fold_in(rng, s)`, so resuming is exact.
   nonfinite_step: int32, first step whose loss or gradients were non-finite; -1 if none. Sticky,
-    so the host can check it rarely (log/eval/checkpoint time) and still name the first bad step.
-  nonfinite_mask: int32 bitmask of the non-finite flags at `nonfinite_step` (bit i = i-th name of
-    `step.finite_names`).
+    so the host can check it rarely (log/eval/checkpoint time) and still find the first bad step;
+    which terms were non-finite there, the host reads from that step's `finite/*` measurements.
   nonfinite_count: int32, number of steps with a non-finite loss or gradient so far (under
-    nan_policy "skip", the number of skipped updates).
+    nan_policy "skip", the number of skipped updates, which the schedule's count leaves out).
   """
 
   step: jax.Array
@@ -38,7 +37,6 @@ class TrainState:
   opt_state: Any
   rng: jax.Array
   nonfinite_step: jax.Array
-  nonfinite_mask: jax.Array
   nonfinite_count: jax.Array
 
 
@@ -124,6 +122,5 @@ def create_train_state(task, tx, rng: jax.Array, batch) -> TrainState:
     opt_state=tx.init(params),
     rng=step_rng,
     nonfinite_step=jnp.full((), -1, jnp.int32),
-    nonfinite_mask=jnp.zeros((), jnp.int32),
     nonfinite_count=jnp.zeros((), jnp.int32),
   )

@@ -21,17 +21,21 @@ RESERVED_METRICS = ("loss", "grads", "lr", "grad_norm", "param_norm")
 FINITE_PREFIX = "finite/"
 
 
-def finite_names(metric_names) -> list[str]:
-  """Names of the finiteness flags, in bit order of `TrainState.nonfinite_mask`.
+def nonfinite_terms(measurements: dict) -> list[str]:
+  """Names of the non-finite quantities in one step's measurements, fetched to the host.
 
-  metric_names: the keys of a metrics dict returned by the train step.
+  measurements: the metrics dict of one train step; its bool "finite/<name>" flags are read.
   """
-  return sorted(k[len(FINITE_PREFIX) :] for k in metric_names if k.startswith(FINITE_PREFIX))
+  return sorted(
+    k[len(FINITE_PREFIX) :]
+    for k, v in measurements.items()
+    if k.startswith(FINITE_PREFIX) and not v
+  )
 
 
-def nonfinite_terms(mask: int, metric_names) -> list[str]:
-  """Decodes `TrainState.nonfinite_mask` into the names of the non-finite quantities."""
-  return [name for i, name in enumerate(finite_names(metric_names)) if (int(mask) >> i) & 1]
+def update_skipped(measurements: dict) -> bool:
+  """Whether the step's loss or gradients were non-finite (the guard's condition)."""
+  return not (measurements[FINITE_PREFIX + "loss"] and measurements[FINITE_PREFIX + "grads"])
 
 
 def _all_finite(tree) -> jax.Array:
@@ -51,8 +55,9 @@ def make_train_step(task, tx: optax.GradientTransformation, *, schedule, nan_pol
     not advance the optimizer's schedule).
   metrics: "loss", every task metric, "lr" (the rate this update used), "grad_norm" (global norm,
     before clipping), "param_norm" (before the update), and bool "finite/<name>" for the loss, each
-    task metric and "grads". Non-finite loss or gradients trip the guard; a non-finite task metric
-    alone does not, but is named in the report when the guard trips at the same step.
+    task metric and "grads". Non-finite loss or gradients trip the guard: the state's sticky
+    `nonfinite_step` keeps the first such step and `nonfinite_count` counts them. A non-finite task
+    metric alone does not, but the host names it (from these flags) when the guard trips there.
   """
   if nan_policy not in NAN_POLICIES:
     raise ValueError(f"train.nan_policy={nan_policy!r}: expected one of {NAN_POLICIES}.")
@@ -75,11 +80,6 @@ def make_train_step(task, tx: optax.GradientTransformation, *, schedule, nan_pol
       )
     finite = {"loss": jnp.isfinite(loss), "grads": _all_finite(grads)}
     finite.update({k: jnp.all(jnp.isfinite(v)) for k, v in terms.items()})
-    names = sorted(finite)
-    if len(names) > 31:
-      raise ValueError(
-        f"task.loss returned {len(terms)} metrics; the NaN guard handles 29 at most."
-      )
     ok = finite["loss"] & finite["grads"]
 
     with jax.named_scope("optimizer"):
@@ -93,7 +93,6 @@ def make_train_step(task, tx: optax.GradientTransformation, *, schedule, nan_pol
     else:
       opt_count = state.step
 
-    mask = sum(jnp.where(finite[n], 0, 1 << i) for i, n in enumerate(names)).astype(jnp.int32)
     first_bad = (state.nonfinite_step < 0) & ~ok
     new_state = TrainState(
       step=state.step + 1,
@@ -101,7 +100,6 @@ def make_train_step(task, tx: optax.GradientTransformation, *, schedule, nan_pol
       opt_state=opt_state,
       rng=state.rng,
       nonfinite_step=jnp.where(first_bad, state.step, state.nonfinite_step),
-      nonfinite_mask=jnp.where(first_bad, mask, state.nonfinite_mask),
       nonfinite_count=state.nonfinite_count + (~ok).astype(jnp.int32),
     )
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in terms.items()}
@@ -118,10 +116,11 @@ def make_train_step(task, tx: optax.GradientTransformation, *, schedule, nan_pol
 class JittedTrainStep:
   """`make_train_step` under jax.jit with declared shardings and the state donated.
 
-  Call as `state, metrics = step(state, frozen, batch)`: state and frozen replicated on `mesh`,
-  batch sharded on its leading axis (see sharding.put_batch). The input state's buffers are donated
-  (reused for the output), so the caller must drop every reference to it. `trace_count` counts how
-  many times the step was traced (1 for a whole run when shapes and dtypes are stable).
+  Arguments as `make_train_step`, plus the `mesh`. Call as `state, metrics = step(state, frozen,
+  batch)`: state and frozen replicated on `mesh`, batch sharded on its leading axis (see
+  sharding.put_batch). The input state's buffers are donated (reused for the output), so the
+  caller must drop every reference to it. `trace_count` counts how many times the step was traced
+  (1 for a whole run when shapes and dtypes are stable).
   """
 
   def __init__(self, task, tx, *, schedule, nan_policy: str, mesh):
@@ -146,8 +145,3 @@ class JittedTrainStep:
   def lower(self, state, frozen, batch):
     """`jax.jit(...).lower`, e.g. for cost analysis or HLO inspection."""
     return self._jitted.lower(state, frozen, batch)
-
-
-def jit_train_step(task, tx, *, schedule, nan_policy: str, mesh) -> JittedTrainStep:
-  """The jitted, donating train step for `mesh` (see JittedTrainStep)."""
-  return JittedTrainStep(task, tx, schedule=schedule, nan_policy=nan_policy, mesh=mesh)

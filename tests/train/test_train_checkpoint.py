@@ -1,5 +1,6 @@
 """Orbax checkpoints: round trip onto another mesh, mismatch errors, retention, atomicity."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -13,12 +14,16 @@ import numpy as np
 import pytest
 from toy_train_task import ToyTask, toy_state
 
+from configs.base import get_config
 from ssr_jax.train.checkpoint import (
   Checkpointer,
   CheckpointMismatchError,
   abstract_state,
   checkpoint_dir,
+  config_diff,
+  config_json,
   restore,
+  restore_checked,
 )
 from ssr_jax.train.sharding import make_mesh, replicated
 
@@ -58,6 +63,42 @@ def test_mismatched_model_names_path_and_shapes(tmp_path):
   assert "params/hidden/kernel: checkpoint shape (8, 16) vs model shape (8, 8)" in msg
   assert "params/out/kernel: checkpoint shape (16, 3) vs model shape (8, 3)" in msg
   assert "opt_state/0/mu/hidden/bias" in msg  # The optimizer moments are named too.
+
+
+def test_config_diff_lists_dotted_fields():
+  saved = {"seed": 0, "train": {"lr": 1.0, "steps": 5}, "gone": 1}
+  now = {"seed": 0, "train": {"lr": 2.0, "steps": 5}, "new": {"x": True}}
+  assert config_diff(saved, now) == [
+    "  gone: checkpoint 1 vs now '<absent>'",
+    "  new.x: checkpoint '<absent>' vs now True",
+    "  train.lr: checkpoint 1.0 vs now 2.0",
+  ]
+
+
+def test_restore_checked_names_config_fields_and_warns_on_new_clip(tmp_path, caplog):
+  mesh = make_mesh()
+  saved_cfg = get_config()
+  record = {"config": config_json(saved_cfg), "meta": {"clip_fingerprint": "fp0"}}
+  with Checkpointer(tmp_path) as ckpt:
+    ckpt.save(2, toy_state(mesh, task=ToyTask(hidden=16)), config=record)
+  now_cfg = get_config()
+  now_cfg.train.learning_rate = 123.0
+  small = abstract_state(
+    jax.eval_shape(lambda: toy_state(mesh, task=ToyTask(hidden=8))), replicated(mesh)
+  )
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(CheckpointMismatchError) as e:
+      restore_checked(ckpt, small, step=2, config=now_cfg, clip_fingerprint="fp0")
+    msg = str(e.value)
+    assert "params/hidden/kernel: checkpoint shape (8, 16) vs model shape (8, 8)" in msg
+    lr = saved_cfg.train.learning_rate
+    want = f"  train.learning_rate: checkpoint {lr!r} vs now 123.0"
+    assert f"Config fields that differ from the checkpoint's:\n{want}" in msg
+    same = abstract_state(jax.eval_shape(lambda: toy_state(mesh)), replicated(mesh))
+    with caplog.at_level(logging.WARNING, logger="ssr_jax.train.checkpoint"):
+      state = restore_checked(ckpt, same, step=2, config=saved_cfg, clip_fingerprint="fp1")
+  assert int(state.step) == 0
+  assert "different frozen CLIP weights: checkpoint fingerprint 'fp0', now 'fp1'" in caplog.text
 
 
 def test_missing_checkpoints_give_clear_errors(tmp_path):

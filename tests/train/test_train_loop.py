@@ -13,7 +13,6 @@ from toy_train_task import ToyData, ToyTask, toy_frozen, toy_state
 from configs.base import get_config
 from ssr_jax.train.checkpoint import Checkpointer, abstract_state, checkpoint_dir
 from ssr_jax.train.loop import NonFiniteError, train
-from ssr_jax.train.metric_writer import MetricWriter
 from ssr_jax.train.sharding import make_mesh, replicated
 
 STEPS = 12
@@ -138,8 +137,10 @@ def test_nan_halt_names_step_and_term_and_keeps_good_checkpoint(tmp_path):
   with pytest.raises(NonFiniteError) as e:
     train(cfg, tmp_path, task=task, frozen=toy_frozen(), make_iterator=ToyData(8))
   err = e.value
-  assert err.step == 5 and "aux" in err.terms and "loss" in err.terms
-  assert "step 5" in str(err) and "aux" in str(err)
+  # Caught at the save of step 6, between log steps: the terms come from step 5's measurements
+  # (step 6's, after the NaN update, would add "mse").
+  assert err.step == 5 and err.terms == ["aux", "grads", "loss"]
+  assert "Non-finite aux, grads, loss at step 5" in str(err)
   # The save at step 6 (after the bad update) was refused; step 4 is the latest and is intact.
   assert err.checkpoint_step == 4
   with Checkpointer(tmp_path) as ckpt:
@@ -148,6 +149,34 @@ def test_nan_halt_names_step_and_term_and_keeps_good_checkpoint(tmp_path):
     target = ckpt.restore(abstract_state(jax.eval_shape(lambda: toy_state(mesh)), replicated(mesh)))
   assert int(target.step) == 4 and int(target.nonfinite_step) == -1
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(target.params))
+
+
+@pytest.mark.parametrize("nan_step", [4, 5, 7])
+def test_nan_halt_at_log_step_names_first_bad_step(tmp_path, nan_step):
+  """Caught at the log step 8 only: the first bad step of the fetched interval is reported, not
+  the later ones (where the NaN parameters make "mse" non-finite too)."""
+  cfg = _config(checkpoint_every=0, log_every=4)
+  task = ToyTask(switch_step=0, nan_step=nan_step)
+  with pytest.raises(NonFiniteError) as e:
+    train(cfg, tmp_path, task=task, frozen=toy_frozen(), make_iterator=ToyData(8))
+  assert e.value.step == nan_step and e.value.terms == ["aux", "grads", "loss"]
+  assert e.value.checkpoint_step is None
+
+
+def test_nan_halt_before_eval(tmp_path):
+  seen = []
+  cfg = _config(checkpoint_every=0, log_every=6, eval_every=4)
+  task = ToyTask(switch_step=0, nan_step=2)
+  with pytest.raises(NonFiniteError) as e:
+    train(
+      cfg,
+      tmp_path,
+      task=task,
+      frozen=toy_frozen(),
+      make_iterator=ToyData(8),
+      eval_fn=lambda state, step: seen.append(step) or {"miou": 0.0},
+    )
+  assert e.value.step == 2 and e.value.terms == ["aux", "grads", "loss"] and not seen
 
 
 def test_nan_skip_completes_with_finite_params(tmp_path, caplog):
@@ -159,7 +188,10 @@ def test_nan_skip_completes_with_finite_params(tmp_path, caplog):
   assert int(state.step) == STEPS and int(state.nonfinite_count) == 1
   assert int(state.nonfinite_step) == 5
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(state)))
-  assert "Skipped 1 update(s)" in caplog.text and "first at step 5" in caplog.text
+  assert (
+    "Skipped 1 update(s) with non-finite loss/gradients (first at step 5: aux, grads, loss)"
+    in (caplog.text)
+  )
 
 
 def test_eval_hook_logs_and_keeps_best_checkpoint(tmp_path):
@@ -190,23 +222,18 @@ def test_eval_hook_logs_and_keeps_best_checkpoint(tmp_path):
   assert sorted(p.name for p in checkpoint_dir(tmp_path).iterdir()) == ["12", "8"]
 
 
-def test_metric_writer_drops_records_after_resume_step(tmp_path):
-  w = MetricWriter(tmp_path)
-  for step in (2, 4, 6):
-    w.write_scalars(step, {"loss": step / 10})
-  w.write_scalars(4, {"miou": 0.5}, kind="eval")
-  w.write_scalars(6, {"miou": float("nan")}, kind="eval")
-  w.close()
-  w = MetricWriter(tmp_path, resume_step=4)
-  w.write_scalars(6, {"loss": 0.7})
-  with pytest.raises(ValueError, match="uint8"):
-    w.write_images(6, {"x": np.zeros((4, 4, 3), np.float32)})
-  w.close()
-  train_steps = [
-    json.loads(x) for x in (tmp_path / "train_metrics.jsonl").read_text().split("\n") if x
-  ]
-  assert [(r["step"], r["loss"]) for r in train_steps] == [(2, 0.2), (4, 0.4), (6, 0.7)]
-  assert (tmp_path / "eval_metrics.jsonl").read_text().count("\n") == 1
+def test_train_leaves_distributed_setup_to_the_entry_point(tmp_path, monkeypatch):
+  """jax cannot initialise the distributed system once devices were touched: train() never tries."""
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("train() called jax.distributed.initialize")
+
+  monkeypatch.setattr(jax.distributed, "initialize", refuse)
+  cfg = _config(num_steps=2, log_every=1, checkpoint_every=0)
+  if "distributed" in cfg.train:
+    cfg.train.distributed = True
+  state = train(cfg, tmp_path, task=TASK, frozen=toy_frozen(), make_iterator=ToyData(8))
+  assert int(state.step) == 2
 
 
 def test_config_errors(tmp_path):

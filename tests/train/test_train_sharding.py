@@ -10,7 +10,7 @@ from toy_train_task import ToyTask, toy_batch, toy_frozen
 from configs.base import get_config
 from ssr_jax.train.sharding import batch_sharding, make_mesh, put_batch, replicated
 from ssr_jax.train.state import create_train_state, make_optimizer
-from ssr_jax.train.step import jit_train_step
+from ssr_jax.train.step import JittedTrainStep
 
 
 def test_put_batch_shards_leading_axis():
@@ -48,7 +48,7 @@ def _run(mesh, steps):
     jax.random.PRNGKey(0), put_batch(toy_batch(0, batch_size=8), mesh)
   )
   frozen = jax.device_put(toy_frozen(), replicated(mesh))
-  step = jit_train_step(task, tx, schedule=schedule, nan_policy="halt", mesh=mesh)
+  step = JittedTrainStep(task, tx, schedule=schedule, nan_policy="halt", mesh=mesh)
   losses = []
   for s in range(steps):
     state, metrics = step(state, frozen, put_batch(toy_batch(s, batch_size=8), mesh))

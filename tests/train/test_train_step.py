@@ -12,7 +12,7 @@ from toy_train_task import ToyTask, toy_batch, toy_frozen
 from configs.base import get_config
 from ssr_jax.train.sharding import make_mesh, put_batch, replicated
 from ssr_jax.train.state import create_train_state, make_optimizer
-from ssr_jax.train.step import jit_train_step, make_train_step, nonfinite_terms
+from ssr_jax.train.step import JittedTrainStep, make_train_step, nonfinite_terms
 
 
 def _setup(task, nan_policy="halt"):
@@ -25,7 +25,7 @@ def _setup(task, nan_policy="halt"):
     jax.random.PRNGKey(0), put_batch(toy_batch(0, batch_size=8), mesh)
   )
   frozen = jax.device_put(toy_frozen(), replicated(mesh))
-  step = jit_train_step(task, tx, schedule=schedule, nan_policy=nan_policy, mesh=mesh)
+  step = JittedTrainStep(task, tx, schedule=schedule, nan_policy=nan_policy, mesh=mesh)
   return state, frozen, step, mesh, tx, schedule
 
 
@@ -79,8 +79,12 @@ def test_halt_policy_keeps_first_bad_step_sticky():
   state, frozen, step, mesh, _, _ = _setup(task, "halt")
   for s in range(6):
     state, metrics = step(state, frozen, put_batch(toy_batch(s, batch_size=8), mesh))
+    if s == 3:
+      bad_metrics = metrics
   assert int(state.nonfinite_step) == 3
-  assert nonfinite_terms(int(state.nonfinite_mask), metrics) == ["aux", "grads", "loss"]
+  # The host names the bad terms from that step's finiteness flags; later steps add "mse".
+  assert nonfinite_terms(jax.device_get(bad_metrics)) == ["aux", "grads", "loss"]
+  assert nonfinite_terms(jax.device_get(metrics)) == ["aux", "grads", "loss", "mse"]
   # The update was applied (params NaN from then on, so every later step is non-finite too).
   assert int(state.nonfinite_count) == 3
   assert np.isnan(np.asarray(state.params["out"]["kernel"])).any()
@@ -118,3 +122,20 @@ def test_reserved_metric_names_and_bad_policy_rejected():
     jax.eval_shape(fn, state, frozen, put_batch(toy_batch(0, batch_size=8), mesh))
   with pytest.raises(ValueError, match="train.nan_policy"):
     make_train_step(ToyTask(), tx, schedule=schedule, nan_policy="ignore")
+
+
+def test_guard_names_any_number_of_task_metrics():
+  """No cap on the number of task metrics (the guard keeps no bitmask over them)."""
+
+  @dataclasses.dataclass(frozen=True)
+  class Many(ToyTask):
+    def loss(self, params, frozen, batch, *, step, rng):
+      loss, m = super().loss(params, frozen, batch, step=step, rng=rng)
+      extra = {f"t{i:02d}": loss * i for i in range(40)}
+      return loss, {**m, **extra}
+
+  state, frozen, step, mesh, _, _ = _setup(Many(switch_step=0, nan_step=0))
+  state, metrics = step(state, frozen, put_batch(toy_batch(0, batch_size=8), mesh))
+  assert int(state.nonfinite_step) == 0
+  want = ["aux", "grads", "loss"] + [f"t{i:02d}" for i in range(40)]
+  assert nonfinite_terms(jax.device_get(metrics)) == want
