@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-from ssr_jax.data import files, parallel
+from ssr_jax.data import files, parallel, sources
 from ssr_jax.data.files import DataError
 
 BACKENDS = ("skimage", "opencv")
@@ -124,9 +124,7 @@ def check_superpixels(data_cfg, split: str) -> str:
 
   The error names the missing path(s) and the exact command that creates them.
   """
-  from ssr_jax.data import pipeline  # Late: pipeline imports this module.
-
-  ds = pipeline.get_dataset(data_cfg)
+  ds = sources.get_dataset(data_cfg)
   sf = ds.resolve(split)
   d = directory(data_cfg, ds.root)
   fix = f"create them with:\n  {command(data_cfg, split)}"
@@ -182,9 +180,7 @@ def precompute(
 
   Returns counts {"total", "written", "problems": [...]}.
   """
-  from ssr_jax.data import pipeline
-
-  ds = pipeline.get_dataset(data_cfg)
+  ds = sources.get_dataset(data_cfg)
   sf = ds.resolve(split)
   d = directory(data_cfg, ds.root)
   os.makedirs(d, exist_ok=True)

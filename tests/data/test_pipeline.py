@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from ssr_jax.data import augment, dataset, files, pipeline
+from ssr_jax.data import augment, dataset, examples, files, pipeline, sources
 from tests.data.conftest import synthetic_config
 
 try:
@@ -44,8 +44,8 @@ def test_batch_layout_and_oracle(syn_root):
   assert batch["superpixels"].shape == (4, s, s) and batch["superpixels"].dtype == np.int32
   assert batch["mask"].shape == (4, s, s) and batch["mask"].dtype == np.uint8
   assert batch["index"].dtype == np.int32
-  split = pipeline.get_dataset(cfg).split("train")
-  order = pipeline.Order(0, len(split))
+  split = sources.get_dataset(cfg).split("train")
+  order = examples.Order(0, len(split))
   assert batch["index"].tolist() == [order(g) for g in range(4)]
   for j, i in enumerate(batch["index"]):
     # Labels of the whole image (independent: np.unique of the mask file), §1.1.
@@ -164,7 +164,7 @@ def test_eval_dataset(syn_root):
   assert len(ds) == 5
   items = list(ds)
   assert [it["index"] for it in items] == list(range(5))
-  split = pipeline.get_dataset(cfg).split("val")
+  split = sources.get_dataset(cfg).split("val")
   for it in items:
     assert it["image"].shape == (96, 96, 3) and it["mask"].shape == (96, 96)
     assert it["superpixels"].dtype == np.int32 and it["superpixels"].min() == 0
@@ -183,7 +183,7 @@ def test_unlabeled_images_skipped_with_count(tmp_path, caplog):
   lst = write_voc_tree(tmp_path, [random_image(rng, 20, 30) for _ in masks], masks)
   cfg = data_config(name="voc", root=str(tmp_path), train_split=lst, crop_size=16)
   with caplog.at_level(logging.WARNING):
-    split = pipeline.get_dataset(cfg).split(lst, drop_unlabeled=True)
+    split = sources.get_dataset(cfg).split(lst, drop_unlabeled=True)
   assert split.ids == ("im1", "im4")
   assert "skipping 3 of 5 images" in caplog.text
   (batch,) = take(cfg, 1, batch_size=2, seed=0, pipeline="numpy")
