@@ -59,11 +59,9 @@ def build(config, workdir):
 
 
 def train(config, workdir, *, eval_during_training=False):
-  from ssr_jax.data import pipeline, superpixels
+  from ssr_jax.data import pipeline
   from ssr_jax.train import loop
 
-  if config.model.sgc.enabled:
-    superpixels.check_superpixels(config.data, config.data.train_split)
   task, frozen, fingerprint = build(config, workdir)
 
   def make_iterator(start_step):
@@ -72,6 +70,7 @@ def train(config, workdir, *, eval_during_training=False):
       batch_size=config.train.batch_size,
       seed=config.seed,
       start_step=start_step,
+      superpixels=config.model.sgc.enabled,
     )
 
   eval_fn = None

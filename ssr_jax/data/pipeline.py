@@ -13,9 +13,11 @@ DCT (PIL's default; TF told so) and run the same integer resampling plan (augmen
 batches are bit-identical; colour jitter (off by default) uses float32 on both sides and may
 differ by 1 grey level on rare pixels (its mean is a float reduction in a different order).
 
-Superpixels: `superpixels=None` (auto) reads them when the superpixel folder exists; without
-them the batch still carries the valid-region layout (0 inside the image, -1 on padding).
-Training calls `superpixels.check_superpixels` first when SGC is on.
+Superpixels: the caller says whether they are needed (`superpixels=True` when SGC uses them).
+Then every image of the split must have its file, checked at start-up: a DataError names the
+missing folder or file and the command that makes them. With `superpixels=False` none is read;
+training batches carry the valid-region layout (0 inside the image, -1 on padding) and eval
+items zeros.
 """
 
 import collections
@@ -23,7 +25,6 @@ import concurrent.futures
 import functools
 import logging
 import multiprocessing
-import os
 
 import numpy as np
 
@@ -123,36 +124,23 @@ def _numpy_batches(source: TrainSource, start_step, *, workers, prefetch, worker
     pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _superpixel_paths(data_cfg, split: Split, mode, split_name):
-  """Per-image superpixel paths, or None when not used (mode None = use if the folder exists)."""
-  if mode is False:
-    return None
-  d = sp_lib.directory(data_cfg, split.root)
-  if mode is None and not os.path.isdir(d):
-    log.info("no superpixel folder %s: batches carry the valid region only", d)
-    return None
-  if mode is True:
-    sp_lib.check_superpixels(data_cfg, split_name)
-  return split.superpixel_paths(d)
-
-
 def make_train_iterator(
   data_cfg,
   *,
   batch_size: int,
   seed: int,
+  superpixels: bool,
   start_step: int = 0,
   process_index: int | None = None,
   process_count: int | None = None,
   pipeline: str | None = None,
-  superpixels: bool | None = None,
 ) -> TrainIterator:
   """Training batches of data.train_split for global steps start_step, start_step + 1, ...
 
   batch_size is the global batch; this host gets batch_size / process_count examples of each
   (process_index/process_count default to jax's). pipeline: tf, numpy or auto (default
-  data.pipeline). superpixels: True = required (error naming the command that makes them if
-  missing), False = not read, None = read when the folder exists.
+  data.pipeline). superpixels: whether to read them (SGC on); if so, missing files raise a
+  DataError here naming the folder and the command that makes them.
   """
   if process_index is None or process_count is None:
     import jax
@@ -167,7 +155,7 @@ def make_train_iterator(
   )
   source = TrainSource(
     split=split,
-    superpixel_paths=_superpixel_paths(data_cfg, split, superpixels, data_cfg.train_split),
+    superpixel_paths=sp_lib.split_paths(data_cfg, split) if superpixels else None,
     augment=AugmentOptions.from_config(data_cfg),
     order=Order(seed, len(split)),
     positions=functools.partial(
@@ -204,7 +192,7 @@ class EvalDataset:
   """Per-image examples of a split at original size (no augmentation).
 
   Item i is a dict: image uint8 [H, W, 3], mask uint8 [H, W] (255 ignore), labels float32
-  [C-1], superpixels int32 [H, W] (zeros when not available), id str, index int.
+  [C-1], superpixels int32 [H, W] (zeros when not read), id str, index int.
   Iterating prefetches with a thread pool and keeps order.
   """
 
@@ -244,13 +232,13 @@ class EvalDataset:
 
 
 def make_eval_dataset(
-  data_cfg, split: str, *, max_images: int = 0, superpixels: bool | None = None
+  data_cfg, split: str, *, superpixels: bool, max_images: int = 0
 ) -> EvalDataset:
   """Per-image data of a split (e.g. data.val_split, or "train" for pseudo-label quality).
 
   max_images > 0 keeps the first max_images images of the list. superpixels as in
-  make_train_iterator.
+  make_train_iterator (the `pseudo` target with SGC on needs them).
   """
   s = sources.get_dataset(data_cfg).split(split, workers=data_cfg.num_workers)
-  sp_paths = _superpixel_paths(data_cfg, s, superpixels, split)
+  sp_paths = sp_lib.split_paths(data_cfg, s) if superpixels else None
   return EvalDataset(s, sp_paths, max_images=max_images, workers=data_cfg.num_workers)

@@ -40,7 +40,13 @@ def voc(tmp_path, images, masks, **kw):
 
 def first_batch(cfg, name, batch_size):
   with pipeline.make_train_iterator(
-    cfg, batch_size=batch_size, seed=0, process_index=0, process_count=1, pipeline=name
+    cfg,
+    batch_size=batch_size,
+    seed=0,
+    superpixels=False,
+    process_index=0,
+    process_count=1,
+    pipeline=name,
   ) as it:
     return next(it)
 

@@ -67,7 +67,13 @@ def test_palette_masks_read_as_indices(tmp_path):
     pass
   for name in names:
     with pipeline.make_train_iterator(
-      cfg, batch_size=1, seed=0, process_index=0, process_count=1, pipeline=name
+      cfg,
+      batch_size=1,
+      seed=0,
+      superpixels=False,
+      process_index=0,
+      process_count=1,
+      pipeline=name,
     ) as it:
       mask = next(it)["mask"][0]
     valid = mask != 255
