@@ -192,38 +192,39 @@ class EvalDataset:
   """Per-image examples of a split at original size (no augmentation).
 
   Item i is a dict: image uint8 [H, W, 3], mask uint8 [H, W] (255 ignore), labels float32
-  [C-1], superpixels int32 [H, W] (zeros when not read), id str, index int.
-  Iterating prefetches with a thread pool and keeps order.
+  [C-1], superpixels int32 [H, W] (zeros when not read), id str, index int (into the split).
+  `indices` are the split indices this dataset holds, in order. Iterating prefetches with a
+  thread pool and keeps order.
   """
 
-  def __init__(self, split: Split, sp_paths, *, max_images: int = 0, workers: int = 4):
+  def __init__(self, split: Split, sp_paths, *, indices, workers: int = 4):
     self.split = split
     self._sp_paths = sp_paths
-    self._n = len(split) if max_images <= 0 else min(max_images, len(split))
+    self.indices = tuple(int(i) for i in indices)
     self._workers = max(1, workers)
 
   def __len__(self):
-    return self._n
+    return len(self.indices)
 
   def __getitem__(self, i: int) -> dict:
-    if not 0 <= i < self._n:
+    if not 0 <= i < len(self.indices):
       raise IndexError(i)
-    s = self.split
-    sp_path = None if self._sp_paths is None else self._sp_paths[i]
-    image, mask, sp = read_example(s.image_paths[i], s.mask_paths[i], sp_path, s.num_classes)
+    s, k = self.split, self.indices[i]
+    sp_path = None if self._sp_paths is None else self._sp_paths[k]
+    image, mask, sp = read_example(s.image_paths[k], s.mask_paths[k], sp_path, s.num_classes)
     return {
       "image": image,
       "mask": mask,
-      "labels": s.labels[i],
+      "labels": s.labels[k],
       "superpixels": np.zeros(mask.shape, np.int32) if sp is None else sp,
-      "id": s.ids[i],
-      "index": i,
+      "id": s.ids[k],
+      "index": k,
     }
 
   def __iter__(self):
     with concurrent.futures.ThreadPoolExecutor(self._workers) as pool:
       window = collections.deque()
-      for i in range(self._n):
+      for i in range(len(self)):
         window.append(pool.submit(self.__getitem__, i))
         if len(window) > 2 * self._workers:
           yield window.popleft().result()
@@ -232,13 +233,27 @@ class EvalDataset:
 
 
 def make_eval_dataset(
-  data_cfg, split: str, *, superpixels: bool, max_images: int = 0
+  data_cfg,
+  split: str,
+  *,
+  superpixels: bool,
+  max_images: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
 ) -> EvalDataset:
   """Per-image data of a split (e.g. data.val_split, or "train" for pseudo-label quality).
 
-  max_images > 0 keeps the first max_images images of the list. superpixels as in
-  make_train_iterator (the `pseudo` target with SGC on needs them).
+  max_images > 0 keeps the first max_images images of the list. Host p of P then takes every
+  P-th of those from the p-th (split indices p, p + P, ...): disjoint, together all of them.
+  superpixels as in make_train_iterator (the `pseudo` target with SGC on needs them).
   """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
   s = sources.get_dataset(data_cfg).split(split, workers=data_cfg.num_workers)
-  sp_paths = sp_lib.split_paths(data_cfg, s) if superpixels else None
-  return EvalDataset(s, sp_paths, max_images=max_images, workers=data_cfg.num_workers)
+  n = len(s) if max_images <= 0 else min(max_images, len(s))
+  return EvalDataset(
+    s,
+    sp_lib.split_paths(data_cfg, s) if superpixels else None,
+    indices=range(process_index, n, process_count),
+    workers=data_cfg.num_workers,
+  )

@@ -191,6 +191,40 @@ def test_eval_dataset(syn_root):
   assert no_sp.dtype == np.int32 and not no_sp.any()
 
 
+@pytest.mark.parametrize("max_images", [0, 5])
+def test_eval_hosts_take_disjoint_slices_covering_the_split(syn_root, max_images):
+  cfg = synthetic_config(syn_root)
+  whole = pipeline.make_eval_dataset(cfg, "val", superpixels=False, max_images=max_images)
+  n = len(whole)
+  by_index = {it["index"]: it for it in whole}
+  for count in (2, 3):
+    parts = [
+      pipeline.make_eval_dataset(
+        cfg,
+        "val",
+        superpixels=False,
+        max_images=max_images,
+        process_index=p,
+        process_count=count,
+      )
+      for p in range(count)
+    ]
+    got = [[it["index"] for it in part] for part in parts]
+    assert got == [list(range(p, n, count)) for p in range(count)]  # Strided, in order.
+    assert sorted(sum(got, [])) == list(range(n))  # Disjoint and covering.
+    for part in parts:
+      for it in part:
+        want = by_index[it["index"]]
+        assert it["id"] == want["id"]
+        np.testing.assert_array_equal(it["image"], want["image"])
+  again = pipeline.make_eval_dataset(
+    cfg, "val", superpixels=False, process_index=1, process_count=3
+  )
+  assert again.indices == (1, 4, 7)  # Deterministic: a function of (index, count) only.
+  with pytest.raises(ValueError, match="process_index"):
+    pipeline.make_eval_dataset(cfg, "val", superpixels=False, process_index=2, process_count=2)
+
+
 @pytest.fixture(scope="module")
 def train_sp_only(tmp_path_factory):
   """A synthetic dataset with superpixels for its train split only (none for val)."""
