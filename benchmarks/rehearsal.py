@@ -54,7 +54,11 @@ def run(args):
 
   def make_iterator(start):
     return pipeline.make_train_iterator(
-      config.data, batch_size=config.train.batch_size, seed=config.seed, start_step=start
+      config.data,
+      batch_size=config.train.batch_size,
+      seed=config.seed,
+      start_step=start,
+      superpixels=config.model.sgc.enabled,
     )
 
   t0 = time.perf_counter()

@@ -87,6 +87,7 @@ def train(config, workdir):
       batch_size=config.train.batch_size,
       seed=config.seed,
       start_step=start_step,
+      superpixels=config.model.sgc.enabled,
     )
 
   def eval_fn(state, step):

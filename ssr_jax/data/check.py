@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from ssr_jax.data import dataset, files, pipeline
+from ssr_jax.data import dataset, files, sources
 from ssr_jax.data import superpixels as sp_lib
 from ssr_jax.data.files import DataError
 
@@ -61,7 +61,7 @@ def _check_one(image_path, mask_path, sp_path, num_classes):
 def check_split(data_cfg, split: str, *, workers: int = 0, progress: bool = False) -> Report:
   """Scans one split; returns a Report listing every problem found."""
   report = Report(split)
-  ds = pipeline.get_dataset(data_cfg)
+  ds = sources.get_dataset(data_cfg)
   try:
     sf = ds.resolve(split)
   except DataError as e:

@@ -1,4 +1,4 @@
-"""tf.data training pipeline: same batches as the numpy pipeline (see pipeline.py).
+"""tf.data training executor: the same batches as the numpy one (contract in examples.py).
 
 The only module that imports TensorFlow. TF is kept off accelerators (environment.md pitfall 9).
 A Python generator yields (split index, uniforms) for this host's stream positions; a parallel,
@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from ssr_jax.data import augment, files  # noqa: E402
-from ssr_jax.data.pipeline import assemble, load_example  # noqa: E402
+from ssr_jax.data.examples import TrainSource, assemble, load_example  # noqa: E402
 
 tf.config.set_visible_devices([], "GPU")
 
@@ -177,26 +177,28 @@ def _example_fn(split, sp_paths, opts):
   return fn
 
 
-def batches(split, sp_paths, opts, order, positions_of, start_step, *, workers, prefetch):
-  """Generator of batch dicts for global steps start_step, ... (see pipeline.py)."""
-  per_host = len(positions_of(start_step))
+def batches(source: TrainSource, start_step: int, *, workers: int, prefetch: int):
+  """Generator of batch dicts for global steps start_step, start_step + 1, ..."""
+  per_host = len(source.positions(start_step))
 
-  def source():
+  def stream():
     step = start_step
     while True:
-      for g in positions_of(step):
-        yield np.int32(order(g)), augment.draws(order.seed, g)
+      for g in source.positions(step):
+        yield np.int32(source.order(g)), source.draws(g)
       step += 1
 
   ds = tf.data.Dataset.from_generator(
-    source,
+    stream,
     output_signature=(
       tf.TensorSpec([], tf.int32),
       tf.TensorSpec([augment.NUM_DRAWS], tf.float64),
     ),
   )
   ds = ds.map(
-    _example_fn(split, sp_paths, opts), num_parallel_calls=max(1, workers), deterministic=True
+    _example_fn(source.split, source.superpixel_paths, source.augment),
+    num_parallel_calls=max(1, workers),
+    deterministic=True,
   )
   ds = ds.batch(per_host, drop_remainder=True).prefetch(max(1, prefetch))
   options = tf.data.Options()
@@ -208,13 +210,13 @@ def batches(split, sp_paths, opts, order, positions_of, start_step, *, workers, 
     try:
       img, m, sp, idx = next(it)
     except tf.errors.OpError as e:
-      _diagnose(split, sp_paths, opts, order, positions_of(step), e)
-    yield assemble(split, idx.numpy(), img.numpy(), m.numpy(), sp.numpy())
+      _diagnose(source, source.positions(step), e)
+    yield assemble(source.split, idx.numpy(), img.numpy(), m.numpy(), sp.numpy())
     step += 1
 
 
-def _diagnose(split, sp_paths, opts, order, positions, error):
+def _diagnose(source: TrainSource, positions, error):
   """Re-runs the failing batch with the numpy loader to name the bad file; always raises."""
   for g in positions:  # Raises the DataError that names the file.
-    load_example(split, sp_paths, order(g), augment.draws(order.seed, g), opts)
+    load_example(source, g)
   raise RuntimeError(f"tf.data input pipeline failed: {error.message}") from error

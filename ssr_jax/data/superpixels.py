@@ -22,7 +22,8 @@ import sys
 
 import numpy as np
 
-from ssr_jax.data import files, parallel
+from ssr_jax.data import files, parallel, sources
+from ssr_jax.data.dataset import Split
 from ssr_jax.data.files import DataError
 
 BACKENDS = ("skimage", "opencv")
@@ -124,21 +125,29 @@ def check_superpixels(data_cfg, split: str) -> str:
 
   The error names the missing path(s) and the exact command that creates them.
   """
-  from ssr_jax.data import pipeline  # Late: pipeline imports this module.
-
-  ds = pipeline.get_dataset(data_cfg)
-  sf = ds.resolve(split)
+  ds = sources.get_dataset(data_cfg)
   d = directory(data_cfg, ds.root)
+  _require(data_cfg, d, split, ds.resolve(split).ids)
+  return d
+
+
+def split_paths(data_cfg, split: Split) -> tuple[str, ...]:
+  """Each image's superpixel file, after checking they all exist (as check_superpixels)."""
+  d = directory(data_cfg, split.root)
+  _require(data_cfg, d, split.name, split.ids)
+  return split.superpixel_paths(d)
+
+
+def _require(data_cfg, d: str, split: str, ids) -> None:
   fix = f"create them with:\n  {command(data_cfg, split)}"
   if not os.path.isdir(d):
     raise DataError(f"superpixel folder {d} does not exist (SGC needs it); {fix}")
-  missing = [p for p in (os.path.join(d, f"{i}.png") for i in sf.ids) if not os.path.isfile(p)]
+  missing = [p for p in (os.path.join(d, f"{i}.png") for i in ids) if not os.path.isfile(p)]
   if missing:
     raise DataError(
-      f"{len(missing)} of {len(sf.ids)} superpixel files for split {split!r} are missing, "
+      f"{len(missing)} of {len(ids)} superpixel files for split {split!r} are missing, "
       f"e.g. {missing[0]}; {fix}"
     )
-  return d
 
 
 def _valid(sp_path, image_path):
@@ -182,9 +191,7 @@ def precompute(
 
   Returns counts {"total", "written", "problems": [...]}.
   """
-  from ssr_jax.data import pipeline
-
-  ds = pipeline.get_dataset(data_cfg)
+  ds = sources.get_dataset(data_cfg)
   sf = ds.resolve(split)
   d = directory(data_cfg, ds.root)
   os.makedirs(d, exist_ok=True)

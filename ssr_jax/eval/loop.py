@@ -127,7 +127,9 @@ def evaluate(
     raise ValueError(f"eval.target={target!r}: use seg, cam or pseudo")
   if ec.crf and target == "seg":
     crf.import_densecrf()  # Fail before the long loop if the optional package is missing.
-  dataset = pipeline.make_eval_dataset(dc, split, max_images=ec.max_images)
+  dataset = pipeline.make_eval_dataset(
+    dc, split, superpixels=config.model.sgc.enabled and target == "pseudo", max_images=ec.max_images
+  )
   names = class_names(dc.name, config.model.class_names)
   acc = metrics.ConfusionAccumulator(dc.num_classes, ignore=dc.ignore_label)
   out_dir = os.path.join(workdir, "eval", f"{split}_{target}")

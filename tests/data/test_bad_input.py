@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ssr_jax.data import check, files, pipeline
+from ssr_jax.data import check, files, pipeline, sources
 from ssr_jax.data.files import DataError
 from tests.data.conftest import data_config, random_image, write_voc_tree
 
@@ -40,7 +40,13 @@ def voc(tmp_path, images, masks, **kw):
 
 def first_batch(cfg, name, batch_size):
   with pipeline.make_train_iterator(
-    cfg, batch_size=batch_size, seed=0, process_index=0, process_count=1, pipeline=name
+    cfg,
+    batch_size=batch_size,
+    seed=0,
+    superpixels=False,
+    process_index=0,
+    process_count=1,
+    pipeline=name,
   ) as it:
     return next(it)
 
@@ -93,7 +99,7 @@ def test_mask_size_mismatch(tmp_path):
   rng = np.random.default_rng(2)
   cfg, lst = voc(tmp_path, [random_image(rng, 40, 50)], [np.ones((40, 49), np.uint8)])
   with pytest.raises(DataError, match=r"im0\.png.*40x49.*im0\.jpg.*40x50"):
-    pipeline.get_dataset(cfg).split(lst)
+    sources.get_dataset(cfg).split(lst)
 
 
 @pytest.mark.parametrize("name", PIPELINES)
@@ -125,7 +131,7 @@ def test_mask_values_out_of_range(tmp_path, name):
     first_batch(cfg, name, 2)
   cfg2, _ = voc(tmp_path, [random_image(rng, 20, 20)] * 2, [np.ones((20, 20), np.uint8), bad])
   with pytest.raises(DataError, match=r"im1\.png has values \[21\]"):
-    pipeline.get_dataset(cfg2).split(lst)
+    sources.get_dataset(cfg2).split(lst)
 
 
 def test_split_list_naming_missing_file(tmp_path):
@@ -136,7 +142,7 @@ def test_split_list_naming_missing_file(tmp_path):
   with pytest.raises(
     DataError, match=r"2 file\(s\).*\n.*ghost\.jpg\n.*ghost\.png[\s\S]*SegmentationClassAug"
   ):
-    pipeline.get_dataset(cfg).split(lst)
+    sources.get_dataset(cfg).split(lst)
 
 
 def test_empty_dataset(tmp_path):
@@ -145,16 +151,16 @@ def test_empty_dataset(tmp_path):
   empty = tmp_path / "empty.txt"
   empty.write_text("")
   with pytest.raises(DataError, match="empty"):
-    pipeline.get_dataset(cfg).split(str(empty))
+    sources.get_dataset(cfg).split(str(empty))
   with pytest.raises(DataError, match="JPEGImages"):
-    pipeline.get_dataset(data_config(name="voc", root=str(tmp_path / "nowhere")))
+    sources.get_dataset(data_config(name="voc", root=str(tmp_path / "nowhere")))
 
 
 def test_all_unlabeled_is_an_error(tmp_path):
   rng = np.random.default_rng(6)
   cfg, lst = voc(tmp_path, [random_image(rng, 20, 20)], [np.zeros((20, 20), np.uint8)])
   with pytest.raises(DataError, match="no image has a foreground label"):
-    pipeline.get_dataset(cfg).split(lst, drop_unlabeled=True)
+    sources.get_dataset(cfg).split(lst, drop_unlabeled=True)
 
 
 def test_check_reports_every_problem(tmp_path):

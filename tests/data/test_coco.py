@@ -9,7 +9,7 @@ from PIL import Image
 
 pytest.importorskip("pycocotools")
 
-from ssr_jax.data import coco, files, pipeline  # noqa: E402
+from ssr_jax.data import coco, files, sources  # noqa: E402
 from tests.data.conftest import data_config  # noqa: E402
 
 H, W = 20, 30
@@ -109,7 +109,7 @@ def test_convert_and_read(coco_root, tmp_path):
   assert os.path.islink(out / "JPEGImages" / "train2014")
 
   cfg = data_config(name="coco", root=str(out), num_classes=81, crop_size=16, num_workers=1)
-  split = pipeline.get_dataset(cfg).split("train")
+  split = sources.get_dataset(cfg).split("train")
   assert split.ids == ("COCO_train2014_000000000001",)
   assert np.flatnonzero(split.labels[0]).tolist() == sorted([values[big] - 1, values[small] - 1])
 
@@ -132,4 +132,4 @@ def test_missing_inputs(tmp_path):
   with pytest.raises(files.DataError, match="instances_train2014.json"):
     coco.convert_split(str(tmp_path), str(tmp_path / "o"), "train", workers=1, progress=False)
   with pytest.raises(files.DataError, match="python -m ssr_jax.data.coco"):
-    pipeline.get_dataset(data_config(name="coco", root=str(tmp_path), num_classes=81))
+    sources.get_dataset(data_config(name="coco", root=str(tmp_path), num_classes=81))

@@ -1,4 +1,5 @@
-"""Training iterator and eval dataset: both pipelines, determinism, resume, sharding, layout."""
+"""Training iterator and eval dataset: both pipelines, determinism, resume, sharding, layout,
+superpixels required or not."""
 
 import logging
 import os
@@ -8,7 +9,17 @@ import sys
 import numpy as np
 import pytest
 
-from ssr_jax.data import augment, dataset, files, pipeline
+from ssr_jax.data import (
+  augment,
+  dataset,
+  examples,
+  files,
+  pipeline,
+  sources,
+  superpixels,
+  synthetic,
+)
+from ssr_jax.data.files import DataError
 from tests.data.conftest import synthetic_config
 
 try:
@@ -23,6 +34,7 @@ needs_tf = pytest.mark.skipif(not HAVE_TF, reason="TensorFlow not installed")
 def take(cfg, n, **kw):
   kw.setdefault("process_index", 0)
   kw.setdefault("process_count", 1)
+  kw.setdefault("superpixels", True)
   with pipeline.make_train_iterator(cfg, **kw) as it:
     return [next(it) for _ in range(n)]
 
@@ -44,8 +56,8 @@ def test_batch_layout_and_oracle(syn_root):
   assert batch["superpixels"].shape == (4, s, s) and batch["superpixels"].dtype == np.int32
   assert batch["mask"].shape == (4, s, s) and batch["mask"].dtype == np.uint8
   assert batch["index"].dtype == np.int32
-  split = pipeline.get_dataset(cfg).split("train")
-  order = pipeline.Order(0, len(split))
+  split = sources.get_dataset(cfg).split("train")
+  order = examples.Order(0, len(split))
   assert batch["index"].tolist() == [order(g) for g in range(4)]
   for j, i in enumerate(batch["index"]):
     # Labels of the whole image (independent: np.unique of the mask file), §1.1.
@@ -121,7 +133,9 @@ def test_hosts_take_slices_of_the_global_batch(syn_root):
       joined = np.concatenate([parts[0][step][k], parts[1][step][k]])
       np.testing.assert_array_equal(joined, whole[step][k])
   with pytest.raises(ValueError, match="divisible"):
-    pipeline.make_train_iterator(cfg, batch_size=3, seed=0, process_index=0, process_count=2)
+    pipeline.make_train_iterator(
+      cfg, batch_size=3, seed=0, superpixels=False, process_index=0, process_count=2
+    )
 
 
 def test_superpixels_off_keeps_valid_region(syn_root):
@@ -146,7 +160,7 @@ def test_numpy_pipeline_imports_no_tensorflow(syn_root):
     "from ssr_jax.data import pipeline\n"
     f"cfg = synthetic_config({str(syn_root)!r})\n"
     "it = pipeline.make_train_iterator(cfg, batch_size=2, seed=0, process_index=0,"
-    " process_count=1, pipeline='numpy')\n"
+    " process_count=1, pipeline='numpy', superpixels=True)\n"
     "next(it); it.close()\n"
     "assert 'tensorflow' not in sys.modules, 'numpy pipeline imported TensorFlow'\n"
   )
@@ -160,19 +174,106 @@ def test_numpy_pipeline_imports_no_tensorflow(syn_root):
 
 def test_eval_dataset(syn_root):
   cfg = synthetic_config(syn_root)
-  ds = pipeline.make_eval_dataset(cfg, "val", max_images=5)
+  ds = pipeline.make_eval_dataset(cfg, "val", superpixels=True, max_images=5)
   assert len(ds) == 5
   items = list(ds)
   assert [it["index"] for it in items] == list(range(5))
-  split = pipeline.get_dataset(cfg).split("val")
+  split = sources.get_dataset(cfg).split("val")
+  sp_paths = split.superpixel_paths(str(syn_root / "Superpixels_skimage_100"))
   for it in items:
     assert it["image"].shape == (96, 96, 3) and it["mask"].shape == (96, 96)
-    assert it["superpixels"].dtype == np.int32 and it["superpixels"].min() == 0
+    assert it["superpixels"].dtype == np.int32
+    np.testing.assert_array_equal(it["superpixels"], files.read_superpixels(sp_paths[it["index"]]))
     np.testing.assert_array_equal(it["labels"], dataset.mask_labels(it["mask"], 7))
     assert it["id"] == split.ids[it["index"]]
-  assert len(pipeline.make_eval_dataset(cfg, "val")) == 8
+  assert len(pipeline.make_eval_dataset(cfg, "val", superpixels=True)) == 8
   no_sp = pipeline.make_eval_dataset(cfg, "val", superpixels=False)[0]["superpixels"]
-  assert not no_sp.any()
+  assert no_sp.dtype == np.int32 and not no_sp.any()
+
+
+@pytest.mark.parametrize("max_images", [0, 5])
+def test_eval_hosts_take_disjoint_slices_covering_the_split(syn_root, max_images):
+  cfg = synthetic_config(syn_root)
+  whole = pipeline.make_eval_dataset(cfg, "val", superpixels=False, max_images=max_images)
+  n = len(whole)
+  by_index = {it["index"]: it for it in whole}
+  for count in (2, 3):
+    parts = [
+      pipeline.make_eval_dataset(
+        cfg,
+        "val",
+        superpixels=False,
+        max_images=max_images,
+        process_index=p,
+        process_count=count,
+      )
+      for p in range(count)
+    ]
+    got = [[it["index"] for it in part] for part in parts]
+    assert got == [list(range(p, n, count)) for p in range(count)]  # Strided, in order.
+    assert sorted(sum(got, [])) == list(range(n))  # Disjoint and covering.
+    for part in parts:
+      for it in part:
+        want = by_index[it["index"]]
+        assert it["id"] == want["id"]
+        np.testing.assert_array_equal(it["image"], want["image"])
+  again = pipeline.make_eval_dataset(
+    cfg, "val", superpixels=False, process_index=1, process_count=3
+  )
+  assert again.indices == (1, 4, 7)  # Deterministic: a function of (index, count) only.
+  with pytest.raises(ValueError, match="process_index"):
+    pipeline.make_eval_dataset(cfg, "val", superpixels=False, process_index=2, process_count=2)
+
+
+@pytest.fixture(scope="module")
+def train_sp_only(tmp_path_factory):
+  """A synthetic dataset with superpixels for its train split only (none for val)."""
+  root = tmp_path_factory.mktemp("train_sp_only")
+  synthetic.write_dataset(str(root), num_train=4, num_val=3, size=48, seed=1)
+  cfg = synthetic_config(root, crop_size=32)
+  assert not superpixels.precompute(cfg, "train", workers=1, progress=False)["problems"]
+  return root
+
+
+def test_required_superpixels_missing_name_folder_and_command(train_sp_only):
+  cfg = synthetic_config(train_sp_only, crop_size=32)
+  folder = str(train_sp_only / "Superpixels_skimage_100")
+  with pytest.raises(DataError) as e:
+    pipeline.make_eval_dataset(cfg, "val", superpixels=True)
+  msg = str(e.value)
+  assert "3 of 3 superpixel files for split 'val' are missing" in msg
+  assert superpixels.command(cfg, "val") in msg and "--split val" in msg
+  # The train split is complete; removing one file makes the iterator refuse to start.
+  take(cfg, 1, batch_size=2, seed=0, pipeline="numpy")
+  os.rename(os.path.join(folder, "train_00002.png"), os.path.join(folder, "moved.png"))
+  try:
+    with pytest.raises(DataError, match=r"(?s)1 of 4 .*train_00002\.png.*--split train"):
+      take(cfg, 1, batch_size=2, seed=0, pipeline="numpy")
+  finally:
+    os.rename(os.path.join(folder, "moved.png"), os.path.join(folder, "train_00002.png"))
+
+
+def test_required_superpixels_without_folder(tmp_path):
+  synthetic.write_dataset(str(tmp_path), num_train=2, num_val=2, size=32, seed=0)
+  cfg = synthetic_config(tmp_path, crop_size=32)
+  folder = str(tmp_path / "Superpixels_skimage_100")
+  for make in (
+    lambda: take(cfg, 1, batch_size=2, seed=0, pipeline="numpy"),
+    lambda: pipeline.make_eval_dataset(cfg, "val", superpixels=True),
+  ):
+    with pytest.raises(DataError, match=f"superpixel folder {folder} does not exist") as e:
+      make()
+    assert "python -m ssr_jax.data.superpixels --config configs/demo.py" in str(e.value)
+
+
+def test_superpixels_off_reads_no_superpixel_file(syn_root, monkeypatch):
+  def fail(path):
+    raise AssertionError(f"read {path}")
+
+  monkeypatch.setattr(files, "read_superpixels", fail)
+  cfg = synthetic_config(syn_root)
+  take(cfg, 2, batch_size=4, seed=0, pipeline="numpy", superpixels=False)
+  assert len(list(pipeline.make_eval_dataset(cfg, "val", superpixels=False))) == 8
 
 
 def test_unlabeled_images_skipped_with_count(tmp_path, caplog):
@@ -183,8 +284,8 @@ def test_unlabeled_images_skipped_with_count(tmp_path, caplog):
   lst = write_voc_tree(tmp_path, [random_image(rng, 20, 30) for _ in masks], masks)
   cfg = data_config(name="voc", root=str(tmp_path), train_split=lst, crop_size=16)
   with caplog.at_level(logging.WARNING):
-    split = pipeline.get_dataset(cfg).split(lst, drop_unlabeled=True)
+    split = sources.get_dataset(cfg).split(lst, drop_unlabeled=True)
   assert split.ids == ("im1", "im4")
   assert "skipping 3 of 5 images" in caplog.text
-  (batch,) = take(cfg, 1, batch_size=2, seed=0, pipeline="numpy")
+  (batch,) = take(cfg, 1, batch_size=2, seed=0, pipeline="numpy", superpixels=False)
   assert sorted(batch["labels"].argmax(1).tolist()) == [2, 14]

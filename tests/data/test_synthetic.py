@@ -3,7 +3,7 @@
 import numpy as np
 from scipy import ndimage
 
-from ssr_jax.data import dataset, pipeline, synthetic
+from ssr_jax.data import dataset, sources, synthetic
 from tests.data.conftest import synthetic_config
 
 S = synthetic.SPEC
@@ -67,7 +67,7 @@ def test_write_read_roundtrip(tmp_path):
   for k in ("image", "mask", "labels", "caption", "id"):
     np.testing.assert_array_equal(np.asarray(disk[k]), np.asarray(mem[k]))
   cfg = synthetic_config(root)
-  ds = pipeline.get_dataset(cfg)
+  ds = sources.get_dataset(cfg)
   assert ds.class_names == S.class_names and ds.bg_names == S.bg_names
   assert len(ds.split("val")) == 3
   assert synthetic.write_dataset(root, num_train=4, num_val=3, size=48, seed=1)  # Changed spec.

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ssr_jax.data import dataset, pipeline, voc
+from ssr_jax.data import dataset, pipeline, sources, voc
 from ssr_jax.data.files import DataError
 from tests.data.conftest import data_config, random_image, write_voc_tree
 
@@ -24,7 +24,7 @@ def test_root_is_devkit_or_voc2012(tmp_path):
   voc2012 = tmp_path / "VOCdevkit" / "VOC2012"
   lst = write_voc_tree(voc2012, [random_image(rng, 10, 12)], [np.full((10, 12), 4, np.uint8)])
   for root in (tmp_path / "VOCdevkit", voc2012):
-    ds = pipeline.get_dataset(data_config(name="voc", root=str(root)))
+    ds = sources.get_dataset(data_config(name="voc", root=str(root)))
     assert ds.root == str(voc2012) and ds.num_classes == 21 and len(ds.class_names) == 20
     split = ds.split(lst)
     np.testing.assert_array_equal(split.labels[0], np.eye(20, dtype=np.float32)[3])
@@ -34,7 +34,7 @@ def test_num_classes_must_match(tmp_path):
   rng = np.random.default_rng(0)
   write_voc_tree(tmp_path, [random_image(rng, 10, 12)], [np.ones((10, 12), np.uint8)])
   with pytest.raises(DataError, match="num_classes is 81"):
-    pipeline.get_dataset(data_config(name="voc", root=str(tmp_path), num_classes=81))
+    sources.get_dataset(data_config(name="voc", root=str(tmp_path), num_classes=81))
 
 
 def test_palette_masks_read_as_indices(tmp_path):
@@ -55,7 +55,7 @@ def test_palette_masks_read_as_indices(tmp_path):
     hflip=False,
     num_workers=1,
   )
-  split = pipeline.get_dataset(cfg).split(lst)
+  split = sources.get_dataset(cfg).split(lst)
   np.testing.assert_array_equal(split.labels[0][[4, 11]], [1, 1])
   assert split.labels[0].sum() == 2
   names = ["numpy"]
@@ -67,7 +67,13 @@ def test_palette_masks_read_as_indices(tmp_path):
     pass
   for name in names:
     with pipeline.make_train_iterator(
-      cfg, batch_size=1, seed=0, process_index=0, process_count=1, pipeline=name
+      cfg,
+      batch_size=1,
+      seed=0,
+      superpixels=False,
+      process_index=0,
+      process_count=1,
+      pipeline=name,
     ) as it:
       mask = next(it)["mask"][0]
     valid = mask != 255
