@@ -120,10 +120,11 @@ def _prune_token_rows(params, texts, context_length):
   (the 49,408-token vocabulary is 90 % of a width-96 CLIP) to ~1 MB compressed.
   """
   used = np.unique(tokenize(list(texts), context_length=context_length))
-  table = np.asarray(params["token_embedding"]["embedding"])
+  table = np.asarray(params["text"]["token_embedding"]["embedding"])
   keep = np.zeros(table.shape[0], bool)
   keep[used] = True
-  return {**params, "token_embedding": {"embedding": np.where(keep[:, None], table, 0.0)}}
+  pruned = {"embedding": np.where(keep[:, None], table, 0.0)}
+  return {**params, "text": {**params["text"], "token_embedding": pruned}}
 
 
 def pretrain_tiny_clip(config, path) -> dict:

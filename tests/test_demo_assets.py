@@ -57,5 +57,5 @@ def test_pruned_vocabulary_keeps_text_embeddings():
   ids = tokenize(texts, context_length=cfg.context_length)
   enc = lambda p: model.apply({"params": p}, ids, method=model.encode_text)
   np.testing.assert_array_equal(np.asarray(enc(pruned)), np.asarray(enc(params)))
-  table = np.asarray(pruned["token_embedding"]["embedding"])
+  table = np.asarray(pruned["text"]["token_embedding"]["embedding"])
   assert np.count_nonzero(table.any(axis=1)) == len(np.unique(ids))
