@@ -29,7 +29,9 @@ def test_shipped_clip_refused_on_other_settings_or_damage(tmp_path):
   with pytest.raises(demo.DemoError, match="pretrain_clip=True"):
     demo.check_shipped_clip(config, demo.SHIPPED_CLIP)
   damaged = tmp_path / "tiny_clip.npz"
-  damaged.write_bytes(demo.SHIPPED_CLIP.read_bytes()[:-1] + b"\0")
+  data = bytearray(demo.SHIPPED_CLIP.read_bytes())
+  data[len(data) // 2] ^= 0xFF  # One flipped byte.
+  damaged.write_bytes(bytes(data))
   (tmp_path / "tiny_clip.npz.sha256").write_text(
     (demo.SHIPPED_CLIP.parent / "tiny_clip.npz.sha256").read_text()
   )
