@@ -54,7 +54,13 @@ def load_frozen(config, workdir):
 
 def build(config, workdir):
   clip, frozen, fingerprint = load_frozen(config, workdir)
-  task = build_task(config.model, config.loss, clip=clip, num_classes=config.data.num_classes)
+  task = build_task(
+    config.model,
+    config.loss,
+    clip=clip,
+    num_classes=config.data.num_classes,
+    ignore_label=config.data.ignore_label,
+  )
   return task, frozen, fingerprint
 
 
