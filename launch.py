@@ -22,22 +22,19 @@ _MODE = flags.DEFINE_enum("mode", "train_and_eval", MODES, "What to run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _NotReadOnlyNotice(pylogging.Filter):
-  def filter(self, record):
-    return "Given directory is read only" not in record.getMessage()
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from ssr_jax import experiment  # Imported late so --help stays fast and jax sees the env.
+  # Imported late so --help stays fast and jax sees the env.
+  from ssr_jax import experiment
+  from ssr_jax.eval import run as eval_run
 
   # Library INFO logs (Orbax, absl) drown the progress lines: keep them at WARNING and let
   # ssr_jax's own loggers (training progress, data, demo) through at INFO.
   logging.set_verbosity(logging.WARNING)
   pylogging.getLogger("ssr_jax").setLevel(pylogging.INFO)
   # Orbax warns each time evaluation opens the checkpoints read-only, which is what it asks for.
-  pylogging.getLogger("absl").addFilter(_NotReadOnlyNotice())
+  eval_run.quiet_read_only_notices()
   try:
     experiment.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
   except experiment.UserError as e:

@@ -82,10 +82,10 @@ def train(config, workdir, *, eval_during_training=False):
 
   eval_fn = None
   if eval_during_training and config.train.eval_every > 0:
-    from ssr_jax.eval import loop as eval_loop
+    from ssr_jax.eval import run as eval_run
 
     def eval_fn(state, step):
-      res = eval_loop.evaluate(
+      res = eval_run.evaluate(
         config,
         workdir,
         task=task,
@@ -111,11 +111,12 @@ def train(config, workdir, *, eval_during_training=False):
 
 def evaluate(config, workdir):
   """Restores the checkpoint and evaluates config.eval.target on config.eval.split."""
-  from ssr_jax.eval import loop as eval_loop
+  from ssr_jax.eval import run as eval_run
 
   task, frozen, fingerprint = build(config, workdir)
-  params, step = eval_loop.restore_params(config, workdir, task)
-  res = eval_loop.evaluate(
+  ckpt_step = None if config.eval.checkpoint_step < 0 else int(config.eval.checkpoint_step)
+  params, step = eval_run.restore_params(workdir, task, step=ckpt_step)
+  res = eval_run.evaluate(
     config,
     workdir,
     task=task,

@@ -53,6 +53,26 @@ def load_config(workdir, step=None):
   return ml_collections.ConfigDict(saved)
 
 
+def plan_batches(shapes, *, limit: int, devices: int, long_side, multiple: int) -> list:
+  """[(batch_size, image indices)] per network input size, for images of `shapes` [(H, W)].
+
+  Images of one input size share a compiled program and a batch; a batch holds no more than
+  the images at hand (at most `limit`), rounded up to a multiple of `devices`, so one photo is
+  not padded with eval.batch_size - 1 dummies (75 s for one 400x600 image on a CPU).
+  """
+  from ssr_jax.eval import inference
+
+  groups = {}
+  for i, (h, w) in enumerate(shapes):
+    size, _ = inference.input_sizes(h, w, scales=(), long_side=long_side, multiple=multiple)
+    groups.setdefault(size, []).append(i)
+  plan = []
+  for idx in groups.values():
+    n = min(limit, len(idx))
+    plan.append((-(-n // devices) * devices, idx))
+  return plan
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--workdir", required=True, help="training workdir holding checkpoints/")
@@ -62,9 +82,13 @@ def main(argv=None):
   ap.add_argument("--clip-weights", default=None, help="override the CLIP weights path")
   args = ap.parse_args(argv)
 
-  from ssr_jax import experiment
-  from ssr_jax.eval import loop, png
+  import jax
 
+  from ssr_jax import experiment
+  from ssr_jax.eval import png
+  from ssr_jax.eval import run as eval_run
+
+  eval_run.quiet_read_only_notices()
   paths = list_images(args.images)
   if not paths:
     print(f"error: no images found in {args.images}", file=sys.stderr)
@@ -76,10 +100,8 @@ def main(argv=None):
     return 1
   if args.clip_weights:
     config.clip.weights = args.clip_weights
-  if args.step is not None:
-    config.eval.checkpoint_step = args.step
   task, frozen, _ = experiment.build(config, args.workdir)
-  params, step = loop.restore_params(config, args.workdir, task)
+  params, step = eval_run.restore_params(args.workdir, task, step=args.step)
 
   failed, images, names = [], [], []
   for p in paths:
@@ -90,12 +112,25 @@ def main(argv=None):
       print(f"skipped: {e}", file=sys.stderr)
       failed.append(p)
   os.makedirs(args.out, exist_ok=True)
-  for i, pred in loop.seg_predictions(task, frozen, params, images, config.eval):
-    stem = os.path.splitext(os.path.basename(names[i]))[0]
-    png.save_label_png(os.path.join(args.out, f"{stem}.png"), pred.astype(np.uint8))
-    Image.fromarray(png.overlay(images[i], pred)).save(
-      os.path.join(args.out, f"{stem}_overlay.png")
+  plan = plan_batches(
+    [im.shape[:2] for im in images],
+    limit=config.eval.batch_size,
+    devices=len(jax.local_devices()),
+    long_side=config.eval.long_side or None,
+    multiple=task.clip.cfg.patch_size,
+  )
+  for batch_size, idx in plan:
+    group = [images[i] for i in idx]
+    preds = eval_run.seg_predictions(
+      task, frozen, params, group, config.eval, batch_size=batch_size
     )
+    for k, pred in preds:
+      i = idx[k]
+      stem = os.path.splitext(os.path.basename(names[i]))[0]
+      png.save_label_png(os.path.join(args.out, f"{stem}.png"), pred.astype(np.uint8))
+      Image.fromarray(png.overlay(images[i], pred)).save(
+        os.path.join(args.out, f"{stem}_overlay.png")
+      )
   print(
     f"checkpoint step {step}: wrote {len(images)} predictions to {args.out}; {len(failed)} failed"
   )

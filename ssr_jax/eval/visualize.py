@@ -88,8 +88,12 @@ def grid(
   return np.concatenate(panels, axis=1)
 
 
+def save_image(path, image) -> None:
+  """Writes a uint8 [H, W, 3] image (e.g. a `grid`) as an RGB PNG (parent folders created)."""
+  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(np.asarray(image)).save(path, format="PNG")
+
+
 def save_grid(path, image, cams, pseudo, pred, gt=None, class_names=None) -> None:
   """Writes `grid(...)` as an RGB PNG (parent folders created)."""
-  out = grid(image, cams, pseudo, pred, gt, class_names)
-  Path(path).parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(out).save(path, format="PNG")
+  save_image(path, grid(image, cams, pseudo, pred, gt, class_names))

@@ -1,4 +1,4 @@
-"""eval.loop.seg_predictions: repeated evaluations reuse their compiled inference."""
+"""eval.run.seg_predictions: repeated evaluations reuse their compiled inference."""
 
 import argparse
 
@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from ssr_jax.bench.model import bench_config, random_setup
-from ssr_jax.eval import inference, loop
+from ssr_jax.eval import inference, run
 
 
 def test_second_evaluation_compiles_nothing_and_predicts_the_same():
@@ -19,12 +19,12 @@ def test_second_evaluation_compiles_nothing_and_predicts_the_same():
   rng = np.random.default_rng(0)
   images = [rng.integers(0, 256, s + (3,), dtype=np.uint8) for s in [(40, 56), (56, 40), (40, 56)]]
 
-  def run():
-    return dict(loop.seg_predictions(task, frozen, params, images, config.eval))
+  def go():
+    return dict(run.seg_predictions(task, frozen, params, images, config.eval))
 
-  first = run()
+  first = go()
   compiled = inference._multiscale_jit._cache_size()
-  second = run()
+  second = go()
   # A new logits function per call used to recompile every size bucket at every evaluation.
   assert inference._multiscale_jit._cache_size() == compiled
   assert sorted(first) == sorted(second) == [0, 1, 2]
@@ -56,8 +56,8 @@ def test_second_cam_evaluation_compiles_nothing(tmp_path):
   task, frozen, batch = random_setup(config, small=True)
   params = task.init(jax.random.PRNGKey(0), batch)
 
-  def run():
-    return loop.evaluate(
+  def go():
+    return run.evaluate(
       config,
       str(tmp_path / "w"),
       task=task,
@@ -69,8 +69,8 @@ def test_second_cam_evaluation_compiles_nothing(tmp_path):
       write_outputs=False,
     )
 
-  first = run()
-  compiled = loop._cam_outputs._cache_size()
-  second = run()
-  assert loop._cam_outputs._cache_size() == compiled  # Was: a new jit per evaluation.
+  first = go()
+  compiled = run._cam_outputs._cache_size()
+  second = go()
+  assert run._cam_outputs._cache_size() == compiled  # Was: a new jit per evaluation.
   assert first["miou"] == second["miou"] and first["num_images"] == 4
