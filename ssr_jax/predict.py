@@ -73,6 +73,26 @@ def plan_batches(shapes, *, limit: int, devices: int, long_side, multiple: int) 
   return plan
 
 
+def segment(task, frozen, params, images, eval_cfg):
+  """(index, pred int32 [H, W]) of each uint8 image [H, W, 3], batched by `plan_batches`."""
+  import jax
+
+  from ssr_jax.eval import run as eval_run
+
+  plan = plan_batches(
+    [im.shape[:2] for im in images],
+    limit=eval_cfg.batch_size,
+    devices=jax.local_device_count(),
+    long_side=eval_cfg.long_side or None,
+    multiple=task.clip.cfg.patch_size,
+  )
+  for batch_size, idx in plan:
+    group = [images[i] for i in idx]
+    preds = eval_run.seg_predictions(task, frozen, params, group, eval_cfg, batch_size=batch_size)
+    for k, pred in preds:
+      yield idx[k], pred
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--workdir", required=True, help="training workdir holding checkpoints/")
@@ -81,8 +101,6 @@ def main(argv=None):
   ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   ap.add_argument("--clip-weights", default=None, help="override the CLIP weights path")
   args = ap.parse_args(argv)
-
-  import jax
 
   from ssr_jax import experiment
   from ssr_jax.eval import png
@@ -112,25 +130,12 @@ def main(argv=None):
       print(f"skipped: {e}", file=sys.stderr)
       failed.append(p)
   os.makedirs(args.out, exist_ok=True)
-  plan = plan_batches(
-    [im.shape[:2] for im in images],
-    limit=config.eval.batch_size,
-    devices=len(jax.local_devices()),
-    long_side=config.eval.long_side or None,
-    multiple=task.clip.cfg.patch_size,
-  )
-  for batch_size, idx in plan:
-    group = [images[i] for i in idx]
-    preds = eval_run.seg_predictions(
-      task, frozen, params, group, config.eval, batch_size=batch_size
+  for i, pred in segment(task, frozen, params, images, config.eval):
+    stem = os.path.splitext(os.path.basename(names[i]))[0]
+    png.save_label_png(os.path.join(args.out, f"{stem}.png"), pred.astype(np.uint8))
+    Image.fromarray(png.overlay(images[i], pred)).save(
+      os.path.join(args.out, f"{stem}_overlay.png")
     )
-    for k, pred in preds:
-      i = idx[k]
-      stem = os.path.splitext(os.path.basename(names[i]))[0]
-      png.save_label_png(os.path.join(args.out, f"{stem}.png"), pred.astype(np.uint8))
-      Image.fromarray(png.overlay(images[i], pred)).save(
-        os.path.join(args.out, f"{stem}_overlay.png")
-      )
   print(
     f"checkpoint step {step}: wrote {len(images)} predictions to {args.out}; {len(failed)} failed"
   )

@@ -1,5 +1,5 @@
-"""`python -m ssr_jax.bench {clip,model,train,input,superpixels,eval,all} [--out FILE]
-[--device cpu|gpu] [--small]`: runs benchmark modules, prints a table, writes JSON."""
+"""`python -m ssr_jax.bench {clip,model,train,input,superpixels,eval,predict,rehearsal,all}
+[--out FILE] [--device cpu|gpu] [--small]`: runs benchmark modules, prints a table, writes JSON."""
 
 import argparse
 import importlib
@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-BENCHES = ("clip", "model", "train", "input", "superpixels", "eval", "rehearsal")
+BENCHES = ("clip", "model", "train", "input", "superpixels", "eval", "predict", "rehearsal")
 
 
 def _available(name: str) -> bool:
