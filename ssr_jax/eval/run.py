@@ -49,6 +49,11 @@ def quiet_read_only_notices() -> None:
     logger.addFilter(ReadOnlyNotice())
 
 
+def process() -> tuple[int, int]:
+  """(index, count) of this process among those evaluating (jax's)."""
+  return jax.process_index(), jax.process_count()
+
+
 def local_mesh():
   """1-D mesh over this process's devices: evaluation never communicates between processes."""
   return sharding.make_mesh(jax.local_devices())
@@ -134,7 +139,7 @@ def seg_predictions(
   """
   ec = eval_cfg
   mesh = local_mesh() if mesh is None else mesh
-  per_process = (ec.batch_size if batch_size is None else batch_size) // jax.process_count()
+  per_process = (ec.batch_size if batch_size is None else batch_size) // process()[1]
   bs = max(per_process // mesh.size, 1) * mesh.size
   yield from inference.iter_predictions(
     task.normalized_seg_logits,
@@ -212,7 +217,7 @@ def vis_grid(task, frozen, params, ex, pred, names) -> np.ndarray:
 
 def _all_processes_sum(conf: np.ndarray, count: int) -> tuple[np.ndarray, int]:
   """Confusion matrix and image count summed over processes (unchanged with one process)."""
-  if jax.process_count() == 1:
+  if process()[1] == 1:
     return conf, count
   gathered = multihost_utils.process_allgather(
     dict(conf=conf, count=np.asarray(count, np.int64)), tiled=False
@@ -220,11 +225,44 @@ def _all_processes_sum(conf: np.ndarray, count: int) -> tuple[np.ndarray, int]:
   return np.asarray(gathered["conf"]).sum(0), int(np.asarray(gathered["count"]).sum())
 
 
-def _write_json(res, workdir, split, target):
+def eval_dataset(data_cfg, split, *, target, sgc: bool, max_images: int = 0):
+  """(this process's slice of `split`, class names of ids 0..C-1 from the dataset)."""
+  index, processes = process()
+  dataset = pipeline.make_eval_dataset(
+    data_cfg,
+    split,
+    # Pseudo-labels with SGC need the superpixels; elsewhere they only feed the grids' pseudo
+    # panel (None: read them when they exist).
+    superpixels=sgc if target == "pseudo" else None,
+    max_images=max_images,
+    process_index=index,
+    process_count=processes,
+  )
+  return dataset, class_names(pipeline.get_dataset(data_cfg))
+
+
+def _protocol(eval_cfg, data_cfg, target) -> dict:
+  """How the numbers were made, stored beside them in metrics.json."""
+  seg = target == "seg"
+  return dict(
+    scales=list(eval_cfg.scales) if seg else [1.0],
+    flip=bool(eval_cfg.flip and seg),
+    crf=bool(eval_cfg.crf and seg),
+    dataset=data_cfg.name,
+    jax_version=jax.__version__,
+  )
+
+
+def _write(res, vis_images, workdir, split, target) -> None:
+  """metrics.json (+ a per-run copy) and the grids under eval/<split>_<target>/vis/."""
   os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
   for name in ("metrics.json", f"metrics_{split}_{target}.json"):
     with open(os.path.join(workdir, "eval", name), "w") as f:
       json.dump(res, f, indent=2)
+  out_dir = os.path.join(workdir, "eval", f"{split}_{target}")
+  for key, g in vis_images.items():
+    visualize.save_image(os.path.join(out_dir, "vis", f"{key.split('/', 1)[1]}.png"), g)
+  logging.info("wrote %s", out_dir)
 
 
 def evaluate(
@@ -250,23 +288,14 @@ def evaluate(
     raise ValueError(f"eval.target={target!r}: use seg, cam or pseudo")
   if ec.crf and target == "seg":
     crf.import_densecrf()  # Fail before the long loop if the optional package is missing.
-  # Pseudo-labels with SGC need the superpixels; otherwise they only feed the grids' pseudo panel
-  # (None: read them when they exist).
-  sgc_on = task.options.sgc.enabled
-  dataset = pipeline.make_eval_dataset(
-    dc,
-    split,
-    superpixels=sgc_on if target == "pseudo" else None,
-    max_images=ec.max_images,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
+  dataset, names = eval_dataset(
+    dc, split, target=target, sgc=task.options.sgc.enabled, max_images=ec.max_images
   )
-  names = class_names(pipeline.get_dataset(dc))
   frozen, params = to_local(frozen), to_local(params)
   predict = dict(seg=predict_seg, cam=predict_cam, pseudo=predict_pseudo)[target]
   args = (task, frozen, params, dataset) + ((ec,) if target == "seg" else ())
-  lead = jax.process_index() == 0
-  out_dir = os.path.join(workdir, "eval", f"{split}_{target}")
+  lead = process()[0] == 0
+  pred_dir = os.path.join(workdir, "eval", f"{split}_{target}", "pred")
   acc = metrics.ConfusionAccumulator(dc.num_classes, ignore=dc.ignore_label)
   vis_images, count, t0 = {}, 0, time.time()
   for ex, pred in predict(*args):
@@ -274,32 +303,18 @@ def evaluate(
     if ex.get("mask") is not None:
       acc.add(pred, ex["mask"])
     if write_outputs and ec.save_png:
-      png.save_label_png(os.path.join(out_dir, "pred", f"{ex['id']}.png"), pred.astype(np.uint8))
+      png.save_label_png(os.path.join(pred_dir, f"{ex['id']}.png"), pred.astype(np.uint8))
     if lead and ex["index"] < ec.num_vis:
       vis_images[f"{split}_{target}/{ex['id']}"] = vis_grid(task, frozen, params, ex, pred, names)
   conf, count = _all_processes_sum(acc.conf, count)
   seconds = time.time() - t0
   res = metrics.scores(conf, names)
-  res.update(
-    target=target,
-    split=split,
-    num_images=count,
-    checkpoint_step=step,
-    seconds=seconds,
-    scales=list(ec.scales) if target == "seg" else [1.0],
-    flip=bool(ec.flip and target == "seg"),
-    crf=bool(ec.crf and target == "seg"),
-    dataset=dc.name,
-    clip_fingerprint=clip_fingerprint,
-    jax_version=jax.__version__,
-  )
+  res.update(target=target, split=split, num_images=count, checkpoint_step=step, seconds=seconds)
+  res.update(_protocol(ec, dc, target), clip_fingerprint=clip_fingerprint)
   if lead:
     print(f"\n{split} / {target} @ step {step}: {count} images in {seconds:.1f}s")
     print(metrics.format_table(res))
-  if write_outputs and lead:
-    _write_json(res, workdir, split, target)
-    for key, g in vis_images.items():
-      visualize.save_image(os.path.join(out_dir, "vis", f"{key.split('/', 1)[1]}.png"), g)
-    logging.info("wrote %s", out_dir)
+    if write_outputs:
+      _write(res, vis_images, workdir, split, target)
   res["images"] = vis_images
   return res
