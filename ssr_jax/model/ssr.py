@@ -335,8 +335,9 @@ class SSRTask:
   def normalized_seg_logits(self, params_and_frozen, x):
     """(params, frozen), normalised images [B, H, W, 3] -> seg logits [B, h, w, C].
 
-    The logits function that evaluation jits as a static argument: bound methods of equal tasks
-    compare equal, so each size bucket compiles once however often evaluation runs.
+    The logits function that evaluation jits as a static argument: unlike a lambda made per
+    call, the bound method of one task compares equal at every access, so each size bucket
+    compiles once however often evaluation runs.
     """
     params, frozen = params_and_frozen
     return self.seg_logits(params, frozen, x, normalized=True)

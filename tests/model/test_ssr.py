@@ -11,8 +11,8 @@ from configs import base
 from ssr_jax import resize
 from ssr_jax.clip.model import CLIP, CLIPConfig, init_params
 from ssr_jax.clip.preprocess import normalize
-from ssr_jax.model import affinity, losses, sgc
-from ssr_jax.model.decoder import Decoder
+from ssr_jax.model import affinity, cam, cmpa, losses, sgc
+from ssr_jax.model.decoder import Decoder, ProjectionHead
 from ssr_jax.model.ssr import SSROptions, build_task
 
 TINY = CLIPConfig(
@@ -30,7 +30,7 @@ TINY = CLIPConfig(
 )
 
 
-def _config(cmpa=True, sgc=True, **cam):
+def _config(cmpa=True, sgc=True, fusion=False, **cam):
   c = base.get_config()
   with c.unlocked():
     c.model.class_names = ("a", "b", "c")
@@ -46,6 +46,7 @@ def _config(cmpa=True, sgc=True, **cam):
     c.model.cam.par_dilations = (1, 2)
     c.model.cam.par_iters = 3
     c.model.cmpa.enabled = cmpa
+    c.model.cmpa.cam_fusion = fusion
     c.model.cmpa.pixel_weight = 0.5
     c.model.sgc.enabled = sgc
     c.model.sgc.max_superpixels = 16
@@ -157,9 +158,9 @@ def test_decoder_features_match_per_layer_numpy():
 
 
 def _reference_loss(c, clip, frozen, params, batch, *, step, rng, ignore):
-  """The baseline loss (CMPA off; SGC as configured) composed by hand from the pure functions,
-  following method §1.2-1.6 and §3 rather than SSRTask's code."""
-  mc, cc, sc = c.model, c.model.cam, c.model.sgc
+  """The loss composed by hand from the pure functions, following method §1.2-1.6, §2 (CMPA with
+  the text-driven CAM fusion) and §3 (SGC) rather than SSRTask's code."""
+  mc, cc, sc, co = c.model, c.model.cam, c.model.sgc, c.model.cmpa
   x = normalize(batch["image"], mc.normalization)
   b, hh, ww, _ = x.shape
   out = clip.apply(
@@ -173,6 +174,14 @@ def _reference_loss(c, clip, frozen, params, batch, *, step, rng, ignore):
   )
   task = build_task(mc, c.loss, clip=clip, num_classes=4)  # Only for its GradCAM block wiring.
   cams, ids, valid, attn_last = task.gradcam(frozen, hidden, batch["labels"], grid)
+  z = None
+  if co.enabled:
+    z = ProjectionHead(TINY.embed_dim, kind=co.proj).apply({"params": params["proj"]}, feats)
+  if co.enabled and co.cam_fusion and step >= cc.rfm_switch_step:  # §2.7: after the RFM switch.
+    text = jnp.take(frozen["text_fg"], ids, axis=0)
+    m = jax.nn.relu(jnp.einsum("bnd,bkd->bkn", z, text))
+    m = cam.minmax_normalize(m, axes=-1).reshape(cams.shape)
+    cams = jnp.where(valid[..., None, None], 0.5 * (cams + m), cams)
   attn = jnp.concatenate([out["attn"], attn_last[None]], axis=0)
   if step >= cc.rfm_switch_step:
     wgt = affinity.rfm_affinity(attn, feats, num_layers=cc.rfm_layers)
@@ -205,15 +214,32 @@ def _reference_loss(c, clip, frozen, params, batch, *, step, rng, ignore):
   seg = losses.balanced_ce(full, labels, ignore=ignore)
   small = losses.downsample_labels(labels, (h, w))
   aff = losses.affinity_loss(affinity.feature_affinity(feats), small, radius=c.loss.aff_radius)
-  return c.loss.seg_weight * seg + c.loss.aff_weight * aff, dict(seg=seg, aff=aff)
+  total, terms = c.loss.seg_weight * seg + c.loss.aff_weight * aff, dict(seg=seg, aff=aff)
+  if co.enabled:
+    text = cmpa.text_prototypes(frozen["text_fg"], frozen["text_bg"], bg_mode=co.bg_text)
+    num_bg = text.shape[0] - frozen["text_fg"].shape[0]
+    flat = small.reshape(b, h * w)
+    protos, ok = cmpa.prototypes(z, flat, num_classes=4, min_pixels=co.min_pixels)
+    terms["cmpa"] = cmpa.cmpa_loss(protos, ok, text, temperature=co.temperature, num_bg=num_bg)
+    terms["cmpa_pixel"] = cmpa.pixel_prototype_loss(
+      z, flat, text, temperature=co.temperature, num_bg=num_bg
+    )
+    term = terms["cmpa"] + co.pixel_weight * terms["cmpa_pixel"]
+    total = total + float(step >= co.warmup_steps) * co.weight * term
+  return total, terms
 
 
 # ignore_label=1 is class "a", present in the first image's pseudo-labels: a loss that ignored
 # 255 instead would differ. step 3 is past the RFM switch (decoder features in the affinity).
-@pytest.mark.parametrize("sgc_on,ignore,step", [(False, 255, 0), (False, 1, 3), (True, 1, 3)])
-def test_baseline_loss_matches_the_pure_functions(sgc_on, ignore, step):
-  task, frozen, batch, params = _setup(cmpa=False, sgc=sgc_on, ignore_label=ignore)
-  c = _config(cmpa=False, sgc=sgc_on)
+# The last case adds CMPA with the text-driven CAM fusion, which needs z in the pseudo-labels.
+@pytest.mark.parametrize(
+  "sgc_on,ignore,step,cmpa_on",
+  [(False, 255, 0, False), (False, 1, 3, False), (True, 1, 3, False), (False, 255, 3, True)],
+)
+def test_loss_matches_the_pure_functions(sgc_on, ignore, step, cmpa_on):
+  kw = dict(cmpa=cmpa_on, sgc=sgc_on, fusion=cmpa_on)
+  task, frozen, batch, params = _setup(ignore_label=ignore, **kw)
+  c = _config(**kw)
   rng = jax.random.PRNGKey(5)
   got, got_m = jax.jit(functools.partial(task.loss, step=jnp.int32(step), rng=rng))(
     params, frozen, batch
@@ -221,8 +247,8 @@ def test_baseline_loss_matches_the_pure_functions(sgc_on, ignore, step):
   want, want_m = jax.jit(
     functools.partial(_reference_loss, c, task.clip, step=step, rng=rng, ignore=ignore)
   )(frozen, params, batch)
-  assert set(got_m) == {"seg", "aff"}
-  for k in ("seg", "aff"):
+  assert set(got_m) == set(want_m)
+  for k in want_m:
     np.testing.assert_allclose(got_m[k], want_m[k], rtol=1e-5, atol=1e-6, err_msg=k)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
