@@ -229,12 +229,12 @@ def _reference_loss(c, clip, frozen, params, batch, *, step, rng, ignore):
   return total, terms
 
 
-# ignore_label=1 is class "a", present in the first image's pseudo-labels: a loss that ignored
-# 255 instead would differ. step 3 is past the RFM switch (decoder features in the affinity).
+# ignore_label=0 (background, in every image's pseudo-labels): a loss that ignored 255 instead
+# would differ. step 3 is past the RFM switch (decoder features in the affinity).
 # The last case adds CMPA with the text-driven CAM fusion, which needs z in the pseudo-labels.
 @pytest.mark.parametrize(
   "sgc_on,ignore,step,cmpa_on",
-  [(False, 255, 0, False), (False, 1, 3, False), (True, 1, 3, False), (False, 255, 3, True)],
+  [(False, 255, 0, False), (False, 0, 3, False), (True, 0, 3, False), (False, 255, 3, True)],
 )
 def test_loss_matches_the_pure_functions(sgc_on, ignore, step, cmpa_on):
   kw = dict(cmpa=cmpa_on, sgc=sgc_on, fusion=cmpa_on)
