@@ -55,7 +55,7 @@ def process() -> tuple[int, int]:
 
 
 def local_mesh():
-  """1-D mesh over this process's devices: evaluation never communicates between processes."""
+  """1-D mesh over this process's devices: inference never communicates between processes."""
   return sharding.make_mesh(jax.local_devices())
 
 
