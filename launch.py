@@ -83,25 +83,22 @@ def initialize_distributed(train_cfg) -> None:
   )
 
 
-class _NotReadOnlyNotice(pylogging.Filter):
-  def filter(self, record):
-    return "Given directory is read only" not in record.getMessage()
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = _CONFIG.value
   if config.train.distributed:
     initialize_distributed(config.train)
-  from ssr_jax import experiment  # Late: --help stays fast.
+  # Late: --help stays fast, and jax sees no device before the distributed set-up above.
+  from ssr_jax import experiment
+  from ssr_jax.eval import run as eval_run
 
   # Library INFO logs (Orbax, absl) drown the progress lines: keep them at WARNING and let
   # ssr_jax's own loggers (training progress, data, demo) through at INFO.
   logging.set_verbosity(logging.WARNING)
   pylogging.getLogger("ssr_jax").setLevel(pylogging.INFO)
   # Orbax warns each time evaluation opens the checkpoints read-only, which is what it asks for.
-  pylogging.getLogger("absl").addFilter(_NotReadOnlyNotice())
+  eval_run.quiet_read_only_notices()
   try:
     experiment.run(_MODE.value, config, _WORKDIR.value)
   except experiment.UserError as e:

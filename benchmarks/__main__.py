@@ -1,4 +1,4 @@
-"""`python -m benchmarks {clip,model,train,input,superpixels,eval,rehearsal,all} [--out FILE]
+"""`python -m benchmarks {clip,model,train,input,superpixels,eval,predict,rehearsal,all} [--out FILE]
 [--device cpu|gpu] [--small]`: runs benchmark modules, prints the machine and a table, writes
 JSON. Run it from the repository root."""
 
@@ -12,7 +12,7 @@ import sys
 # Modules of this package, imported by name and only when asked for: one module's optional
 # dependency (torch, TensorFlow, OpenCV) must not break the others, and --device must be set
 # before jax starts. Add a benchmark by adding its module name here.
-BENCHES = ("clip", "model", "train", "input", "superpixels", "eval", "rehearsal")
+BENCHES = ("clip", "model", "train", "input", "superpixels", "eval", "predict", "rehearsal")
 
 
 def _available(name: str) -> bool:

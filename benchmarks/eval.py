@@ -12,7 +12,8 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from ssr_jax.eval import inference, loop
+from ssr_jax.eval import inference
+from ssr_jax.eval import run as eval_run
 
 VOC_SIZES = ((375, 500), (500, 375), (333, 500))
 
@@ -39,7 +40,7 @@ def run(args):
 
   def go(n):
     t0 = time.perf_counter()
-    count = sum(1 for _ in loop.seg_predictions(task, frozen, params, images[:n], config.eval))
+    count = sum(1 for _ in eval_run.seg_predictions(task, frozen, params, images[:n], config.eval))
     return count, time.perf_counter() - t0
 
   warm_n = len(VOC_SIZES) * config.eval.batch_size  # Compiles every size bucket once.

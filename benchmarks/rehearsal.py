@@ -14,7 +14,7 @@ import jax
 
 from benchmarks import common
 from ssr_jax.data import pipeline, superpixels, synthetic
-from ssr_jax.eval import loop as eval_loop
+from ssr_jax.eval import run as eval_run
 from ssr_jax.train import loop
 
 
@@ -71,7 +71,7 @@ def run(args):
   t0 = time.perf_counter()
   state = loop.train(config, work, task=task, frozen=frozen, make_iterator=make_iterator)
   resume_s = time.perf_counter() - t0
-  _, restored_step = eval_loop.restore_params(config, work, task)
+  _, restored_step = eval_run.restore_params(work, task)
   return dict(
     arch="small" if args.small else "ViT-B/16",
     batch=config.train.batch_size,

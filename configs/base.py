@@ -37,7 +37,6 @@ def get_config():
   c.model.decoder.embed_dim = 256  # Per-layer MLP width and fused feature width F, §1.5.
   c.model.decoder.num_layers = 3  # Transformer blocks after fusion.
   c.model.decoder.num_heads = 8
-  c.model.decoder.mlp_dim = 1024
   c.model.decoder.dropout = 0.1  # Dropout2d after the 1x1 fuse conv.
 
   c.model.cam = ml_collections.ConfigDict()

@@ -38,7 +38,6 @@ def get_config():
   c.model.decoder.embed_dim = 64
   c.model.decoder.num_layers = 1
   c.model.decoder.num_heads = 4
-  c.model.decoder.mlp_dim = 256
   c.model.cam.num_attn_layers = 2
   c.model.cam.rfm_layers = 2
   c.model.cam.par_dilations = (1, 2, 4, 8)

@@ -25,7 +25,7 @@ from ssr_jax.clip.preprocess import compute_dtype
 from ssr_jax.clip.prompts import text_classifier
 from ssr_jax.data import pipeline
 from ssr_jax.data.files import DataError
-from ssr_jax.eval import loop as eval_loop
+from ssr_jax.eval import run as eval_run
 from ssr_jax.model.ssr import build_task
 from ssr_jax.train import loop as train_loop
 from ssr_jax.train.checkpoint import CheckpointMismatchError
@@ -73,7 +73,13 @@ def load_frozen(config):
 def build(config):
   """(SSRTask, frozen pytree, CLIP weights fingerprint)."""
   clip, frozen, fingerprint = load_frozen(config)
-  task = build_task(config.model, config.loss, clip=clip, num_classes=config.data.num_classes)
+  task = build_task(
+    config.model,
+    config.loss,
+    clip=clip,
+    num_classes=config.data.num_classes,
+    ignore_label=config.data.ignore_label,
+  )
   return task, frozen, fingerprint
 
 
@@ -91,7 +97,7 @@ def train(config, workdir):
     )
 
   def eval_fn(state, step):
-    res = eval_loop.evaluate(
+    res = eval_run.evaluate(
       config,
       workdir,
       task=task,
@@ -124,10 +130,11 @@ def evaluate(config, workdir) -> dict:
   if unknown or not config.eval.targets:
     raise UserError(f"eval.targets={tuple(config.eval.targets)}: use a subset of {TARGETS}")
   task, frozen, fingerprint = build(config)
-  params, step = eval_loop.restore_params(config, workdir, task)
+  ckpt_step = None if config.eval.checkpoint_step < 0 else int(config.eval.checkpoint_step)
+  params, step = eval_run.restore_params(workdir, task, step=ckpt_step)
   results = {}
   for target in config.eval.targets:
-    results[target] = eval_loop.evaluate(
+    results[target] = eval_run.evaluate(
       config,
       workdir,
       task=task,

@@ -53,6 +53,46 @@ def load_config(workdir, step=None):
   return ml_collections.ConfigDict(saved)
 
 
+def plan_batches(shapes, *, limit: int, devices: int, long_side, multiple: int) -> list:
+  """[(batch_size, image indices)] per network input size, for images of `shapes` [(H, W)].
+
+  Images of one input size share a compiled program and a batch; a batch holds no more than
+  the images at hand (at most `limit`), rounded up to a multiple of `devices`, so one photo is
+  not padded with eval.batch_size - 1 dummies (75 s for one 400x600 image on a CPU).
+  """
+  from ssr_jax.eval import inference
+
+  groups = {}
+  for i, (h, w) in enumerate(shapes):
+    size, _ = inference.input_sizes(h, w, scales=(), long_side=long_side, multiple=multiple)
+    groups.setdefault(size, []).append(i)
+  plan = []
+  for idx in groups.values():
+    n = min(limit, len(idx))
+    plan.append((-(-n // devices) * devices, idx))
+  return plan
+
+
+def segment(task, frozen, params, images, eval_cfg):
+  """(index, pred int32 [H, W]) of each uint8 image [H, W, 3], batched by `plan_batches`."""
+  import jax
+
+  from ssr_jax.eval import run as eval_run
+
+  plan = plan_batches(
+    [im.shape[:2] for im in images],
+    limit=eval_cfg.batch_size,
+    devices=jax.local_device_count(),
+    long_side=eval_cfg.long_side or None,
+    multiple=task.clip.cfg.patch_size,
+  )
+  for batch_size, idx in plan:
+    group = [images[i] for i in idx]
+    preds = eval_run.seg_predictions(task, frozen, params, group, eval_cfg, batch_size=batch_size)
+    for k, pred in preds:
+      yield idx[k], pred
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--workdir", required=True, help="training workdir holding checkpoints/")
@@ -63,8 +103,10 @@ def main(argv=None):
   args = ap.parse_args(argv)
 
   from ssr_jax import experiment
-  from ssr_jax.eval import loop, png
+  from ssr_jax.eval import png
+  from ssr_jax.eval import run as eval_run
 
+  eval_run.quiet_read_only_notices()
   paths = list_images(args.images)
   if not paths:
     print(f"error: no images found in {args.images}", file=sys.stderr)
@@ -76,10 +118,8 @@ def main(argv=None):
     return 1
   if args.clip_weights:
     config.clip.weights = args.clip_weights
-  if args.step is not None:
-    config.eval.checkpoint_step = args.step
   task, frozen, _ = experiment.build(config, args.workdir)
-  params, step = loop.restore_params(config, args.workdir, task)
+  params, step = eval_run.restore_params(args.workdir, task, step=args.step)
 
   failed, images, names = [], [], []
   for p in paths:
@@ -90,7 +130,7 @@ def main(argv=None):
       print(f"skipped: {e}", file=sys.stderr)
       failed.append(p)
   os.makedirs(args.out, exist_ok=True)
-  for i, pred in loop.seg_predictions(task, frozen, params, images, config.eval):
+  for i, pred in segment(task, frozen, params, images, config.eval):
     stem = os.path.splitext(os.path.basename(names[i]))[0]
     png.save_label_png(os.path.join(args.out, f"{stem}.png"), pred.astype(np.uint8))
     Image.fromarray(png.overlay(images[i], pred)).save(

@@ -29,7 +29,6 @@ def _tiny(config):
   config.model.cam.par_iters = 2
   config.model.decoder.embed_dim = 16
   config.model.decoder.num_heads = 2
-  config.model.decoder.mlp_dim = 64
   config.train.batch_size = 8  # Also divisible by the 8 simulated devices.
   config.train.num_steps = 4
   config.train.checkpoint_every = 2

@@ -1,4 +1,6 @@
-"""Class names for evaluation tables: id i of a label map is the i-th name (0 = background)."""
+"""Class names for `python -m ssr_jax.score_pngs --class-names voc|coco`, which has no dataset
+root to read them from (evaluation takes them from `Dataset.class_names`): id i of a label map is
+the i-th name (0 = background)."""
 
 import types
 

@@ -1,20 +1,70 @@
-"""Qualitative grids: image | CAM per class | pseudo-label | prediction | ground truth.
+"""Qualitative grids: image | CAM per class | pseudo-label | prediction | ground truth, + legend.
 
-Each panel has the image's size with a caption strip above it. CAMs are drawn as a jet heatmap
-blended over the image, each scaled by its own maximum (a display choice only); label maps use
-the VOC palette (`png.py`), ignore (255) showing as cream.
+Small images are enlarged (integer factor, nearest neighbour) so that every panel's shorter side
+is at least MIN_TILE pixels: the demo's 96 px images are unreadable otherwise. Each panel has a
+caption above it, wrapped at word boundaries to the panel's width (all captions of a row share
+the height of the longest). Below the row, a legend names the colour of every class that
+appears in a label panel. CAMs are drawn as a jet heatmap blended over the image, each scaled by
+its own maximum (a display choice only); label maps use the VOC palette (`png.py`), ignore (255)
+showing as cream.
 """
 
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from ssr_jax.eval.inference import resize_np
-from ssr_jax.eval.png import colorize
+from ssr_jax.eval.png import VOC_PALETTE, colorize
 
-_CAPTION_H = 14  # Pixels of the caption strip above each panel.
+MIN_TILE = 192  # Shorter side of a panel after enlarging small images.
+MAX_UPSCALE = 8
+FONT_SIZE = 13
+_PAD = 3  # Pixels around caption and legend text.
+_SWATCH = 12  # Side of a legend colour square.
+GAP = 4  # White pixels between panels.
+IGNORE = 255
+
+
+@functools.cache
+def font():
+  """PIL's bundled font at FONT_SIZE (its small bitmap font if FreeType is missing)."""
+  try:
+    return ImageFont.load_default(size=FONT_SIZE)
+  except (TypeError, OSError, ImportError):
+    return ImageFont.load_default()
+
+
+def _line_height() -> int:
+  return int(font().getbbox("Ag")[3]) + 2
+
+
+def upscale_factor(size) -> int:
+  """Integer enlargement of an image of `size` (H, W): shorter side >= MIN_TILE, at most 8x."""
+  return int(min(MAX_UPSCALE, max(1, -(-MIN_TILE // max(1, min(size))))))
+
+
+def _enlarge(x: np.ndarray, k: int) -> np.ndarray:
+  return x if k == 1 else np.repeat(np.repeat(x, k, axis=0), k, axis=1)
+
+
+def wrap_text(text: str, width: float) -> list[str]:
+  """Lines of `text` no wider than `width` pixels, broken between words only; a single word
+  wider than a line is shortened with an ellipsis."""
+  f, lines, line = font(), [], ""
+  for word in text.split():
+    candidate = f"{line} {word}" if line else word
+    if f.getlength(candidate) <= width:
+      line = candidate
+      continue
+    if line:
+      lines.append(line)
+    while len(word) > 1 and f.getlength(word) > width:
+      word = word[:-2] + "…" if word.endswith("…") else word[:-1] + "…"
+    line = word
+  return lines + [line] if line else lines
 
 
 def jet(x) -> np.ndarray:
@@ -36,28 +86,59 @@ def cam_overlay(image, cam, alpha: float = 0.5) -> np.ndarray:
   return np.clip(np.rint(mix), 0, 255).astype(np.uint8)
 
 
-def _label_panel(labels, size) -> np.ndarray:
+def _nearest(labels, size) -> np.ndarray:
+  """Label map [h, w] resized to `size` by nearest neighbour (ids kept intact)."""
   labels = np.asarray(labels)
-  if labels.shape != tuple(size):
-    # Nearest resize keeps ids intact (label maps of another resolution, e.g. patch grids).
-    rows = np.minimum((np.arange(size[0]) * labels.shape[0]) // size[0], labels.shape[0] - 1)
-    cols = np.minimum((np.arange(size[1]) * labels.shape[1]) // size[1], labels.shape[1] - 1)
-    labels = labels[rows][:, cols]
-  return colorize(labels)
+  if labels.shape == tuple(size):
+    return labels
+  rows = np.minimum((np.arange(size[0]) * labels.shape[0]) // size[0], labels.shape[0] - 1)
+  cols = np.minimum((np.arange(size[1]) * labels.shape[1]) // size[1], labels.shape[1] - 1)
+  return labels[rows][:, cols]
+
+
+def _name(i: int, class_names) -> str:
+  if i == IGNORE:
+    return "ignore"
+  if class_names is None or i >= len(class_names):
+    return str(i)
+  return str(class_names[i])
+
+
+def _ids(labels) -> list[int]:
+  return [int(v) for v in np.unique(np.asarray(labels))]
 
 
 def _names_in(labels, class_names) -> str:
-  ids = [int(v) for v in np.unique(np.asarray(labels)) if v != 255]
-  if class_names is None:
-    return ",".join(str(i) for i in ids)
-  return ",".join(class_names[i] if i < len(class_names) else str(i) for i in ids)
+  return ", ".join(_name(i, class_names) for i in _ids(labels) if i != IGNORE)
 
 
-def _captioned(panel: np.ndarray, text: str) -> np.ndarray:
-  h, w = panel.shape[:2]
-  strip = Image.new("RGB", (w, _CAPTION_H), (0, 0, 0))
-  ImageDraw.Draw(strip).text((2, 1), text, fill=(255, 255, 255))
+def _captioned(panel: np.ndarray, lines: Sequence[str], height: int) -> np.ndarray:
+  w = panel.shape[1]
+  strip = Image.new("RGB", (w, height), (0, 0, 0))
+  draw, step = ImageDraw.Draw(strip), _line_height()
+  for n, line in enumerate(lines):
+    draw.text((_PAD, _PAD + n * step), line, fill=(255, 255, 255), font=font())
   return np.concatenate([np.asarray(strip), panel], axis=0)
+
+
+def legend(ids: Sequence[int], class_names, width: int) -> np.ndarray:
+  """uint8 [h, width, 3]: a colour square and the name of each label id, wrapped into rows."""
+  f, step = font(), max(_line_height(), _SWATCH) + _PAD
+  items, x, y = [], _PAD, _PAD
+  for i in ids:
+    name = _name(i, class_names)
+    w = _SWATCH + 4 + int(np.ceil(f.getlength(name))) + 12
+    if x > _PAD and x + w > width:
+      x, y = _PAD, y + step
+    items.append((x, y, i, name))
+    x += w
+  out = Image.new("RGB", (width, y + step + _PAD), (255, 255, 255))
+  draw = ImageDraw.Draw(out)
+  for x, y, i, name in items:
+    colour = tuple(int(c) for c in VOC_PALETTE[i % len(VOC_PALETTE)])
+    draw.rectangle([x, y, x + _SWATCH - 1, y + _SWATCH - 1], fill=colour, outline=(0, 0, 0))
+    draw.text((x + _SWATCH + 4, y - 1), name, fill=(0, 0, 0), font=f)
+  return np.asarray(out)
 
 
 def grid(
@@ -68,28 +149,44 @@ def grid(
   gt=None,
   class_names: Sequence[str] | None = None,
 ) -> np.ndarray:
-  """One row of captioned panels, uint8 [H + 14, W * n_panels, 3].
+  """n captioned panels in a row above a colour legend.
 
-  image: uint8 [H, W, 3]; cams: {class name: CAM [h, w] float} for the image's classes (any
-  resolution); pseudo, pred, gt: label maps [H, W] (other sizes are nearest-resized); gt may be
-  None. class_names name the ids listed in the label panels' captions.
+  Returns uint8 [caption + k*H + legend, n * (k*W + GAP) - GAP, 3].
+
+  image: uint8 [H, W, 3], enlarged k = upscale_factor((H, W)) times; cams: {class name: CAM
+  [h, w] float} for the image's classes (any resolution); pseudo, pred, gt: label maps [H, W]
+  (other sizes are nearest-resized); gt may be None. class_names name the label ids in the
+  captions and the legend.
   """
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
     raise ValueError(f"grid image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
   size = image.shape[:2]
-  panels = [_captioned(image, "image")]
+  k = upscale_factor(size)
+  big = _enlarge(image, k)
+  panels = [("image", big)]
   for name, cam in cams.items():
-    panels.append(_captioned(cam_overlay(image, cam), f"cam {name}"))
-  panels.append(_captioned(_label_panel(pseudo, size), f"pseudo {_names_in(pseudo, class_names)}"))
-  panels.append(_captioned(_label_panel(pred, size), f"pred {_names_in(pred, class_names)}"))
-  if gt is not None:
-    panels.append(_captioned(_label_panel(gt, size), f"gt {_names_in(gt, class_names)}"))
-  return np.concatenate(panels, axis=1)
+    panels.append((f"cam {name}", cam_overlay(big, cam)))
+  maps = [("pseudo", pseudo), ("pred", pred)] + ([("gt", gt)] if gt is not None else [])
+  for title, labels in maps:
+    labels = _nearest(labels, size)
+    panels.append((f"{title}: {_names_in(labels, class_names)}", _enlarge(colorize(labels), k)))
+  width = big.shape[1] - 2 * _PAD
+  wrapped = [wrap_text(title, width) for title, _ in panels]
+  height = max(len(lines) for lines in wrapped) * _line_height() + 2 * _PAD
+  tiles = [_captioned(p, lines, height) for (_, p), lines in zip(panels, wrapped)]
+  gap = np.full((tiles[0].shape[0], GAP, 3), 255, np.uint8)
+  row = np.concatenate([t for tile in tiles for t in (tile, gap)][:-1], axis=1)
+  ids = sorted(set().union(*(_ids(_nearest(m, size)) for _, m in maps)))
+  return np.concatenate([row, legend(ids, class_names, row.shape[1])], axis=0)
+
+
+def save_image(path, image) -> None:
+  """Writes a uint8 [H, W, 3] image (e.g. a `grid`) as an RGB PNG (parent folders created)."""
+  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(np.asarray(image)).save(path, format="PNG")
 
 
 def save_grid(path, image, cams, pseudo, pred, gt=None, class_names=None) -> None:
   """Writes `grid(...)` as an RGB PNG (parent folders created)."""
-  out = grid(image, cams, pseudo, pred, gt, class_names)
-  Path(path).parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(out).save(path, format="PNG")
+  save_image(path, grid(image, cams, pseudo, pred, gt, class_names))

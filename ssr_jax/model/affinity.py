@@ -203,9 +203,17 @@ def refine_cams(cams, trans, src_masks, *, out_size, valid, bg_power: float = 1.
   with jax.default_matmul_precision("highest"):
     cam = resize_lib.resize(cam, out_size, "bilinear", axes=(-2, -1))
   cam = jnp.where(valid[:, :, None, None], cam, 0.0)
+  return jnp.concatenate([background(cam, bg_power, axis=1), cam], axis=1)
+
+
+def background(cams, power: float, *, axis: int = 1):
+  """Background score max(1 - max_k cam_k, 0) ** power (WeCLIP's cam_bg_thres), §1.4.7.
+
+  cams: float maps in [0, 1] with the classes on `axis` (e.g. [B, K, H, W], axis=1). Returns the
+  same shape with that axis of size 1.
+  """
   # Clamp: rounding can push the max a hair above 1, and a fractional power of a negative is NaN.
-  bg = jnp.maximum(1.0 - jnp.max(cam, axis=1, keepdims=True), 0.0) ** bg_power
-  return jnp.concatenate([bg, cam], axis=1)
+  return jnp.maximum(1.0 - jnp.max(cams, axis=axis, keepdims=True), 0.0) ** power
 
 
 def _neighbours(x, dilations, axes=(1, 2)):

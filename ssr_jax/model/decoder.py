@@ -30,7 +30,6 @@ class Decoder(nn.Module):
   embed_dim: int = 256
   num_layers: int = 3
   num_heads: int = 8
-  mlp_dim: int = 1024
   dropout: float = 0.1
   dtype: Any = jnp.float32
 
@@ -60,11 +59,8 @@ class Decoder(nn.Module):
     # Dropout2d drops whole channels per image: share the mask over the N patches.
     x = nn.Dropout(self.dropout, broadcast_dims=(1,), deterministic=not train)(x)
     feats = x.astype(jnp.float32)
-    if self.mlp_dim != 4 * e:
-      raise ValueError(
-        f"model.decoder.mlp_dim={self.mlp_dim} must be 4 * embed_dim ({4 * e}), as in CLIP blocks"
-      )
-    # WeCLIP's decoder blocks are CLIP residual blocks without positional embeddings.
+    # WeCLIP's decoder blocks are CLIP residual blocks without positional embeddings (so their
+    # MLP width is CLIP's 4 * embed_dim).
     x, _, _ = Transformer(e, self.num_layers, self.num_heads, self.dtype, name="transformer")(feats)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
     return logits.astype(jnp.float32), feats

@@ -7,8 +7,6 @@ text embeddings); it is passed to the jitted step as a replicated argument.
 """
 
 import dataclasses
-import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,24 +19,115 @@ from ssr_jax.model import affinity, cam, cmpa, losses, sgc
 from ssr_jax.model.decoder import Decoder, ProjectionHead
 
 
-# eq=False: hashed and compared by identity, so a task can be a static jit argument (its
-# ConfigDict fields are unhashable) and each task's compiled functions are cached once.
-@dataclasses.dataclass(frozen=True, eq=False)
+def _from_config(cls, cfg, **extra):
+  """cls(**fields read from cfg), lists made tuples so that the options hash."""
+  values = {}
+  for f in dataclasses.fields(cls):
+    if f.name in extra:
+      continue
+    v = cfg[f.name]
+    values[f.name] = tuple(v) if isinstance(v, list | tuple) else v
+  return cls(**values, **extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class CamOptions:
+  """config.model.cam: GradCAM refinement (§1.4); see configs/base.py for each field."""
+
+  num_attn_layers: int
+  rfm_layers: int
+  rfm_switch_step: int
+  sinkhorn_iters: int
+  box_threshold: float
+  bg_power: float
+  par_dilations: tuple[int, ...]
+  par_iters: int
+  par_w_pos: float
+  par_temp: float
+
+
+@dataclasses.dataclass(frozen=True)
+class CMPAOptions:
+  """config.model.cmpa: cross-modal prototype alignment (§2)."""
+
+  enabled: bool
+  weight: float
+  temperature: float
+  proj: str
+  min_pixels: int
+  soft: bool
+  bg_text: str
+  pixel_weight: float
+  warmup_steps: int
+  cam_fusion: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class SGCOptions:
+  """config.model.sgc: superpixel-guided CAM refinement (§3)."""
+
+  enabled: bool
+  threshold: float
+  receiver_mask: bool
+  soft_alpha: float
+  hard: bool
+  max_superpixels: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+  """config.loss (§1.6), plus the ignore value of the label maps (config.data.ignore_label)."""
+
+  seg_weight: float
+  aff_weight: float
+  aff_radius: int
+  ignore_label: int = 255
+
+
+@dataclasses.dataclass(frozen=True)
+class SSROptions:
+  """Everything SSRTask reads from config.model / config.loss: plain, frozen, hashable."""
+
+  normalization: str  # CLIP input statistics (clip.preprocess.NORMALIZATION key).
+  max_classes: int
+  logit_scale: float
+  cam: CamOptions
+  cmpa: CMPAOptions
+  sgc: SGCOptions
+  loss: LossOptions
+
+  @classmethod
+  def from_config(cls, model_cfg, loss_cfg, *, ignore_label: int = 255) -> "SSROptions":
+    return cls(
+      normalization=str(model_cfg.normalization),
+      max_classes=int(model_cfg.max_classes),
+      logit_scale=float(model_cfg.logit_scale),
+      cam=_from_config(CamOptions, model_cfg.cam),
+      cmpa=_from_config(CMPAOptions, model_cfg.cmpa),
+      sgc=_from_config(SGCOptions, model_cfg.sgc),
+      loss=_from_config(LossOptions, loss_cfg, ignore_label=int(ignore_label)),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class SSRTask:
-  """SSR on a frozen CLIP. Built by `build_task`; holds modules and sub-configs, no arrays."""
+  """SSR on a frozen CLIP. Built by `build_task`; holds modules and options, no arrays.
+
+  Compared and hashed by value, so it can be a static jit argument: an equal task reuses the
+  compiled functions.
+  """
 
   clip: CLIP
   decoder: Decoder
   proj: ProjectionHead | None
-  model_cfg: Any  # config.model
-  loss_cfg: Any  # config.loss
+  options: SSROptions
   num_classes: int  # Including background.
 
   # ------------------------------------------------------------------ frozen CLIP features
   def clip_features(self, frozen, images, *, normalized=False):
     """images uint8/float 0-255 [B, H, W, 3] (or already normalised) -> dict(x normalised,
     hidden [L-1, B, T, W], attn [L-1, B, T, T], grid (h, w)) from the first L-1 blocks (§1.2)."""
-    x = images if normalized else normalize(images, self.model_cfg.normalization)
+    x = images if normalized else normalize(images, self.options.normalization)
     out = self.clip.apply(
       {"params": frozen["clip"]},
       x,
@@ -70,7 +159,7 @@ class SSRTask:
       # Patch-token mean, not CLS, feeds ln_post + proj in WeCLIP's CAM branch (§1.3).
       return clip.apply(p, z[:, 1:].mean(axis=1), method=clip.visual_head), attn
 
-    ids, valid = cam.present_classes(labels, max_classes=self.model_cfg.max_classes)
+    ids, valid = cam.present_classes(labels, max_classes=self.options.max_classes)
     cams, attn_last = cam.gradcam(
       block_fn,
       act,
@@ -79,7 +168,7 @@ class SSRTask:
       frozen["text_fg"],
       frozen["text_bg"],
       labels,
-      logit_scale=self.model_cfg.logit_scale,
+      logit_scale=self.options.logit_scale,
       grid=grid,
     )
     return cams, ids, valid, jax.lax.stop_gradient(attn_last)
@@ -95,7 +184,7 @@ class SSRTask:
 
     Returns dict(cams [B, K, h, w], ids, valid, probs [B, H, W, 1+K], labels [B, H, W] int32).
     """
-    mc, cc = self.model_cfg, self.model_cfg.cam
+    cc = self.options.cam
     x, hidden, grid = feats_out["x"], feats_out["hidden"], feats_out["grid"]
     b, hh, ww, _ = x.shape
     with jax.named_scope("gradcam"):
@@ -103,7 +192,7 @@ class SSRTask:
     attn = jnp.concatenate([feats_out["attn"], attn_last[None]], axis=0)  # [L, B, T, T]
 
     dec_feats = jax.lax.stop_gradient(dec_feats)
-    if z is not None and mc.cmpa.cam_fusion:
+    if z is not None and self.options.cmpa.cam_fusion:
       text = jnp.take(frozen["text_fg"], ids, axis=0)  # [B, K, D]
       m = jax.nn.relu(jnp.einsum("bnd,bkd->bkn", jax.lax.stop_gradient(z), text))
       m = cam.minmax_normalize(m, axes=-1).reshape(cams.shape)
@@ -127,7 +216,7 @@ class SSRTask:
       probs = affinity.par(
         x,
         probs,
-        dilations=tuple(cc.par_dilations),
+        dilations=cc.par_dilations,
         iters=cc.par_iters,
         w_pos=cc.par_w_pos,
         temp=cc.par_temp,
@@ -139,7 +228,7 @@ class SSRTask:
   def _sgc(self, cams, trans, src, superpixels, grid):
     """SGC (§3): superpixel-filtered source masks, optional receiver masks and smoothed
     affinity. Returns (trans, src, recv or None); the inputs unchanged when SGC is off."""
-    sc = self.model_cfg.sgc
+    sc = self.options.sgc
     recv = None
     if sc.enabled:
       member = sgc.membership(
@@ -168,7 +257,7 @@ class SSRTask:
 
   def loss(self, params, frozen, batch, *, step, rng):
     """Total loss and its terms (§1.6, §2.6). Pseudo-labels are stop-gradient."""
-    mc, lc = self.model_cfg, self.loss_cfg
+    o = self.options
     # Named scopes label the profile (python -m benchmarks train --profile DIR).
     with jax.named_scope("clip"):
       f = self.clip_features(frozen, batch["image"])
@@ -177,7 +266,7 @@ class SSRTask:
     with jax.named_scope("decoder"):
       logits, feats = self.decode(params, f["hidden"], train=True, rng=rng)
       z = self.project(params, feats)
-    use_rfm = step >= mc.cam.rfm_switch_step
+    use_rfm = step >= o.cam.rfm_switch_step
     pl = self.pseudo_labels(
       frozen, f, batch["labels"], batch["superpixels"], feats, use_rfm=use_rfm, z=z
     )
@@ -185,39 +274,46 @@ class SSRTask:
 
     with jax.named_scope("seg_aff_losses"):
       logits_full = resize_lib.resize(logits.reshape(b, h, w, -1), (hh, ww), "bilinear")
-      seg = losses.balanced_ce(logits_full, labels, ignore=255)
+      seg = losses.balanced_ce(logits_full, labels, ignore=o.loss.ignore_label)
       attn_pred = affinity.feature_affinity(feats)
       small = losses.downsample_labels(labels, (h, w))
-      aff = losses.affinity_loss(attn_pred, small, radius=lc.aff_radius)
-    total = lc.seg_weight * seg + lc.aff_weight * aff
+      aff = losses.affinity_loss(attn_pred, small, radius=o.loss.aff_radius)
+    total = o.loss.seg_weight * seg + o.loss.aff_weight * aff
     metrics = dict(seg=seg, aff=aff)
 
-    with jax.named_scope("cmpa"):
-      if z is not None:
-        text = cmpa.text_prototypes(frozen["text_fg"], frozen["text_bg"], bg_mode=mc.cmpa.bg_text)
-        num_bg = text.shape[0] - frozen["text_fg"].shape[0]
-        flat = small.reshape(b, h * w)
-        if mc.cmpa.soft:
-          weights = self._soft_weights(pl, (h, w))
-          protos, valid = cmpa.soft_prototypes(z, weights, min_weight=mc.cmpa.min_pixels)
-        else:
-          protos, valid = cmpa.prototypes(
-            z, flat, num_classes=self.num_classes, min_pixels=mc.cmpa.min_pixels
-          )
-        l_align = cmpa.cmpa_loss(
-          protos, valid, text, temperature=mc.cmpa.temperature, num_bg=num_bg
-        )
-        on = (step >= mc.cmpa.warmup_steps).astype(jnp.float32)
-        term = l_align
-        if mc.cmpa.pixel_weight > 0:
-          l_pix = cmpa.pixel_prototype_loss(
-            z, flat, text, temperature=mc.cmpa.temperature, num_bg=num_bg
-          )
-          metrics["cmpa_pixel"] = l_pix
-          term = term + mc.cmpa.pixel_weight * l_pix
-        total = total + on * mc.cmpa.weight * term
-        metrics["cmpa"] = l_align
+    if z is not None:
+      with jax.named_scope("cmpa"):
+        term, cmpa_metrics = self._cmpa_terms(frozen, z, small, pl)
+      on = (step >= o.cmpa.warmup_steps).astype(jnp.float32)
+      total = total + on * o.cmpa.weight * term
+      metrics.update(cmpa_metrics)
     return total, metrics
+
+  def _cmpa_terms(self, frozen, z, small, pl):
+    """CMPA's loss term before warm-up and weight (§2.3-2.5), and its measurements.
+
+    z: [B, N, D] projected features; small: [B, h, w] patch-grid pseudo-labels; pl: the
+    `pseudo_labels` output (for soft prototypes). Returns (term scalar, dict(cmpa[, cmpa_pixel])).
+    """
+    co = self.options.cmpa
+    b = z.shape[0]
+    text = cmpa.text_prototypes(frozen["text_fg"], frozen["text_bg"], bg_mode=co.bg_text)
+    num_bg = text.shape[0] - frozen["text_fg"].shape[0]
+    flat = small.reshape(b, -1)
+    if co.soft:
+      weights = self._soft_weights(pl, small.shape[1:])
+      protos, valid = cmpa.soft_prototypes(z, weights, min_weight=co.min_pixels)
+    else:
+      protos, valid = cmpa.prototypes(
+        z, flat, num_classes=self.num_classes, min_pixels=co.min_pixels
+      )
+    l_align = cmpa.cmpa_loss(protos, valid, text, temperature=co.temperature, num_bg=num_bg)
+    term, metrics = l_align, dict(cmpa=l_align)
+    if co.pixel_weight > 0:
+      l_pix = cmpa.pixel_prototype_loss(z, flat, text, temperature=co.temperature, num_bg=num_bg)
+      metrics["cmpa_pixel"] = l_pix
+      term = term + co.pixel_weight * l_pix
+    return term, metrics
 
   def _soft_weights(self, pl, grid):
     """Refined probabilities scattered to class slots [B, C, N] for soft prototypes (§2.2)."""
@@ -236,14 +332,15 @@ class SSRTask:
     return self.proj.apply({"params": params["proj"]}, feats)
 
   # ------------------------------------------------------------------ inference
-  @functools.cached_property
-  def normalized_seg_logits(self):
-    """`(params, frozen), normalised images -> seg_logits`, one function object per task.
+  def normalized_seg_logits(self, params_and_frozen, x):
+    """(params, frozen), normalised images [B, H, W, 3] -> seg logits [B, h, w, C].
 
-    Evaluation jits its multi-scale inference with the logits function as a static argument;
-    a fresh lambda per call would recompile every size bucket at every evaluation.
+    The logits function that evaluation jits as a static argument: unlike a lambda made per
+    call, the bound method of one task compares equal at every access, so each size bucket
+    compiles once however often evaluation runs.
     """
-    return lambda pf, x: self.seg_logits(pf[0], pf[1], x, normalized=True)
+    params, frozen = params_and_frozen
+    return self.seg_logits(params, frozen, x, normalized=True)
 
   def seg_logits(self, params, frozen, images, *, normalized=False):
     """images 0-255 (or normalised) [B, H, W, 3], sides multiples of the patch -> [B, h, w, C]."""
@@ -264,29 +361,39 @@ class SSRTask:
     )
 
 
-def build_task(model_cfg: ml_collections.ConfigDict, loss_cfg, *, clip: CLIP, num_classes: int):
-  """SSRTask from config.model / config.loss and the (frozen) CLIP module."""
+def build_task(
+  model_cfg: ml_collections.ConfigDict,
+  loss_cfg: ml_collections.ConfigDict,
+  *,
+  clip: CLIP,
+  num_classes: int,
+  ignore_label: int = 255,
+) -> SSRTask:
+  """SSRTask from config.model / config.loss and the (frozen) CLIP module.
+
+  ignore_label: config.data.ignore_label, skipped by the segmentation loss.
+  """
   dtype = compute_dtype(model_cfg.dtype)
   if len(model_cfg.class_names) != num_classes - 1:
     raise ValueError(
       f"model.class_names has {len(model_cfg.class_names)} names but data.num_classes="
       f"{num_classes} (background included): set them consistently"
     )
+  options = SSROptions.from_config(model_cfg, loss_cfg, ignore_label=ignore_label)
   layers = clip.cfg.vision_layers
   for key in ("num_attn_layers", "rfm_layers"):
-    if not 1 <= model_cfg.cam[key] <= layers:
-      raise ValueError(f"model.cam.{key}={model_cfg.cam[key]} must be in [1, {layers}]")
+    if not 1 <= getattr(options.cam, key) <= layers:
+      raise ValueError(f"model.cam.{key}={getattr(options.cam, key)} must be in [1, {layers}]")
   d = model_cfg.decoder
   decoder = Decoder(
     num_classes=num_classes,
     embed_dim=d.embed_dim,
     num_layers=d.num_layers,
     num_heads=d.num_heads,
-    mlp_dim=d.mlp_dim,
     dropout=d.dropout,
     dtype=dtype,
   )
   proj = None
-  if model_cfg.cmpa.enabled:
-    proj = ProjectionHead(clip.cfg.embed_dim, kind=model_cfg.cmpa.proj, dtype=dtype)
-  return SSRTask(clip, decoder, proj, model_cfg, loss_cfg, num_classes)
+  if options.cmpa.enabled:
+    proj = ProjectionHead(clip.cfg.embed_dim, kind=options.cmpa.proj, dtype=dtype)
+  return SSRTask(clip, decoder, proj, options, num_classes)

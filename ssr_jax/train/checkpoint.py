@@ -300,3 +300,44 @@ def restore(workdir, target_state, *, step: int | None = None):
   """
   with Checkpointer(workdir, read_only=True) as ckpt:
     return ckpt.restore(target_state, step=step)
+
+
+def restore_params(workdir, params_target, *, step: int | None = None):
+  """(params, step): only the `params` subtree of the TrainState saved at `step` (default: latest).
+
+  The saved tree is read with the checkpoint's own metadata, so nothing else of the training
+  state (optimizer, schedule, NaN guard) has to be rebuilt or match: evaluation with another
+  `train.grad_clip` or optimizer setting restores the same parameters. Only the params tree is
+  checked against `params_target` (arrays or ShapeDtypeStructs, e.g. jax.eval_shape of
+  task.init), with CheckpointMismatchError naming each differing path. A leaf restores with its
+  own sharding, or replicated over this process's devices when it has none.
+  """
+  with Checkpointer(workdir, read_only=True) as ckpt:
+    step = ckpt._resolve(step)
+    saved = ckpt._manager.item_metadata(step)["state"]
+    path = ckpt.directory / str(step) / "state"
+  saved = getattr(saved, "tree", saved)
+  where = f"Checkpoint {path.parent}"
+  if "params" not in saved:
+    raise CheckpointMismatchError(f"{where} holds no `params` (saved keys: {sorted(saved)})")
+  check_compatible(saved["params"], params_target, where=where)
+  local = jax.sharding.NamedSharding(
+    jax.sharding.Mesh(jax.local_devices(), ("data",)), jax.sharding.PartitionSpec()
+  )
+  target = {
+    "params": jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=getattr(x, "sharding", None) or local
+      ),
+      params_target,
+    )
+  }
+  restored = ocp.PyTreeCheckpointer().restore(
+    path,
+    args=ocp.args.PyTreeRestore(
+      item=target,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True,  # Reads params only: no optimizer state is loaded or needed.
+    ),
+  )
+  return restored["params"], int(step)

@@ -328,3 +328,13 @@ def test_pseudo_labels_map_slots_to_class_ids_and_skip_padding():
   # An explicit validity mask overrides the -1 convention (padded ids may be any value).
   out2 = jax.jit(affinity.pseudo_labels)(probs, np.array([[14, 2, 0]]), np.array([[1, 1, 0]]))
   np.testing.assert_array_equal(out2, out)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_background_is_clamped_power_of_one_minus_max(axis):
+  cams = np.array([[0.2, 0.5], [1.0 + 1e-6, 0.0], [0.0, 0.0]], np.float32)  # [3 pixels, K=2]
+  x = cams.T[None] if axis == 1 else cams  # [1, K, 3] or [3, K]
+  bg = np.asarray(affinity.background(jnp.asarray(x), 0.5, axis=axis))
+  want = np.array([0.5**0.5, 0.0, 1.0], np.float32)  # max above 1 clamps to 0, not NaN.
+  np.testing.assert_allclose(bg.reshape(-1), want, rtol=1e-6)
+  assert bg.shape == ((1, 1, 3) if axis == 1 else (3, 1))

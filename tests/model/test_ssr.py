@@ -1,14 +1,19 @@
 """The composed SSR loss on a tiny CLIP: one compilation, finite values, frozen CLIP."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import base
+from ssr_jax import resize
 from ssr_jax.clip.model import CLIP, CLIPConfig, init_params
-from ssr_jax.model.decoder import Decoder
-from ssr_jax.model.ssr import build_task
+from ssr_jax.clip.preprocess import normalize
+from ssr_jax.model import affinity, cam, cmpa, losses, sgc
+from ssr_jax.model.decoder import Decoder, ProjectionHead
+from ssr_jax.model.ssr import SSROptions, build_task
 
 TINY = CLIPConfig(
   embed_dim=16,
@@ -25,7 +30,7 @@ TINY = CLIPConfig(
 )
 
 
-def _config(cmpa=True, sgc=True, **cam):
+def _config(cmpa=True, sgc=True, fusion=False, **cam):
   c = base.get_config()
   with c.unlocked():
     c.model.class_names = ("a", "b", "c")
@@ -34,7 +39,6 @@ def _config(cmpa=True, sgc=True, **cam):
     c.model.max_classes = 2
     c.model.decoder.embed_dim = 16
     c.model.decoder.num_heads = 2
-    c.model.decoder.mlp_dim = 64
     c.model.decoder.num_layers = 1
     c.model.cam.num_attn_layers = 3
     c.model.cam.rfm_layers = 2
@@ -42,6 +46,7 @@ def _config(cmpa=True, sgc=True, **cam):
     c.model.cam.par_dilations = (1, 2)
     c.model.cam.par_iters = 3
     c.model.cmpa.enabled = cmpa
+    c.model.cmpa.cam_fusion = fusion
     c.model.cmpa.pixel_weight = 0.5
     c.model.sgc.enabled = sgc
     c.model.sgc.max_superpixels = 16
@@ -51,7 +56,7 @@ def _config(cmpa=True, sgc=True, **cam):
   return c
 
 
-def _setup(**kw):
+def _setup(ignore_label=255, **kw):
   c = _config(**kw)
   clip = CLIP(TINY)
   k = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -62,7 +67,7 @@ def _setup(**kw):
   )
   frozen["text_fg"] /= jnp.linalg.norm(frozen["text_fg"], axis=-1, keepdims=True)
   frozen["text_bg"] /= jnp.linalg.norm(frozen["text_bg"], axis=-1, keepdims=True)
-  task = build_task(c.model, c.loss, clip=clip, num_classes=4)
+  task = build_task(c.model, c.loss, clip=clip, num_classes=4, ignore_label=ignore_label)
   rng = np.random.default_rng(0)
   batch = dict(
     image=rng.integers(0, 255, (2, 32, 40, 3), dtype=np.uint8),
@@ -138,7 +143,7 @@ def test_decoder_features_match_per_layer_numpy():
   # F = fuse(concat_l MLP_l(X_l)) with a separate MLP per layer (method §1.5), in numpy.
   rng = np.random.default_rng(3)
   hidden = rng.normal(size=(3, 2, 5, 8)).astype(np.float32)  # [L, B, N, W]
-  dec = Decoder(num_classes=4, embed_dim=6, num_layers=1, num_heads=2, mlp_dim=24)
+  dec = Decoder(num_classes=4, embed_dim=6, num_layers=1, num_heads=2)
   params = dec.init(jax.random.PRNGKey(0), jnp.asarray(hidden), train=False)["params"]
   _, feats = dec.apply({"params": params}, jnp.asarray(hidden), train=False)
   p = jax.tree.map(np.asarray, params)
@@ -150,3 +155,112 @@ def test_decoder_features_match_per_layer_numpy():
   want = np.concatenate(maps, axis=-1) @ p["fuse"]["kernel"] + p["fuse"]["bias"]
   np.testing.assert_allclose(np.asarray(feats), want, rtol=1e-5, atol=1e-5)
   assert not np.allclose(fc1["kernel"][0], fc1["kernel"][1])  # Each layer initialised apart.
+
+
+def _reference_loss(c, clip, frozen, params, batch, *, step, rng, ignore):
+  """The loss composed by hand from the pure functions, following method §1.2-1.6, §2 (CMPA with
+  the text-driven CAM fusion) and §3 (SGC) rather than SSRTask's code."""
+  mc, cc, sc, co = c.model, c.model.cam, c.model.sgc, c.model.cmpa
+  x = normalize(batch["image"], mc.normalization)
+  b, hh, ww, _ = x.shape
+  out = clip.apply(
+    {"params": frozen["clip"]}, x, TINY.vision_layers - 1, method=clip.image_features
+  )
+  hidden, grid = out["hidden"], out["grid"]
+  h, w = grid
+  dec = Decoder(num_classes=4, embed_dim=16, num_layers=1, num_heads=2)
+  logits, feats = dec.apply(
+    {"params": params["decoder"]}, hidden[:, :, 1:], train=True, rngs={"dropout": rng}
+  )
+  task = build_task(mc, c.loss, clip=clip, num_classes=4)  # Only for its GradCAM block wiring.
+  cams, ids, valid, attn_last = task.gradcam(frozen, hidden, batch["labels"], grid)
+  z = None
+  if co.enabled:
+    z = ProjectionHead(TINY.embed_dim, kind=co.proj).apply({"params": params["proj"]}, feats)
+  if co.enabled and co.cam_fusion and step >= cc.rfm_switch_step:  # §2.7: after the RFM switch.
+    text = jnp.take(frozen["text_fg"], ids, axis=0)
+    m = jax.nn.relu(jnp.einsum("bnd,bkd->bkn", z, text))
+    m = cam.minmax_normalize(m, axes=-1).reshape(cams.shape)
+    cams = jnp.where(valid[..., None, None], 0.5 * (cams + m), cams)
+  attn = jnp.concatenate([out["attn"], attn_last[None]], axis=0)
+  if step >= cc.rfm_switch_step:
+    wgt = affinity.rfm_affinity(attn, feats, num_layers=cc.rfm_layers)
+  else:
+    wgt = affinity.attention_affinity(attn, num_layers=cc.num_attn_layers)
+  trans = affinity.transition_matrix(wgt, iters=cc.sinkhorn_iters)
+  src = affinity.box_masks(cams, threshold=cc.box_threshold)
+  recv = None
+  if sc.enabled:  # Before propagation: SGC filters the sources and smooths the transitions.
+    member = sgc.membership(
+      batch["superpixels"], patch_size=TINY.patch_size, max_superpixels=sc.max_superpixels
+    )
+    u = sgc.target_masks(cams, member, threshold=sc.threshold, hard=sc.hard)
+    src = src * u
+    recv = sgc.receiver_masks(u, grid=grid) if sc.receiver_mask else None
+    trans = sgc.smooth_affinity(trans, member, alpha=sc.soft_alpha)
+  probs = affinity.refine_cams(
+    cams, trans, src, out_size=(hh, ww), valid=valid, bg_power=cc.bg_power, recv_masks=recv
+  )
+  probs = affinity.par(
+    x,
+    jnp.moveaxis(probs, 1, -1),
+    dilations=tuple(cc.par_dilations),
+    iters=cc.par_iters,
+    w_pos=cc.par_w_pos,
+    temp=cc.par_temp,
+  )
+  labels = affinity.pseudo_labels(probs, ids, valid)
+  full = resize.resize(logits.reshape(b, h, w, -1), (hh, ww), "bilinear")
+  seg = losses.balanced_ce(full, labels, ignore=ignore)
+  small = losses.downsample_labels(labels, (h, w))
+  aff = losses.affinity_loss(affinity.feature_affinity(feats), small, radius=c.loss.aff_radius)
+  total, terms = c.loss.seg_weight * seg + c.loss.aff_weight * aff, dict(seg=seg, aff=aff)
+  if co.enabled:
+    text = cmpa.text_prototypes(frozen["text_fg"], frozen["text_bg"], bg_mode=co.bg_text)
+    num_bg = text.shape[0] - frozen["text_fg"].shape[0]
+    flat = small.reshape(b, h * w)
+    protos, ok = cmpa.prototypes(z, flat, num_classes=4, min_pixels=co.min_pixels)
+    terms["cmpa"] = cmpa.cmpa_loss(protos, ok, text, temperature=co.temperature, num_bg=num_bg)
+    terms["cmpa_pixel"] = cmpa.pixel_prototype_loss(
+      z, flat, text, temperature=co.temperature, num_bg=num_bg
+    )
+    term = terms["cmpa"] + co.pixel_weight * terms["cmpa_pixel"]
+    total = total + float(step >= co.warmup_steps) * co.weight * term
+  return total, terms
+
+
+# ignore_label=0 (background, in every image's pseudo-labels): a loss that ignored 255 instead
+# would differ. step 3 is past the RFM switch (decoder features in the affinity).
+# The last case adds CMPA with the text-driven CAM fusion, which needs z in the pseudo-labels.
+@pytest.mark.parametrize(
+  "sgc_on,ignore,step,cmpa_on",
+  [(False, 255, 0, False), (False, 0, 3, False), (True, 0, 3, False), (False, 255, 3, True)],
+)
+def test_loss_matches_the_pure_functions(sgc_on, ignore, step, cmpa_on):
+  kw = dict(cmpa=cmpa_on, sgc=sgc_on, fusion=cmpa_on)
+  task, frozen, batch, params = _setup(ignore_label=ignore, **kw)
+  c = _config(**kw)
+  rng = jax.random.PRNGKey(5)
+  got, got_m = jax.jit(functools.partial(task.loss, step=jnp.int32(step), rng=rng))(
+    params, frozen, batch
+  )
+  want, want_m = jax.jit(
+    functools.partial(_reference_loss, c, task.clip, step=step, rng=rng, ignore=ignore)
+  )(frozen, params, batch)
+  assert set(got_m) == set(want_m)
+  for k in want_m:
+    np.testing.assert_allclose(got_m[k], want_m[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_options_hash_by_value_and_come_from_the_config():
+  c = _config()
+  with c.unlocked():
+    c.model.cam.par_dilations = [1, 2]  # A list in the config becomes a tuple.
+  a = SSROptions.from_config(c.model, c.loss, ignore_label=7)
+  b = SSROptions.from_config(_config().model, _config().loss, ignore_label=7)
+  assert a == b and hash(a) == hash(b)
+  assert a.cam.par_dilations == (1, 2) and a.loss.ignore_label == 7 and a.sgc.soft_alpha == 0.7
+  t1, _, _, _ = _setup()
+  t2, _, _, _ = _setup()
+  assert t1 == t2 and hash(t1) == hash(t2)  # Equal tasks share compiled functions.

@@ -1,4 +1,4 @@
-"""`python -m ssr_jax.evaluate`: hand-computed mIoU and clear errors."""
+"""`python -m ssr_jax.score_pngs`: hand-computed mIoU and clear errors."""
 
 import json
 import subprocess
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ssr_jax.eval.png import save_label_png
-from ssr_jax.evaluate import main
+from ssr_jax.score_pngs import main
 
 GT_A = np.array([[0, 1, 1], [255, 2, 0]], np.uint8)
 PRED_A = np.array([[0, 1, 2], [1, 2, 0]], np.uint8)  # The 1 on the ignore pixel must not count.
@@ -67,7 +67,7 @@ def test_out_of_range_and_class_name_errors(tmp_path, capsys):
 def test_module_entry_point(tmp_path):
   pred, gt = _write(tmp_path, {"a": (np.where(GT_A == 255, 0, GT_A), GT_A)})
   res = subprocess.run(
-    [sys.executable, "-m", "ssr_jax.evaluate", "--pred", pred, "--gt", gt, "--num-classes", "3"],
+    [sys.executable, "-m", "ssr_jax.score_pngs", "--pred", pred, "--gt", gt, "--num-classes", "3"],
     capture_output=True,
     text=True,
     timeout=120,

@@ -1,6 +1,6 @@
 """mIoU of PNG predictions against ground-truth PNGs, for any method's outputs.
 
-  python -m ssr_jax.evaluate --pred DIR --gt DIR --num-classes 21 [--ignore 255]
+  python -m ssr_jax.score_pngs --pred DIR --gt DIR --num-classes 21 [--ignore 255]
       [--class-names voc|coco|none] [--json OUT] [--workers 4]
 
 Every ground-truth `*.png` in --gt is matched by file stem to `<stem>.png` in --pred. Both are
@@ -27,7 +27,9 @@ from ssr_jax.eval.png import load_label_png
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m ssr_jax.evaluate", description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(
+    prog="python -m ssr_jax.score_pngs", description=__doc__.split("\n")[0]
+  )
   p.add_argument("--pred", required=True, type=Path, help="folder of predicted label PNGs")
   p.add_argument("--gt", required=True, type=Path, help="folder of ground-truth label PNGs")
   p.add_argument("--num-classes", required=True, type=int, help="e.g. 21 (VOC) or 81 (COCO)")

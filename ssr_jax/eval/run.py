@@ -1,0 +1,320 @@
+"""Evaluation: restore the parameters, predict a split, score it, write PNGs and grids.
+
+Targets (config.eval.target), as WSSS papers report them (§1.8), one prediction function each,
+all yielding (example, pred int32 [H, W]):
+- seg (`predict_seg`): the decoder, multi-scale + flip (+ optional dense CRF);
+- cam (`predict_cam`): GradCAM maps alone, background = (1 - max cam) ** bg_power, argmax;
+- pseudo (`predict_pseudo`): the refined online pseudo-labels (affinity propagation, SGC if
+  enabled, PAR) in 'val' mode, i.e. with the RFM affinity of the trained decoder.
+
+Several processes: each evaluates its own slice of the split on its own devices; the confusion
+matrices are summed across processes and process 0 writes metrics.json and the grids.
+"""
+
+import functools
+import json
+import logging as pylogging
+import os
+import time
+from collections.abc import Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from ssr_jax import resize as resize_lib
+from ssr_jax.clip import preprocess
+from ssr_jax.data import pipeline
+from ssr_jax.eval import crf, inference, metrics, png, visualize
+from ssr_jax.model import affinity
+from ssr_jax.train import checkpoint, sharding
+
+TARGETS = ("seg", "cam", "pseudo")
+
+
+class ReadOnlyNotice(pylogging.Filter):
+  """Drops Orbax's "Given directory is read only" warning: evaluation and predict.py open the
+  checkpoints read-only on purpose, each time."""
+
+  def filter(self, record):
+    return "Given directory is read only" not in record.getMessage()
+
+
+def quiet_read_only_notices() -> None:
+  """Installs `ReadOnlyNotice` on the absl logger (once)."""
+  logger = pylogging.getLogger("absl")
+  if not any(isinstance(f, ReadOnlyNotice) for f in logger.filters):
+    logger.addFilter(ReadOnlyNotice())
+
+
+def process() -> tuple[int, int]:
+  """(index, count) of this process among those evaluating (jax's)."""
+  return jax.process_index(), jax.process_count()
+
+
+def local_mesh():
+  """1-D mesh over this process's devices: inference never communicates between processes."""
+  return sharding.make_mesh(jax.local_devices())
+
+
+def restore_params(workdir, task, *, step: int | None = None):
+  """(params, step) of checkpoint `step` (None = latest), replicated over this process's devices.
+
+  Reads the params only (checkpoint.restore_params), so the train config may differ.
+  """
+  p = task.clip.cfg.patch_size
+  fake = dict(image=jax.ShapeDtypeStruct((1, p, p, 3), jnp.uint8))
+  target = jax.eval_shape(task.init, jax.random.PRNGKey(0), fake)
+  target = checkpoint.abstract_state(target, sharding.replicated(local_mesh()))
+  return checkpoint.restore_params(workdir, target, step=step)
+
+
+def to_local(tree):
+  """Global (multi-process) replicated arrays as this process's copy; other leaves unchanged."""
+
+  def leaf(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(x.addressable_data(0))
+    return x
+
+  return jax.tree.map(leaf, tree)
+
+
+def class_names(dataset) -> list[str]:
+  """Names of label ids 0..C-1 for tables (background first) of a data.dataset.Dataset."""
+  return ["background"] + [n.split(",")[0] for n in dataset.class_names]
+
+
+def _multiple_of(image, multiple):
+  """Float image resized so both sides are (nearest) multiples of the patch size."""
+  h, w = image.shape[:2]
+  size = (inference.round_to_multiple(h, multiple), inference.round_to_multiple(w, multiple))
+  return inference.resize_np(image.astype(np.float32), size), size
+
+
+def _nearest(labels, size):
+  rows = resize_lib.interp_matrix(labels.shape[0], size[0], "nearest").argmax(1)
+  cols = resize_lib.interp_matrix(labels.shape[1], size[1], "nearest").argmax(1)
+  return labels[rows][:, cols]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _cam_outputs(task, params, frozen, image, labels, superpixels):
+  """CAM and pseudo-label maps of one image (compiled once per task and image shape)."""
+  batch = dict(image=image[None], labels=labels[None], superpixels=superpixels[None])
+  out = task.cam_outputs(params, frozen, batch)
+  cams = out["cams"][0]  # [K, h, w]
+  up = resize_lib.resize(jnp.moveaxis(cams, 0, -1), image.shape[:2], "bilinear")
+  bg = affinity.background(up, task.options.cam.bg_power, axis=-1)
+  probs = jnp.concatenate([bg, up], axis=-1)[None]  # [1, H, W, 1+K]
+  cam_labels = affinity.pseudo_labels(probs, out["ids"], out["valid"])[0]
+  return dict(
+    cam_labels=cam_labels,
+    pseudo=out["labels"][0],
+    cams=cams,
+    ids=out["ids"][0],
+    valid=out["valid"][0],
+  )
+
+
+def cam_outputs(task, frozen, params, ex) -> dict:
+  """`_cam_outputs` of one eval example (image resized to patch multiples), on the device."""
+  img, size = _multiple_of(ex["image"], task.clip.cfg.patch_size)
+  sp = _nearest(ex["superpixels"], size).astype(np.int32)
+  labels = jnp.asarray(ex["labels"], jnp.float32)
+  return _cam_outputs(task, params, frozen, jnp.asarray(img), labels, jnp.asarray(sp))
+
+
+def seg_predictions(
+  task, frozen, params, images, eval_cfg, *, crf=False, mesh=None, batch_size=None
+):
+  """Multi-scale + flip decoder predictions for an iterable of uint8 images [H, W, 3].
+
+  Yields (index, pred int32 [H, W]) in completion order, plus the averaged logits when crf.
+  Batches are sharded over `mesh` (default: this process's devices). batch_size (default
+  eval.batch_size) is the global batch, so each of P processes takes batch_size / P, rounded
+  down to a multiple of its device count (at least one image per device).
+  """
+  ec = eval_cfg
+  mesh = local_mesh() if mesh is None else mesh
+  per_process = (ec.batch_size if batch_size is None else batch_size) // process()[1]
+  bs = max(per_process // mesh.size, 1) * mesh.size
+  yield from inference.iter_predictions(
+    task.normalized_seg_logits,
+    _normalized(images, task.options.normalization),
+    params=(params, frozen),
+    scales=tuple(ec.scales),
+    flip=ec.flip,
+    long_side=ec.long_side or None,
+    multiple=task.clip.cfg.patch_size,
+    batch_size=bs,
+    sharding=sharding.batch_sharding(mesh),
+    return_logits=crf,
+  )
+
+
+def _normalized(images: Iterable, normalization: str) -> Iterator[np.ndarray]:
+  mean, std = (np.asarray(v, np.float32) for v in preprocess.NORMALIZATION[normalization])
+  for im in images:
+    yield (np.asarray(im, np.float32) - mean) / std
+
+
+def predict_seg(task, frozen, params, dataset: Iterable[dict], eval_cfg) -> Iterator[tuple]:
+  """(example, pred int32 [H, W]) of the decoder (+ dense CRF when eval.crf), completion order."""
+  ec = eval_cfg
+  pending = {}  # Examples waiting in a size bucket; bounded by the bucket batch size.
+
+  def images():
+    for i, ex in enumerate(dataset):
+      pending[i] = ex
+      yield ex["image"]
+
+  for i, pred, *logits in seg_predictions(task, frozen, params, images(), ec, crf=ec.crf):
+    ex = pending.pop(i)
+    if ec.crf:
+      pred = crf.crf_predict(
+        ex["image"],
+        logits[0],
+        iter_max=ec.crf_iters,
+        pos_xy_std=ec.crf_pos_xy_std,
+        pos_w=ec.crf_pos_w,
+        bi_xy_std=ec.crf_bi_xy_std,
+        bi_rgb_std=ec.crf_bi_rgb_std,
+        bi_w=ec.crf_bi_w,
+      )
+    yield ex, pred
+
+
+def _predict_cam_key(task, frozen, params, dataset, key):
+  for ex in dataset:
+    out = cam_outputs(task, frozen, params, ex)
+    yield ex, _nearest(np.asarray(out[key]), ex["image"].shape[:2])
+
+
+def predict_cam(task, frozen, params, dataset: Iterable[dict]) -> Iterator[tuple]:
+  """(example, pred int32 [H, W]) of GradCAM alone (argmax with the bg_power background)."""
+  yield from _predict_cam_key(task, frozen, params, dataset, "cam_labels")
+
+
+def predict_pseudo(task, frozen, params, dataset: Iterable[dict]) -> Iterator[tuple]:
+  """(example, pred int32 [H, W]) of the refined pseudo-labels in 'val' mode (RFM affinity)."""
+  yield from _predict_cam_key(task, frozen, params, dataset, "pseudo")
+
+
+def vis_grid(task, frozen, params, ex, pred, names) -> np.ndarray:
+  """The qualitative grid of one example: image | CAMs | pseudo-label | pred | gt."""
+  o = cam_outputs(task, frozen, params, ex)
+  cams = {
+    names[int(c) + 1]: np.asarray(o["cams"][k])
+    for k, c in enumerate(np.asarray(o["ids"]))
+    if o["valid"][k]
+  }
+  pseudo = _nearest(np.asarray(o["pseudo"]), ex["image"].shape[:2])
+  return visualize.grid(ex["image"], cams, pseudo, pred, ex.get("mask"), names)
+
+
+def _all_processes_sum(conf: np.ndarray, count: int) -> tuple[np.ndarray, int]:
+  """Confusion matrix and image count summed over processes (unchanged with one process)."""
+  if process()[1] == 1:
+    return conf, count
+  gathered = multihost_utils.process_allgather(
+    dict(conf=conf, count=np.asarray(count, np.int64)), tiled=False
+  )
+  return np.asarray(gathered["conf"]).sum(0), int(np.asarray(gathered["count"]).sum())
+
+
+def eval_dataset(data_cfg, split, *, target, sgc: bool, max_images: int = 0):
+  """(this process's slice of `split`, class names of ids 0..C-1 from the dataset)."""
+  index, processes = process()
+  dataset = pipeline.make_eval_dataset(
+    data_cfg,
+    split,
+    # Only pseudo-labels with SGC need superpixels (required then); the seg/cam grids' pseudo
+    # panel is drawn without them (without SGC), so seg eval needs no val superpixels.
+    superpixels=sgc and target == "pseudo",
+    max_images=max_images,
+    process_index=index,
+    process_count=processes,
+  )
+  return dataset, class_names(pipeline.get_dataset(data_cfg))
+
+
+def _protocol(eval_cfg, data_cfg, target) -> dict:
+  """How the numbers were made, stored beside them in metrics.json."""
+  seg = target == "seg"
+  return dict(
+    scales=list(eval_cfg.scales) if seg else [1.0],
+    flip=bool(eval_cfg.flip and seg),
+    crf=bool(eval_cfg.crf and seg),
+    dataset=data_cfg.name,
+    jax_version=jax.__version__,
+  )
+
+
+def _write(res, vis_images, workdir, split, target) -> None:
+  """metrics.json (+ a per-run copy) and the grids under eval/<split>_<target>/vis/."""
+  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+  for name in ("metrics.json", f"metrics_{split}_{target}.json"):
+    with open(os.path.join(workdir, "eval", name), "w") as f:
+      json.dump(res, f, indent=2)
+  out_dir = os.path.join(workdir, "eval", f"{split}_{target}")
+  for key, g in vis_images.items():
+    visualize.save_image(os.path.join(out_dir, "vis", f"{key.split('/', 1)[1]}.png"), g)
+  logging.info("wrote %s", out_dir)
+
+
+def evaluate(
+  config,
+  workdir,
+  *,
+  task,
+  frozen,
+  params,
+  step,
+  target,
+  split,
+  write_outputs=True,
+  clip_fingerprint="",
+):
+  """Evaluates `target` on `split`; writes workdir/eval/metrics.json (+ per-run copy).
+
+  Returns the metrics, with "images": {name: grid} of the first eval.num_vis examples (on
+  process 0; empty on the others).
+  """
+  ec, dc = config.eval, config.data
+  if target not in TARGETS:
+    raise ValueError(f"eval.target={target!r}: use seg, cam or pseudo")
+  if ec.crf and target == "seg":
+    crf.import_densecrf()  # Fail before the long loop if the optional package is missing.
+  dataset, names = eval_dataset(
+    dc, split, target=target, sgc=task.options.sgc.enabled, max_images=ec.max_images
+  )
+  frozen, params = to_local(frozen), to_local(params)
+  predict = dict(seg=predict_seg, cam=predict_cam, pseudo=predict_pseudo)[target]
+  args = (task, frozen, params, dataset) + ((ec,) if target == "seg" else ())
+  lead = process()[0] == 0
+  pred_dir = os.path.join(workdir, "eval", f"{split}_{target}", "pred")
+  acc = metrics.ConfusionAccumulator(dc.num_classes, ignore=dc.ignore_label)
+  vis_images, count, t0 = {}, 0, time.time()
+  for ex, pred in predict(*args):
+    count += 1
+    if ex.get("mask") is not None:
+      acc.add(pred, ex["mask"])
+    if write_outputs and ec.save_png:
+      png.save_label_png(os.path.join(pred_dir, f"{ex['id']}.png"), pred.astype(np.uint8))
+    if lead and ex["index"] < ec.num_vis:
+      vis_images[f"{split}_{target}/{ex['id']}"] = vis_grid(task, frozen, params, ex, pred, names)
+  conf, count = _all_processes_sum(acc.conf, count)
+  seconds = time.time() - t0
+  res = metrics.scores(conf, names)
+  res.update(target=target, split=split, num_images=count, checkpoint_step=step, seconds=seconds)
+  res.update(_protocol(ec, dc, target), clip_fingerprint=clip_fingerprint)
+  if lead:
+    print(f"\n{split} / {target} @ step {step}: {count} images in {seconds:.1f}s")
+    print(metrics.format_table(res))
+    if write_outputs:
+      _write(res, vis_images, workdir, split, target)
+  res["images"] = vis_images
+  return res

@@ -1,0 +1,132 @@
+"""eval.run: compiled inference reused across evaluations; per-process slices and sums."""
+
+import argparse
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from benchmarks.common import bench_config, random_setup
+from configs import base
+from ssr_jax.data import pipeline, superpixels, synthetic
+from ssr_jax.eval import inference, run
+
+
+def test_second_evaluation_compiles_nothing_and_predicts_the_same():
+  config = bench_config(argparse.Namespace(small=True, batch=2, crop=64, dtype="float32"))
+  with config.unlocked():
+    config.eval.batch_size = 2
+    config.eval.long_side = 64
+  task, frozen, batch = random_setup(config, small=True)
+  params = task.init(jax.random.PRNGKey(0), batch)
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 256, s + (3,), dtype=np.uint8) for s in [(40, 56), (56, 40), (40, 56)]]
+
+  def go():
+    return dict(run.seg_predictions(task, frozen, params, images, config.eval))
+
+  first = go()
+  compiled = inference._multiscale_jit._cache_size()
+  second = go()
+  # A new logits function per call used to recompile every size bucket at every evaluation.
+  assert inference._multiscale_jit._cache_size() == compiled
+  assert sorted(first) == sorted(second) == [0, 1, 2]
+  for i in first:
+    np.testing.assert_array_equal(first[i], second[i])
+    assert first[i].shape == images[i].shape[:2]
+
+
+def _synthetic(tmp_path, num_val=4):
+  """(config, task, frozen, params) of a tiny random model on a synthetic val split."""
+  synthetic.write_dataset(str(tmp_path / "data"), num_train=2, num_val=num_val, size=64, seed=0)
+  config = bench_config(argparse.Namespace(small=True, batch=2, crop=64, dtype="float32"))
+  data = base.get_config().data
+  with config.unlocked():
+    data.update(
+      name="synthetic",
+      root=str(tmp_path / "data"),
+      train_split="train",
+      val_split="val",
+      num_classes=7,
+      crop_size=64,
+      num_workers=1,
+    )
+    config.data = data
+    config.model.class_names = synthetic.SPEC.class_names
+    config.eval.long_side = 64
+  superpixels.precompute(config.data, "val", workers=1, progress=False)
+  task, frozen, batch = random_setup(config, small=True)
+  params = task.init(jax.random.PRNGKey(0), batch)
+  return config, task, frozen, params
+
+
+def test_second_cam_evaluation_compiles_nothing(tmp_path):
+  config, task, frozen, params = _synthetic(tmp_path)
+
+  def go():
+    return run.evaluate(
+      config,
+      str(tmp_path / "w"),
+      task=task,
+      frozen=frozen,
+      params=params,
+      step=0,
+      target="cam",
+      split="val",
+      write_outputs=False,
+    )
+
+  first = go()
+  compiled = run._cam_outputs._cache_size()
+  second = go()
+  assert run._cam_outputs._cache_size() == compiled  # Was: a new jit per evaluation.
+  assert first["miou"] == second["miou"] and first["num_images"] == 4
+
+
+_MAKE_EVAL_DATASET = pipeline.make_eval_dataset
+
+
+def _as_process(monkeypatch, index, count):
+  """Pretends to be process `index` of `count`: the dataset is sliced as the data pipeline does,
+  and the all-gather returns this process's counts `count` times (as if every slice scored the
+  same), so the sums are checkable on one machine."""
+  calls = []
+
+  def sliced(data_cfg, split, *, process_index, process_count, **kw):
+    calls.append((process_index, process_count))
+    full = _MAKE_EVAL_DATASET(data_cfg, split, **kw)
+    return [full[i] for i in range(process_index, len(full), process_count)]
+
+  monkeypatch.setattr(run, "process", lambda: (index, count))
+  monkeypatch.setattr(pipeline, "make_eval_dataset", sliced)
+  monkeypatch.setattr(
+    multihost_utils,
+    "process_allgather",
+    lambda tree, tiled=False: jax.tree.map(lambda x: np.stack([np.asarray(x)] * count), tree),
+  )
+  return calls
+
+
+def test_each_process_scores_its_slice_and_only_process_0_writes(tmp_path, monkeypatch):
+  config, task, frozen, params = _synthetic(tmp_path)
+  with config.unlocked():
+    config.eval.num_vis = 4
+  kw = dict(task=task, frozen=frozen, params=params, step=0, target="seg", split="val")
+  single = run.evaluate(config, str(tmp_path / "one"), **kw)
+  assert single["num_images"] == 4 and len(single["images"]) == 4
+  ids = [ex["id"] for ex in pipeline.make_eval_dataset(config.data, "val")]
+
+  calls = _as_process(monkeypatch, 1, 2)
+  other = run.evaluate(config, str(tmp_path / "p1"), **kw)
+  assert calls == [(1, 2)]
+  assert other["num_images"] == 4  # Its 2 images, counted for both processes.
+  assert other["images"] == {} and not os.path.exists(tmp_path / "p1" / "eval" / "metrics.json")
+  preds = sorted(os.listdir(tmp_path / "p1" / "eval" / "val_seg" / "pred"))
+  assert preds == sorted(f"{ids[i]}.png" for i in (1, 3))  # Every process writes its own.
+
+  _as_process(monkeypatch, 0, 2)
+  lead = run.evaluate(config, str(tmp_path / "p0"), **kw)
+  assert lead["num_images"] == 4 and len(lead["images"]) == 2
+  assert os.path.exists(tmp_path / "p0" / "eval" / "metrics.json")
+  assert len(os.listdir(tmp_path / "p0" / "eval" / "val_seg" / "vis")) == 2
