@@ -1,6 +1,6 @@
-"""`python -m benchmarks {clip,model,train,input,superpixels,eval,predict,rehearsal,all} [--out FILE]
-[--device cpu|gpu] [--small]`: runs benchmark modules, prints the machine and a table, writes
-JSON. Run it from the repository root."""
+"""`python -m benchmarks {clip,model,train,input,superpixels,eval,predict,rehearsal,all}
+[--out FILE] [--device cpu|gpu] [--small]`: runs benchmark modules, prints the machine and a
+table, writes JSON. Run it from the repository root."""
 
 import argparse
 import importlib
