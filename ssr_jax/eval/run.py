@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 
 from ssr_jax import resize as resize_lib
 from ssr_jax.clip import preprocess
-from ssr_jax.data import pipeline
+from ssr_jax.data import pipeline, sources
 from ssr_jax.eval import crf, inference, metrics, png, visualize
 from ssr_jax.model import affinity
 from ssr_jax.train import checkpoint, sharding
@@ -238,7 +238,7 @@ def eval_dataset(data_cfg, split, *, target, sgc: bool, max_images: int = 0):
     process_index=index,
     process_count=processes,
   )
-  return dataset, class_names(pipeline.get_dataset(data_cfg))
+  return dataset, class_names(sources.get_dataset(data_cfg))
 
 
 def _protocol(eval_cfg, data_cfg, target) -> dict:
@@ -285,7 +285,7 @@ def evaluate(
   """
   ec, dc = config.eval, config.data
   if target not in TARGETS:
-    raise ValueError(f"eval.target={target!r}: use seg, cam or pseudo")
+    raise ValueError(f"eval target {target!r}: use seg, cam or pseudo")
   if ec.crf and target == "seg":
     crf.import_densecrf()  # Fail before the long loop if the optional package is missing.
   dataset, names = eval_dataset(

@@ -88,15 +88,16 @@ _MAKE_EVAL_DATASET = pipeline.make_eval_dataset
 
 
 def _as_process(monkeypatch, index, count):
-  """Pretends to be process `index` of `count`: the dataset is sliced as the data pipeline does,
-  and the all-gather returns this process's counts `count` times (as if every slice scored the
+  """Pretends to be process `index` of `count`: the data pipeline slices the split for it, and
+  the all-gather returns this process's counts `count` times (as if every slice scored the
   same), so the sums are checkable on one machine."""
   calls = []
 
   def sliced(data_cfg, split, *, process_index, process_count, **kw):
     calls.append((process_index, process_count))
-    full = _MAKE_EVAL_DATASET(data_cfg, split, **kw)
-    return [full[i] for i in range(process_index, len(full), process_count)]
+    return _MAKE_EVAL_DATASET(
+      data_cfg, split, process_index=process_index, process_count=process_count, **kw
+    )
 
   monkeypatch.setattr(run, "process", lambda: (index, count))
   monkeypatch.setattr(pipeline, "make_eval_dataset", sliced)
@@ -115,7 +116,7 @@ def test_each_process_scores_its_slice_and_only_process_0_writes(tmp_path, monke
   kw = dict(task=task, frozen=frozen, params=params, step=0, target="seg", split="val")
   single = run.evaluate(config, str(tmp_path / "one"), **kw)
   assert single["num_images"] == 4 and len(single["images"]) == 4
-  ids = [ex["id"] for ex in pipeline.make_eval_dataset(config.data, "val")]
+  ids = [ex["id"] for ex in pipeline.make_eval_dataset(config.data, "val", superpixels=False)]
 
   calls = _as_process(monkeypatch, 1, 2)
   other = run.evaluate(config, str(tmp_path / "p1"), **kw)
