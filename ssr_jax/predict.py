@@ -13,9 +13,15 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
+
+from ssr_jax import experiment  # noqa: E402
+from ssr_jax.eval import inference, png  # noqa: E402
+from ssr_jax.eval import run as eval_run  # noqa: E402
+from ssr_jax.train.checkpoint import Checkpointer  # noqa: E402
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -43,8 +49,6 @@ def read_rgb(path):
 
 def load_config(workdir, step=None):
   """The ConfigDict stored with the checkpoint (latest, or `step`)."""
-  from ssr_jax.train.checkpoint import Checkpointer
-
   ckpt = Checkpointer(workdir, read_only=True)
   try:
     saved = ckpt.read_config(step=step)["config"]
@@ -60,8 +64,6 @@ def plan_batches(shapes, *, limit: int, devices: int, long_side, multiple: int) 
   the images at hand (at most `limit`), rounded up to a multiple of `devices`, so one photo is
   not padded with eval.batch_size - 1 dummies (75 s for one 400x600 image on a CPU).
   """
-  from ssr_jax.eval import inference
-
   groups = {}
   for i, (h, w) in enumerate(shapes):
     size, _ = inference.input_sizes(h, w, scales=(), long_side=long_side, multiple=multiple)
@@ -75,10 +77,6 @@ def plan_batches(shapes, *, limit: int, devices: int, long_side, multiple: int) 
 
 def segment(task, frozen, params, images, eval_cfg):
   """(index, pred int32 [H, W]) of each uint8 image [H, W, 3], batched by `plan_batches`."""
-  import jax
-
-  from ssr_jax.eval import run as eval_run
-
   plan = plan_batches(
     [im.shape[:2] for im in images],
     limit=eval_cfg.batch_size,
@@ -102,10 +100,6 @@ def main(argv=None):
   ap.add_argument("--clip-weights", default=None, help="override the CLIP weights path")
   args = ap.parse_args(argv)
 
-  from ssr_jax import experiment
-  from ssr_jax.eval import png
-  from ssr_jax.eval import run as eval_run
-
   eval_run.quiet_read_only_notices()
   paths = list_images(args.images)
   if not paths:
@@ -118,7 +112,7 @@ def main(argv=None):
     return 1
   if args.clip_weights:
     config.clip.weights = args.clip_weights
-  task, frozen, _ = experiment.build(config, args.workdir)
+  task, frozen, _ = experiment.build(config)
   params, step = eval_run.restore_params(args.workdir, task, step=args.step)
 
   failed, images, names = [], [], []

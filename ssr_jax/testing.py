@@ -81,7 +81,7 @@ def fake_batch(
 
 
 def random_build(config, *, clip_cfg: CLIPConfig | None = None, seed: int = 0):
-  """(task, frozen) as `experiment.build(config, workdir)` makes them, with random weights.
+  """(task, frozen) as `experiment.build(config)` makes them, with random weights.
 
   config: the full ConfigDict (model, loss, data.num_classes are read); clip_cfg: the CLIP
   architecture (default TINY_CLIP); the compute dtype is config.model.dtype.
