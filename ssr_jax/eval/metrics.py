@@ -138,7 +138,7 @@ def precision_recall_confusion(conf) -> dict:
   each averaged over the classes where it is defined (denominator > 0; background included,
   as for mIoU), so a class never predicted has no precision and one with TP = 0 no confusion.
   Sources: per-class precision and recall, then the class mean, as the `eval_cam` scripts of
-  the AdvCAM / AMN / CLIMS code lineage compute them (stored public code); the confusion ratio
+  the AdvCAM / W-OoD / CLIMS code lineage compute them (stored public code); the confusion ratio
   m = FP / TP is the one attributed to CLIMS (Xie et al., CVPR 2022), which introduced it for
   activation spilling onto co-occurring background; here FP counts all other classes' pixels.
   The CLIMS text itself was not in the material we could search, so that attribution is
