@@ -268,6 +268,14 @@ class CLIP(nn.Module):
     """ln_post + proj of pooled visual tokens [..., W] -> [..., D]."""
     return self.visual.head(x)
 
+  def patch_mean_head(self, patches):
+    """WeCLIP's CAM-branch image feature: patch tokens [B, N, W] -> [B, D] (method §1.3).
+
+    ln_post on every token, then the mean over the N tokens, then proj. LayerNorm is not linear,
+    so this differs from `visual_head(patches.mean(1))`.
+    """
+    return self.visual.ln_post(patches).mean(axis=-2) @ self.visual.proj
+
 
 def cast_for_compute(params, dtype):
   """Dense/Conv kernels and biases stored in the compute dtype; everything else as given.

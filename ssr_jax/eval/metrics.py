@@ -9,6 +9,7 @@ Convention (the standard one, as WeCLIP's `evaluate.scores`, environment.md "Sta
   prediction (on counted pixels). A class absent from both has an undefined IoU (0/0) and is left
   out of the mean (it is reported as None). A class predicted but absent from the ground truth
   counts with IoU 0. mIoU is a fraction in [0, 1].
+- Precision, recall and confusion ratio (SSR's Table 5; method §5): see `scores`.
 """
 
 import functools
@@ -120,6 +121,53 @@ class ConfusionAccumulator:
     return scores(self.conf, class_names)
 
 
+def _mean_defined(num, den):
+  """Per-class num / den (NaN where den == 0) and its mean over the defined classes (None if
+  there are none: e.g. no TP at all makes every confusion ratio infinite, not 0)."""
+  ok = den > 0
+  ratio = np.where(ok, num / np.maximum(den, 1), np.nan)
+  return ratio, (float(ratio[ok].mean()) if ok.any() else None)
+
+
+def precision_recall_confusion(conf) -> dict:
+  """Per-class precision, recall and confusion ratio of a [C, C] confusion matrix (rows = gt).
+
+  With TP_c = conf[c, c], FP_c = column sum - TP_c, FN_c = row sum - TP_c, per class c:
+    precision_c = TP_c / (TP_c + FP_c), recall_c = TP_c / (TP_c + FN_c),
+    confusion_c = FP_c / TP_c,
+  each averaged over the classes where it is defined (denominator > 0; background included,
+  as for mIoU), so a class never predicted has no precision and one with TP = 0 no confusion.
+  Sources: per-class precision and recall, then the class mean, as the `eval_cam` scripts of
+  the AdvCAM / W-OoD / CLIMS code lineage compute them (stored public code); the confusion ratio
+  m = FP / TP is the one attributed to CLIMS (Xie et al., CVPR 2022), which introduced it for
+  activation spilling onto co-occurring background; here FP counts all other classes' pixels.
+  The CLIMS text itself was not in the material we could search, so that attribution is
+  unverified; the paper's numbers do rule out the alternative (FP + FN) / TP: its class mean is
+  >= 1 / mIoU - 1 (Jensen), 0.258 for SSR's mIoU .795, above the .198 reported, while FP / TP
+  is consistent (class mean >= 1 / precision - 1 = 0.138 for SSR, 0.185 for WeCLIP's .237).
+  Recall equals `mean_accuracy`.
+
+  Returns dict(precision, recall, confusion_ratio: floats, None where no class defines them;
+  per_class_precision,
+  per_class_recall, per_class_confusion: [C] float64 arrays, NaN where undefined).
+  """
+  conf = np.asarray(conf, np.int64)
+  tp = np.diag(conf).astype(np.float64)
+  fp = conf.sum(axis=0) - tp
+  fn = conf.sum(axis=1) - tp
+  prec, mean_prec = _mean_defined(tp, tp + fp)
+  rec, mean_rec = _mean_defined(tp, tp + fn)
+  confusion, mean_confusion = _mean_defined(fp, tp)
+  return dict(
+    precision=mean_prec,
+    recall=mean_rec,
+    confusion_ratio=mean_confusion,
+    per_class_precision=prec,
+    per_class_recall=rec,
+    per_class_confusion=confusion,
+  )
+
+
 def scores(conf, class_names: Sequence[str] | None = None) -> dict:
   """Metrics of a [C, C] confusion matrix (rows = ground truth, columns = prediction).
 
@@ -128,7 +176,9 @@ def scores(conf, class_names: Sequence[str] | None = None) -> dict:
     per_class_iou: {name: IoU, or None for a class absent from both};
     pixel_accuracy: sum(TP) / counted pixels;
     mean_accuracy: mean over classes present in the ground truth of TP / (ground-truth pixels);
-    present: names of the classes that enter the mean; num_pixels: counted pixels.
+    present: names of the classes that enter the mean; num_pixels: counted pixels;
+    precision, recall, confusion_ratio and per_class_{precision,recall,confusion} ({name: value,
+    or None where undefined}): see `precision_recall_confusion`.
   Class names default to "0", "1", ...
   """
   conf = np.asarray(conf, np.int64)
@@ -146,6 +196,11 @@ def scores(conf, class_names: Sequence[str] | None = None) -> dict:
   iou = np.where(present, tp / np.maximum(union, 1), np.nan)
   in_gt = gt_count > 0
   total = conf.sum()
+  prc = precision_recall_confusion(conf)
+
+  def per_class(v):
+    return {n: (None if np.isnan(x) else float(x)) for n, x in zip(names, v)}
+
   return {
     "miou": float(iou[present].mean()) if present.any() else 0.0,
     "per_class_iou": {n: (float(v) if p else None) for n, v, p in zip(names, iou, present)},
@@ -153,17 +208,50 @@ def scores(conf, class_names: Sequence[str] | None = None) -> dict:
     "mean_accuracy": float((tp[in_gt] / gt_count[in_gt]).mean()) if in_gt.any() else 0.0,
     "present": [n for n, p in zip(names, present) if p],
     "num_pixels": int(total),
+    "precision": prc["precision"],
+    "recall": prc["recall"],
+    "confusion_ratio": prc["confusion_ratio"],
+    "per_class_precision": per_class(prc["per_class_precision"]),
+    "per_class_recall": per_class(prc["per_class_recall"]),
+    "per_class_confusion": per_class(prc["per_class_confusion"]),
   }
 
 
 def format_table(s: dict) -> str:
-  """Fixed-width text table (percentages) of a `scores` dict; absent classes shown as '-'."""
-  width = max([len(n) for n in s["per_class_iou"]] + [14])
-  lines = [f"{'class':<{width}}  IoU (%)", "-" * (width + 9)]
-  for name, v in s["per_class_iou"].items():
-    lines.append(f"{name:<{width}}  {'-' if v is None else f'{100 * v:7.2f}':>7}")
-  lines.append("-" * (width + 9))
+  """Fixed-width text table of a `scores` dict; undefined entries shown as '-'.
+
+  IoU, precision and recall in percent; the confusion ratio FP / TP as a plain ratio (SSR's
+  Table 5 style, e.g. 0.198). A dict without the precision keys prints the IoU column only.
+  """
+  width = max([len(n) for n in s["per_class_iou"]] + [15])
+  cols = [("IoU (%)", "per_class_iou", 100.0, "7.2f")]
+  if "per_class_precision" in s:
+    cols += [
+      ("prec (%)", "per_class_precision", 100.0, "8.2f"),
+      ("rec (%)", "per_class_recall", 100.0, "7.2f"),
+      ("FP/TP", "per_class_confusion", 1.0, "6.3f"),
+    ]
+
+  def cell(v, scale, fmt):
+    w = int(fmt.split(".")[0])
+    return f"{'-' if v is None else format(scale * v, fmt):>{w}}"
+
+  header = f"{'class':<{width}}" + "".join(f"  {name}" for name, *_ in cols)
+  rule = "-" * len(header)
+  lines = [header, rule]
+  for name in s["per_class_iou"]:
+    lines.append(
+      f"{name:<{width}}" + "".join(f"  {cell(s[k][name], sc, f)}" for _, k, sc, f in cols)
+    )
+  lines.append(rule)
   lines.append(f"{'mIoU':<{width}}  {100 * s['miou']:7.2f}")
   lines.append(f"{'pixel accuracy':<{width}}  {100 * s['pixel_accuracy']:7.2f}")
   lines.append(f"{'mean accuracy':<{width}}  {100 * s['mean_accuracy']:7.2f}")
+  if "precision" in s:
+    for label, key, scale, fmt in (
+      ("precision", "precision", 100.0, "7.2f"),
+      ("recall", "recall", 100.0, "7.2f"),
+      ("confusion ratio", "confusion_ratio", 1.0, "7.3f"),
+    ):
+      lines.append(f"{label:<{width}}  {cell(s[key], scale, fmt)}")
   return "\n".join(lines)

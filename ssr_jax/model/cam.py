@@ -45,9 +45,22 @@ def clip_scores(v, text_fg, text_bg, labels, *, logit_scale):
 
 
 def minmax_normalize(x, *, axes, eps=1e-7):
-  """(x - min) / (max(x - min) + eps) over `axes`, as WeCLIP normalises CAMs."""
+  """(x - min) / (max(x - min) + eps) over `axes`: pytorch_grad_cam's scale_cam_image."""
   x = x - x.min(axis=axes, keepdims=True)
   return x / (x.max(axis=axes, keepdims=True) + eps)
+
+
+def gradcam_normalize(cams, *, axes=-1):
+  """WeCLIP's CAM scaling: `minmax_normalize` twice, in float32 (method §1.3).
+
+  pytorch_grad_cam scales each layer's map, then scales again after aggregating layers (one
+  layer here, so the mean and ReLU between the two are identities). The second pass keeps the
+  maximum at 1 / (1 + 1e-7) < 1 even when the raw maximum is large (where one pass gives exactly
+  1.0), so uint8(cam * 255) peaks at 254, not 255: that sets WeCLIP's box threshold
+  (`affinity.box_masks`).
+  """
+  cams = cams.astype(jnp.float32)
+  return minmax_normalize(minmax_normalize(cams, axes=axes), axes=axes)
 
 
 def gradcam(block_fn, act, class_ids, valid, text_fg, text_bg, labels, *, logit_scale, grid):
@@ -55,14 +68,15 @@ def gradcam(block_fn, act, class_ids, valid, text_fg, text_bg, labels, *, logit_
 
   Args:
     block_fn: act [B, T, W] -> (v [B, D] projected pooled features, aux). The last block run on
-      its ln_1 output, then patch-mean pooling, ln_post and projection (§1.3).
+      its ln_1 output, then ln_post on every token, the patch mean and the projection (§1.3).
     act: [B, T, W] the target activation (ln_1 output of the last block; CLS first).
     class_ids, valid: [B, K] from `present_classes`.
     text_fg [C, D], text_bg [Kb, D], labels [B, C]: as in `clip_scores`.
     grid: (h, w) patch grid, N = h*w = T - 1.
 
   Returns:
-    cams [B, K, h, w] float32 in [0, 1] (zero for invalid entries), aux of block_fn.
+    cams [B, K, h, w] float32 in [0, 1), scaled by `gradcam_normalize` (zero for invalid
+    entries), aux of block_fn.
   """
   v_out, pullback, aux = jax.vjp(block_fn, act, has_aux=True)
   v = v_out.astype(jnp.float32)
@@ -78,6 +92,6 @@ def gradcam(block_fn, act, class_ids, valid, text_fg, text_bg, labels, *, logit_
   a = act[:, 1:].astype(jnp.float32)
   weights = g.mean(axis=2)  # [K, B, W]: channel weights = spatially averaged gradients.
   cams = jax.nn.relu(jnp.einsum("kbw,bnw->bkn", weights, a))
-  cams = minmax_normalize(cams, axes=-1)
+  cams = gradcam_normalize(cams, axes=-1)
   cams = jnp.where(valid[..., None], cams, 0.0)
   return cams.reshape(*cams.shape[:2], *grid), aux

@@ -156,8 +156,8 @@ class SSRTask:
 
     def block_fn(a):
       z, attn = clip.apply(p, x_prev, ln1_out=a, method=clip.last_block)
-      # Patch-token mean, not CLS, feeds ln_post + proj in WeCLIP's CAM branch (§1.3).
-      return clip.apply(p, z[:, 1:].mean(axis=1), method=clip.visual_head), attn
+      # ln_post per patch token, then the patch mean (not CLS), then proj: WeCLIP's order (§1.3).
+      return clip.apply(p, z[:, 1:], method=clip.patch_mean_head), attn
 
     ids, valid = cam.present_classes(labels, max_classes=self.options.max_classes)
     cams, attn_last = cam.gradcam(

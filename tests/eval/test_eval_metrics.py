@@ -10,6 +10,7 @@ from ssr_jax.eval.metrics import (
   confusion_matrix,
   confusion_matrix_jax,
   format_table,
+  precision_recall_confusion,
   scores,
 )
 
@@ -116,3 +117,59 @@ def test_scores_hand_computed_and_table():
   assert s["mean_accuracy"] == pytest.approx((1 + 2 / 3) / 2)
   table = format_table(s)
   assert "mIoU" in table and "73.33" in table and "dog" in table
+
+
+def test_precision_recall_confusion_hand_computed():
+  # rows = gt, columns = prediction. Class 2 is only predicted (3 px, all wrong); class 3 is in
+  # the ground truth (2 px) but never predicted.
+  conf = np.array([[6, 1, 1, 0], [2, 4, 0, 0], [0, 0, 0, 0], [0, 0, 2, 0]])
+  # TP = 6, 4, 0, 0; FP (column - TP) = 2, 1, 3, 0; FN (row - TP) = 2, 2, 0, 2.
+  # precision: 6/8, 4/5, 0/3, undefined (no prediction)   -> mean of 3 = (0.75 + 0.8 + 0) / 3
+  # recall:    6/8, 4/6, undefined (no gt), 0/2           -> mean of 3 = (0.75 + 2/3 + 0) / 3
+  # FP / TP:   2/6, 1/4, undefined (TP 0), undefined      -> mean of 2 = (1/3 + 1/4) / 2
+  r = precision_recall_confusion(conf)
+  assert r["precision"] == pytest.approx((0.75 + 0.8) / 3)
+  assert r["recall"] == pytest.approx((0.75 + 2 / 3) / 3)
+  assert r["confusion_ratio"] == pytest.approx((1 / 3 + 1 / 4) / 2)
+  np.testing.assert_allclose(r["per_class_precision"], [0.75, 0.8, 0.0, np.nan])
+  np.testing.assert_allclose(r["per_class_recall"], [0.75, 2 / 3, np.nan, 0.0])
+  np.testing.assert_allclose(r["per_class_confusion"], [1 / 3, 1 / 4, np.nan, np.nan])
+
+  s = scores(conf, ["bg", "a", "b", "c"])
+  assert s["precision"] == r["precision"] and s["recall"] == r["recall"]
+  assert s["confusion_ratio"] == r["confusion_ratio"]
+  assert s["recall"] == pytest.approx(s["mean_accuracy"])
+  assert s["per_class_precision"] == {"bg": 0.75, "a": 0.8, "b": 0.0, "c": None}
+  assert s["per_class_confusion"]["b"] is None and s["per_class_recall"]["b"] is None
+  table = format_table(s)
+  assert "precision" in table and "51.67" in table  # 100 * 1.55 / 3
+  assert "recall" in table and "47.22" in table  # 100 * (0.75 + 2/3) / 3
+  assert "confusion ratio" in table and "0.292" in table and "0.333" in table
+  # Nothing right at all: every FP / TP is infinite, so the mean is undefined (None), not 0.
+  wrong = scores(np.array([[0, 3], [2, 0]]))
+  assert wrong["precision"] == 0.0 and wrong["recall"] == 0.0
+  assert wrong["confusion_ratio"] is None and wrong["per_class_confusion"] == {"0": None, "1": None}
+  assert format_table(wrong).splitlines()[-1].split() == ["confusion", "ratio", "-"]
+
+
+def test_precision_recall_confusion_match_per_class_loops():
+  rng = np.random.default_rng(2)
+  preds, gts = _random_maps(rng, 5, 6, np.arange(6))
+  acc = ConfusionAccumulator(6)
+  for p, g in zip(preds, gts):
+    acc.add(p, g)
+  s = acc.scores()
+  prec, rec, confusion = [], [], []
+  for c in range(6):
+    tp = fp = fn = 0
+    for p, g in zip(preds, gts):
+      valid = g != 255
+      tp += np.sum((p == c) & (g == c) & valid)
+      fp += np.sum((p == c) & (g != c) & valid)
+      fn += np.sum((p != c) & (g == c) & valid)
+    prec.append(tp / (tp + fp))
+    rec.append(tp / (tp + fn))
+    confusion.append(fp / tp)
+  assert s["precision"] == pytest.approx(np.mean(prec), abs=1e-12)
+  assert s["recall"] == pytest.approx(np.mean(rec), abs=1e-12)
+  assert s["confusion_ratio"] == pytest.approx(np.mean(confusion), abs=1e-12)

@@ -1,16 +1,18 @@
 """eval.run: compiled inference reused across evaluations; per-process slices and sums."""
 
 import argparse
+import json
 import os
 
 import jax
 import numpy as np
+import pytest
 from jax.experimental import multihost_utils
 
 from benchmarks.common import bench_config, random_setup
 from configs import base
 from ssr_jax.data import pipeline, superpixels, synthetic
-from ssr_jax.eval import inference, run
+from ssr_jax.eval import inference, png, run
 
 
 def test_second_evaluation_compiles_nothing_and_predicts_the_same():
@@ -109,7 +111,36 @@ def _as_process(monkeypatch, index, count):
   return calls
 
 
-def test_each_process_scores_its_slice_and_only_process_0_writes(tmp_path, monkeypatch):
+def _check_table5_metrics(config, workdir, printed):
+  """metrics.json holds precision, recall and FP/TP of the written predictions against the
+  masks (per-class loops here), and the printed table shows them."""
+  with open(workdir / "eval" / "metrics.json") as f:
+    res = json.load(f)
+  pred_dir = workdir / "eval" / "val_seg" / "pred"
+  pairs = [
+    (png.load_label_png(pred_dir / f"{ex['id']}.png"), ex["mask"])
+    for ex in pipeline.make_eval_dataset(config.data, "val", superpixels=False)
+  ]
+  prec, rec, confusion = [], [], []
+  for c in range(config.data.num_classes):
+    tp = sum(np.sum((p == c) & (g == c)) for p, g in pairs)
+    fp = sum(np.sum((p == c) & (g != c) & (g != 255)) for p, g in pairs)
+    fn = sum(np.sum((p != c) & (g == c)) for p, g in pairs)
+    prec += [tp / (tp + fp)] if tp + fp else []
+    rec += [tp / (tp + fn)] if tp + fn else []
+    confusion += [fp / tp] if tp else []
+  assert res["precision"] == pytest.approx(np.mean(prec), abs=1e-9)
+  assert res["recall"] == pytest.approx(np.mean(rec), abs=1e-9)
+  if confusion:
+    assert res["confusion_ratio"] == pytest.approx(np.mean(confusion), abs=1e-9)
+    assert f"{res['confusion_ratio']:7.3f}" in printed
+  else:  # No TP at all (the random model may hit nothing): undefined, not 0.
+    assert res["confusion_ratio"] is None
+  assert set(res["per_class_confusion"]) == set(res["per_class_iou"])
+  assert "precision" in printed and "recall" in printed and "confusion ratio" in printed
+
+
+def test_each_process_scores_its_slice_and_only_process_0_writes(tmp_path, monkeypatch, capsys):
   config, task, frozen, params = _synthetic(tmp_path)
   with config.unlocked():
     config.eval.num_vis = 4
@@ -117,6 +148,7 @@ def test_each_process_scores_its_slice_and_only_process_0_writes(tmp_path, monke
   single = run.evaluate(config, str(tmp_path / "one"), **kw)
   assert single["num_images"] == 4 and len(single["images"]) == 4
   ids = [ex["id"] for ex in pipeline.make_eval_dataset(config.data, "val", superpixels=False)]
+  _check_table5_metrics(config, tmp_path / "one", capsys.readouterr().out)
 
   calls = _as_process(monkeypatch, 1, 2)
   other = run.evaluate(config, str(tmp_path / "p1"), **kw)

@@ -35,6 +35,10 @@ def test_hand_computed_miou(tmp_path, capsys):
   assert r["miou"] == pytest.approx(0.4125)
   assert r["per_class_iou"] == {"0": pytest.approx(0.4), "1": 0.5, "2": 0.5, "3": 0.25, "4": None}
   assert r["pixel_accuracy"] == pytest.approx(5 / 9) and r["num_images"] == 2
+  # FP 3, 0, 1, 0 and FN 0, 1, 0, 3: precision (2/5 + 1 + 1/2 + 1) / 4, recall
+  # (1 + 1/2 + 1 + 1/4) / 4, FP / TP (3/2 + 0 + 1 + 0) / 4.
+  assert r["precision"] == pytest.approx(0.725) and r["recall"] == pytest.approx(0.6875)
+  assert r["confusion_ratio"] == pytest.approx(0.625)
   stdout = capsys.readouterr().out
   assert "41.25" in stdout
   assert json.loads(stdout.strip().splitlines()[-1])["miou"] == pytest.approx(0.4125)
