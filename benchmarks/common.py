@@ -53,14 +53,13 @@ def add_model_args(p, *, batch: int = 4, crop: int | None = 320, dtype: str = "b
 def bench_config(args):
   """VOC config sized by the benchmark flags (--small: 64 px, fewer CAM layers and PAR steps)."""
   c = voc.get_config()
-  with c.unlocked():
-    c.model.dtype = args.dtype
-    c.train.batch_size = args.batch
-    c.data.crop_size = 64 if args.small else args.crop
-    if args.small:
-      c.model.cam.num_attn_layers = 3
-      c.model.cam.rfm_layers = 3
-      c.model.cam.par_iters = 2
+  c.model.dtype = args.dtype
+  c.train.batch_size = args.batch
+  c.data.crop_size = 64 if args.small else args.crop
+  if args.small:
+    c.model.cam.num_attn_layers = 3
+    c.model.cam.rfm_layers = 3
+    c.model.cam.par_iters = 2
   return c
 
 

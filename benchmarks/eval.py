@@ -26,10 +26,9 @@ def add_args(p):
 def run(args):
   args.crop = 64 if args.small else 320
   config = common.bench_config(args)
-  with config.unlocked():
-    config.eval.batch_size = args.batch
-    if args.small:
-      config.eval.long_side = 64
+  config.eval.batch_size = args.batch
+  if args.small:
+    config.eval.long_side = 64
   task, frozen, batch = common.random_setup(config, small=args.small)
   params = task.init(jax.random.PRNGKey(0), batch)
   rng = np.random.default_rng(0)

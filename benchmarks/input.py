@@ -47,12 +47,11 @@ def write_voc_like(root: str, num: int, *, height: int = 375, width: int = 500) 
 
 def _config(root, split, args):
   c = base.get_config()
-  with c.unlocked():
-    c.data.name = "voc"
-    c.data.root = root
-    c.data.train_split = split
-    c.data.crop_size = args.crop
-    c.data.num_workers = args.workers
+  c.data.name = "voc"
+  c.data.root = root
+  c.data.train_split = split
+  c.data.crop_size = args.crop
+  c.data.num_workers = args.workers
   return c.data
 
 
@@ -81,8 +80,7 @@ def run(args) -> dict:
       except ImportError as e:
         out[name] = f"unavailable: {e}"
         continue
-      with data_cfg.unlocked():
-        data_cfg.worker_type = "process" if name == "numpy-process" else "thread"
+      data_cfg.worker_type = "process" if name == "numpy-process" else "thread"
       it = pipeline.make_train_iterator(
         data_cfg,
         batch_size=args.batch,

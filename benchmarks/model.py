@@ -19,10 +19,9 @@ def add_args(p):
 def _variants(config):
   def with_(cmpa, sgc, **cam):
     c = config.copy_and_resolve_references()
-    with c.unlocked():
-      c.model.cmpa.enabled = cmpa
-      c.model.sgc.enabled = sgc
-      c.model.cam.update(cam)
+    c.model.cmpa.enabled = cmpa
+    c.model.sgc.enabled = sgc
+    c.model.cam.update(cam)
     return c
 
   return {

@@ -31,20 +31,19 @@ def run(args):
   root = os.path.join(work, "data")
   size = config.data.crop_size + config.data.crop_size // 2  # Larger than the crop, as VOC.
   steps = 6 if args.small else args.steps
-  with config.unlocked():
-    config.data.name = "synthetic"
-    config.data.root = root
-    config.data.train_split, config.data.val_split = "train", "val"
-    config.data.num_classes = synthetic.SPEC.num_classes
-    config.data.pipeline = "numpy"
-    config.data.num_workers = min(8, os.cpu_count() or 1)
-    config.model.class_names = synthetic.SPEC.class_names
-    config.model.bg_names = synthetic.SPEC.bg_names
-    config.model.max_classes = 3
-    config.train.num_steps = steps
-    config.train.checkpoint_every = max(steps // 2, 1)
-    config.train.log_every = max(steps // 4, 1)
-    config.model.cam.rfm_switch_step = steps // 2
+  config.data.name = "synthetic"
+  config.data.root = root
+  config.data.train_split, config.data.val_split = "train", "val"
+  config.data.num_classes = synthetic.SPEC.num_classes
+  config.data.pipeline = "numpy"
+  config.data.num_workers = min(8, os.cpu_count() or 1)
+  config.model.class_names = synthetic.SPEC.class_names
+  config.model.bg_names = synthetic.SPEC.bg_names
+  config.model.max_classes = 3
+  config.train.num_steps = steps
+  config.train.checkpoint_every = max(steps // 2, 1)
+  config.train.log_every = max(steps // 4, 1)
+  config.model.cam.rfm_switch_step = steps // 2
   t0 = time.perf_counter()
   synthetic.write_dataset(root, num_train=args.images, num_val=8, size=size, seed=0)
   superpixels.precompute(config.data, "train", workers=os.cpu_count() or 1, progress=False)
@@ -66,8 +65,7 @@ def run(args):
   first_s = time.perf_counter() - t0
   # Resume: the same call with more steps continues from the last checkpoint.
   more = max(steps // 4, 2)
-  with config.unlocked():
-    config.train.num_steps = steps + more
+  config.train.num_steps = steps + more
   t0 = time.perf_counter()
   state = loop.train(config, work, task=task, frozen=frozen, make_iterator=make_iterator)
   resume_s = time.perf_counter() - t0

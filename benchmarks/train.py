@@ -28,9 +28,8 @@ def add_args(p):
 
 def run(args):
   config = common.bench_config(args)
-  with config.unlocked():
-    config.model.cmpa.enabled = config.model.sgc.enabled = args.variant == "ssr"
-    config.model.cam.rfm_switch_step = args.steps // 2
+  config.model.cmpa.enabled = config.model.sgc.enabled = args.variant == "ssr"
+  config.model.cam.rfm_switch_step = args.steps // 2
   task, frozen, batch = common.random_setup(config, small=args.small)
   mesh = sharding.make_mesh()
   tx, schedule = state.make_optimizer(config.train)

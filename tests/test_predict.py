@@ -36,9 +36,8 @@ def test_plan_batches_by_hand():
 
 def test_seg_predictions_runs_the_planned_batch_size(monkeypatch):
   config = bench_config(argparse.Namespace(small=True, batch=2, crop=64, dtype="float32"))
-  with config.unlocked():
-    config.eval.batch_size = 16
-    config.eval.long_side = 64
+  config.eval.batch_size = 16
+  config.eval.long_side = 64
   task, frozen, batch = random_setup(config, small=True)
   params = task.init(jax.random.PRNGKey(0), batch)
   seen = []

@@ -11,9 +11,8 @@ from ssr_jax.data import files, superpixels, synthetic
 def data_config(**overrides):
   """A copy of base.get_config().data with overrides (the config is locked to known fields)."""
   c = base.get_config()
-  with c.unlocked():
-    for k, v in overrides.items():
-      setattr(c.data, k, v)
+  for k, v in overrides.items():
+    setattr(c.data, k, v)
   return c.data
 
 

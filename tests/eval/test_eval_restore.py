@@ -14,10 +14,9 @@ from ssr_jax.train import checkpoint, state
 
 def _setup():
   config = bench_config(argparse.Namespace(small=True, batch=2, crop=64, dtype="float32"))
-  with config.unlocked():
-    config.eval.batch_size = 2
-    config.eval.long_side = 64
-    config.train.grad_clip = 0.0
+  config.eval.batch_size = 2
+  config.eval.long_side = 64
+  config.train.grad_clip = 0.0
   task, frozen, batch = random_setup(config, small=True)
   return config, task, frozen, batch
 
@@ -40,8 +39,7 @@ def test_restore_ignores_the_optimizer_config_and_predicts_the_same(tmp_path):
   saved = _save_trained(str(tmp_path), config, task, batch)
   # Evaluating under another optimizer setting: a TrainState target built from this config
   # (as eval used to) has a different opt_state tree and was refused as a mismatch.
-  with config.unlocked():
-    config.train.grad_clip = 1.0
+  config.train.grad_clip = 1.0
   params, step = run.restore_params(str(tmp_path), task)
   assert step == 1
   jax.tree.map(np.testing.assert_array_equal, params, saved)

@@ -17,9 +17,8 @@ from ssr_jax.eval import inference, png, run
 
 def test_second_evaluation_compiles_nothing_and_predicts_the_same():
   config = bench_config(argparse.Namespace(small=True, batch=2, crop=64, dtype="float32"))
-  with config.unlocked():
-    config.eval.batch_size = 2
-    config.eval.long_side = 64
+  config.eval.batch_size = 2
+  config.eval.long_side = 64
   task, frozen, batch = random_setup(config, small=True)
   params = task.init(jax.random.PRNGKey(0), batch)
   rng = np.random.default_rng(0)
@@ -44,19 +43,18 @@ def _synthetic(tmp_path, num_val=4):
   synthetic.write_dataset(str(tmp_path / "data"), num_train=2, num_val=num_val, size=64, seed=0)
   config = bench_config(argparse.Namespace(small=True, batch=2, crop=64, dtype="float32"))
   data = base.get_config().data
-  with config.unlocked():
-    data.update(
-      name="synthetic",
-      root=str(tmp_path / "data"),
-      train_split="train",
-      val_split="val",
-      num_classes=7,
-      crop_size=64,
-      num_workers=1,
-    )
-    config.data = data
-    config.model.class_names = synthetic.SPEC.class_names
-    config.eval.long_side = 64
+  data.update(
+    name="synthetic",
+    root=str(tmp_path / "data"),
+    train_split="train",
+    val_split="val",
+    num_classes=7,
+    crop_size=64,
+    num_workers=1,
+  )
+  config.data = data
+  config.model.class_names = synthetic.SPEC.class_names
+  config.eval.long_side = 64
   superpixels.precompute(config.data, "val", workers=1, progress=False)
   task, frozen, batch = random_setup(config, small=True)
   params = task.init(jax.random.PRNGKey(0), batch)
@@ -142,8 +140,7 @@ def _check_table5_metrics(config, workdir, printed):
 
 def test_each_process_scores_its_slice_and_only_process_0_writes(tmp_path, monkeypatch, capsys):
   config, task, frozen, params = _synthetic(tmp_path)
-  with config.unlocked():
-    config.eval.num_vis = 4
+  config.eval.num_vis = 4
   kw = dict(task=task, frozen=frozen, params=params, step=0, target="seg", split="val")
   single = run.evaluate(config, str(tmp_path / "one"), **kw)
   assert single["num_images"] == 4 and len(single["images"]) == 4

@@ -7,23 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import base
-from ssr_jax.clip.model import CLIP, CLIPConfig, init_params
+from ssr_jax.clip.model import CLIP, init_params
 from ssr_jax.model import affinity, cam
 from ssr_jax.model.ssr import build_task
+from ssr_jax.testing import tiny_clip_config
 
-CFG = CLIPConfig(
-  embed_dim=16,
-  image_size=32,
-  patch_size=8,
-  vision_width=24,
-  vision_layers=3,
-  vision_heads=4,
-  context_length=8,
-  vocab_size=64,
-  text_width=16,
-  text_layers=1,
-  text_heads=2,
-)
+CFG = tiny_clip_config(vision_layers=3)
 
 
 def _setup():
@@ -133,12 +122,11 @@ def test_task_gradcam_matches_explicit_weclip_cam_branch():
   # out by hand: block 12, ln_post per token, patch mean, proj; jax.grad per image and class;
   # ReLU of the patch-mean-weighted ln_1 output, min-max scaled twice.
   c = base.get_config()
-  with c.unlocked():
-    c.model.class_names = ("a", "b", "c", "d", "e")
-    c.model.bg_names = ("x", "y", "z")
-    c.model.max_classes = 3
-    c.model.cam.num_attn_layers = 2
-    c.model.cam.rfm_layers = 2
+  c.model.class_names = ("a", "b", "c", "d", "e")
+  c.model.bg_names = ("x", "y", "z")
+  c.model.max_classes = 3
+  c.model.cam.num_attn_layers = 2
+  c.model.cam.rfm_layers = 2
   model = CLIP(CFG)
   params = init_params(model, jax.random.PRNGKey(0))
   task = build_task(c.model, c.loss, clip=model, num_classes=6)

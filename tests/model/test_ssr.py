@@ -9,50 +9,38 @@ import pytest
 
 from configs import base
 from ssr_jax import resize
-from ssr_jax.clip.model import CLIP, CLIPConfig, init_params
+from ssr_jax.clip.model import CLIP, init_params
 from ssr_jax.clip.preprocess import normalize
 from ssr_jax.model import affinity, cam, cmpa, losses, sgc
 from ssr_jax.model.decoder import Decoder, ProjectionHead
 from ssr_jax.model.ssr import SSROptions, build_task
+from ssr_jax.testing import TINY_CLIP
 
-TINY = CLIPConfig(
-  embed_dim=16,
-  image_size=32,
-  patch_size=8,
-  vision_width=24,
-  vision_layers=4,
-  vision_heads=4,
-  context_length=8,
-  vocab_size=64,
-  text_width=16,
-  text_layers=1,
-  text_heads=2,
-)
+TINY = TINY_CLIP
 
 
 def _config(cmpa=True, sgc=True, fusion=False, **cam):
   c = base.get_config()
-  with c.unlocked():
-    c.model.class_names = ("a", "b", "c")
-    c.model.bg_names = ("x", "y")
-    c.data.num_classes = 4
-    c.model.max_classes = 2
-    c.model.decoder.embed_dim = 16
-    c.model.decoder.num_heads = 2
-    c.model.decoder.num_layers = 1
-    c.model.cam.num_attn_layers = 3
-    c.model.cam.rfm_layers = 2
-    c.model.cam.rfm_switch_step = 2
-    c.model.cam.par_dilations = (1, 2)
-    c.model.cam.par_iters = 3
-    c.model.cmpa.enabled = cmpa
-    c.model.cmpa.cam_fusion = fusion
-    c.model.cmpa.pixel_weight = 0.5
-    c.model.sgc.enabled = sgc
-    c.model.sgc.max_superpixels = 16
-    c.model.sgc.receiver_mask = True
-    c.model.sgc.soft_alpha = 0.7
-    c.model.cam.update(cam)
+  c.model.class_names = ("a", "b", "c")
+  c.model.bg_names = ("x", "y")
+  c.data.num_classes = 4
+  c.model.max_classes = 2
+  c.model.decoder.embed_dim = 16
+  c.model.decoder.num_heads = 2
+  c.model.decoder.num_layers = 1
+  c.model.cam.num_attn_layers = 3
+  c.model.cam.rfm_layers = 2
+  c.model.cam.rfm_switch_step = 2
+  c.model.cam.par_dilations = (1, 2)
+  c.model.cam.par_iters = 3
+  c.model.cmpa.enabled = cmpa
+  c.model.cmpa.cam_fusion = fusion
+  c.model.cmpa.pixel_weight = 0.5
+  c.model.sgc.enabled = sgc
+  c.model.sgc.max_superpixels = 16
+  c.model.sgc.receiver_mask = True
+  c.model.sgc.soft_alpha = 0.7
+  c.model.cam.update(cam)
   return c
 
 
@@ -255,8 +243,7 @@ def test_loss_matches_the_pure_functions(sgc_on, ignore, step, cmpa_on):
 
 def test_options_hash_by_value_and_come_from_the_config():
   c = _config()
-  with c.unlocked():
-    c.model.cam.par_dilations = [1, 2]  # A list in the config becomes a tuple.
+  c.model.cam.par_dilations = [1, 2]  # A list in the config becomes a tuple.
   a = SSROptions.from_config(c.model, c.loss, ignore_label=7)
   b = SSROptions.from_config(_config().model, _config().loss, ignore_label=7)
   assert a == b and hash(a) == hash(b)
