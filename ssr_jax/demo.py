@@ -107,6 +107,7 @@ def pretraining_settings(config) -> dict:
     lr=d.clip_lr,
     seed=d.clip_seed,
     mosaic_weight=pretrain.MOSAIC_WEIGHT,
+    patch_pooling=pretrain.PATCH_POOLING,
     image_size=sc.image_size,
     data_seed=sc.seed,
     normalization=config.model.normalization,

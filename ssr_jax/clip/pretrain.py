@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 # Weight of the tiny CLIP's mosaic (region-caption) term, see pretrain_clip. 1.0 gave lower
 # zero-shot accuracy and CAM mIoU than 0.5 in our sweep (one pretraining run each).
 MOSAIC_WEIGHT = 0.5
+# How the patch-token terms pool: ln_post on each token, then the mean, as WeCLIP's GradCAM does.
+PATCH_POOLING = "ln_post_then_mean"
 
 
 def _contrastive(img, txt, scale):
@@ -95,16 +97,16 @@ def pretrain_clip(
   def loss_fn(p, x, t, xm, tm):
     scale = p["logit_scale"]
     feats = model.apply({"params": p}, x, method=model.image_features)
-    patch = model.apply(
-      {"params": p}, feats["hidden"][-1][:, 1:].mean(axis=1), method=model.visual_head
-    )
+    # The patch-token feature WeCLIP's GradCAM pools (ln_post per token, then the mean, §1.3).
+    patch = model.apply({"params": p}, feats["hidden"][-1][:, 1:], method=model.patch_mean_head)
     txt = model.apply({"params": p}, t, method=model.encode_text)
     loss = 0.5 * (_contrastive(feats["pooled"], txt, scale) + _contrastive(patch, txt, scale))
     if xm is not None:
       tok = model.apply({"params": p}, xm, method=model.image_features)["hidden"][-1][:, 1:]
       h = grid // 2
-      quad = tok.reshape(-1, 2, h, 2, h, tok.shape[-1]).mean(axis=(2, 4))  # [M, 2, 2, W]
-      quad = model.apply({"params": p}, quad.reshape(-1, tok.shape[-1]), method=model.visual_head)
+      w = tok.shape[-1]
+      quad = tok.reshape(-1, 2, h, 2, h, w).transpose(0, 1, 3, 2, 4, 5).reshape(-1, h * h, w)
+      quad = model.apply({"params": p}, quad, method=model.patch_mean_head)  # [M*4, D]
       tile_txt = model.apply({"params": p}, tm, method=model.encode_text)
       loss = loss + mosaic_weight * _contrastive(quad, tile_txt, scale)
     return loss
