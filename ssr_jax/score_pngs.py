@@ -21,9 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ssr_jax.eval.class_names import CLASS_NAMES
+from ssr_jax.data import coco, voc
 from ssr_jax.eval.metrics import confusion_matrix, format_table, scores
 from ssr_jax.eval.png import load_label_png
+
+# Foreground names of --class-names (no dataset root to read them from here).
+CLASSES = {"voc": voc.CLASSES, "coco": coco.CLASSES}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   names = None
   if args.class_names != "none":
-    names = CLASS_NAMES[args.class_names]
+    names = ("background", *CLASSES[args.class_names])
     if len(names) != args.num_classes:
       print(
         f"error: --class-names {args.class_names} has {len(names)} classes but --num-classes is "
