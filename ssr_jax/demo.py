@@ -56,8 +56,8 @@ def prepare(config, workdir):
   if not config.clip.weights:
     if config.demo.pretrain_clip:
       path = os.path.join(workdir, "clip", "tiny_clip.npz")
-      if jax.process_index() == 0 and not os.path.exists(path):
-        pretrain_tiny_clip(config, path)
+      if jax.process_index() == 0 and _settings_of(path) != pretraining_settings(config):
+        pretrain_tiny_clip(config, path)  # None yet, or one made with other settings.
       multihost_utils.sync_global_devices("ssr_jax.demo clip")
     else:
       path = str(SHIPPED_CLIP)
@@ -174,6 +174,13 @@ def pretrain_tiny_clip(config, path) -> dict:
   return info
 
 
+def _settings_of(path):
+  """The pretraining settings stored in a tiny-CLIP file (None if there is no such file)."""
+  if not os.path.exists(path):
+    return None
+  return convert.load_converted(path)[2]["extra"]["demo_pretraining"]["settings"]
+
+
 def sha256_file(path) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
@@ -196,7 +203,7 @@ def check_shipped_clip(config, path) -> None:
       f"{path} does not match its sha256 ({sidecar}): the file is damaged (a Git LFS pointer?). "
       "Reinstall ssr_jax, or pass --config.demo.pretrain_clip=True to pretrain one"
     )
-  shipped = convert.load_converted(path)[2]["extra"]["demo_pretraining"]["settings"]
+  shipped = _settings_of(path)
   wanted = pretraining_settings(config)
   diff = sorted(k for k in wanted if shipped.get(k) != wanted[k])
   if diff:

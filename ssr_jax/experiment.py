@@ -31,7 +31,7 @@ from ssr_jax.model.ssr import build_task
 from ssr_jax.train import loop as train_loop
 from ssr_jax.train.checkpoint import CheckpointMismatchError
 
-TARGETS = ("cam", "pseudo", "seg")
+TARGETS = eval_run.TARGETS
 # (name, model.cmpa.enabled, model.sgc.enabled) of --mode ablation.
 VARIANTS = (
   ("baseline", False, False),
