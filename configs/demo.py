@@ -1,9 +1,10 @@
-"""The embedded demo: synthetic data + a tiny CLIP pretrained in-process, on a 2-core CPU.
+"""The embedded demo: synthetic data + the tiny CLIP that ships with the package, on a 2-core CPU.
 
-`python launch.py --config configs/demo.py --workdir runs/demo` generates the data, pretrains the
-tiny CLIP, trains SSR with the same code path as configs/voc.py, and evaluates it. The mIoU
-figures in the comments below are the runs that chose each setting; unless stated otherwise they
-predate the stacking of the decoder's per-layer MLP params (same model, another init draw).
+`python launch.py --config configs/demo.py --workdir runs/demo` generates the data, loads the
+shipped tiny CLIP (made by these demo.clip_* settings; ssr_jax/demo.py), trains SSR with the same
+code path as configs/voc.py, and evaluates it. The mIoU figures in the comments below are the
+runs that chose each setting, on earlier releases (other init draws and tiny CLIPs): read them
+as the reasons for the choices, not as this release's results (those are in the README).
 """
 
 from configs import base
@@ -74,8 +75,9 @@ def get_config():
   c.eval.num_vis = 8
   c.eval.targets = ("cam", "pseudo", "seg")
 
-  # Tiny CLIP: 600 steps of 64 images + 12 mosaics (ssr_jax/demo.py: pretrain_clip), ~3-4 min
-  # here. Batch 64 gave better CAMs than 32 at about the same cost as 32 x 1000 steps.
+  # Tiny CLIP: 600 steps of 64 images + 12 mosaics (ssr_jax/clip/pretrain.py), 400-450 s on a
+  # 2-core Xeon; shipped, so only --config.demo.pretrain_clip=True runs it. Batch 64 gave better
+  # CAMs than 32 at about the same cost as 32 x 1000 steps.
   c.demo.clip_steps = 600
   c.demo.clip_batch_size = 64
   c.demo.clip_lr = 1e-3
