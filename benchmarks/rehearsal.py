@@ -13,7 +13,8 @@ import time
 import jax
 
 from benchmarks import common
-from ssr_jax.data import pipeline, superpixels, synthetic
+from ssr_jax import experiment
+from ssr_jax.data import superpixels, synthetic
 from ssr_jax.eval import run as eval_run
 from ssr_jax.train import loop
 
@@ -51,15 +52,7 @@ def run(args):
 
   task, frozen, _ = common.random_setup(config, small=args.small)
 
-  def make_iterator(start):
-    return pipeline.make_train_iterator(
-      config.data,
-      batch_size=config.train.batch_size,
-      seed=config.seed,
-      start_step=start,
-      superpixels=config.model.sgc.enabled,
-    )
-
+  make_iterator = experiment.batches(config)
   t0 = time.perf_counter()
   state = loop.train(config, work, task=task, frozen=frozen, make_iterator=make_iterator)
   first_s = time.perf_counter() - t0

@@ -84,9 +84,9 @@ def build(config):
   return task, frozen, fingerprint
 
 
-def train(config, workdir):
-  """Trains (or resumes) to train.num_steps; `seg` mIoU on the val split every eval_every."""
-  task, frozen, fingerprint = build(config)
+def batches(config):
+  """make_iterator(start_step) for train.loop.train: this process's training batches from a step
+  on (superpixels required exactly when SGC is on)."""
 
   def make_iterator(start_step):
     return pipeline.make_train_iterator(
@@ -96,6 +96,13 @@ def train(config, workdir):
       start_step=start_step,
       superpixels=config.model.sgc.enabled,
     )
+
+  return make_iterator
+
+
+def train(config, workdir):
+  """Trains (or resumes) to train.num_steps; `seg` mIoU on the val split every eval_every."""
+  task, frozen, fingerprint = build(config)
 
   def eval_fn(state, step):
     res = eval_run.evaluate(
@@ -116,7 +123,7 @@ def train(config, workdir):
     workdir,
     task=task,
     frozen=frozen,
-    make_iterator=make_iterator,
+    make_iterator=batches(config),
     eval_fn=eval_fn if config.train.eval_every > 0 else None,
     clip_fingerprint=fingerprint,
   )

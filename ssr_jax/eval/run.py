@@ -280,8 +280,8 @@ def evaluate(
 ):
   """Evaluates `target` on `split`; writes workdir/eval/metrics.json (+ per-run copy).
 
-  Returns the metrics, with "images": {name: grid} of the first eval.num_vis examples (on
-  process 0; empty on the others).
+  Returns the metrics, with "images": {name: grid} of the first eval.num_vis examples of this
+  process's slice on process 0 (empty on the others).
   """
   ec, dc = config.eval, config.data
   if target not in TARGETS:
@@ -298,13 +298,14 @@ def evaluate(
   pred_dir = os.path.join(workdir, "eval", f"{split}_{target}", "pred")
   acc = metrics.ConfusionAccumulator(dc.num_classes, ignore=dc.ignore_label)
   vis_images, count, t0 = {}, 0, time.time()
+  drawn = set(dataset.indices[: ec.num_vis])  # The first num_vis of this process's slice.
   for ex, pred in predict(*args):
     count += 1
     if ex.get("mask") is not None:
       acc.add(pred, ex["mask"])
     if write_outputs and ec.save_png:
       png.save_label_png(os.path.join(pred_dir, f"{ex['id']}.png"), pred.astype(np.uint8))
-    if lead and ex["index"] < ec.num_vis:
+    if lead and ex["index"] in drawn:
       vis_images[f"{split}_{target}/{ex['id']}"] = vis_grid(task, frozen, params, ex, pred, names)
   conf, count = _all_processes_sum(acc.conf, count)
   seconds = time.time() - t0

@@ -157,6 +157,6 @@ def test_each_process_scores_its_slice_and_only_process_0_writes(tmp_path, monke
 
   _as_process(monkeypatch, 0, 2)
   lead = run.evaluate(config, str(tmp_path / "p0"), **kw)
-  assert lead["num_images"] == 4 and len(lead["images"]) == 2
+  assert lead["num_images"] == 4 and len(lead["images"]) == 2  # All 2 images of its slice.
   assert os.path.exists(tmp_path / "p0" / "eval" / "metrics.json")
   assert len(os.listdir(tmp_path / "p0" / "eval" / "val_seg" / "vis")) == 2
