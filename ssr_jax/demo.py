@@ -15,8 +15,7 @@ keep their correlations. It is trained with CLIP's InfoNCE on image-caption pair
 masks (ssr_jax/clip/pretrain.py).
 """
 
-import hashlib
-import json
+import dataclasses
 import logging
 import os
 import time
@@ -100,7 +99,7 @@ def pretraining_settings(config) -> dict:
   """Everything the tiny CLIP's weights depend on; stored in its file and compared on use."""
   d, sc = config.demo, config.data.synthetic
   return dict(
-    clip=json.loads(json.dumps(tiny_clip_config(config).__dict__)),
+    clip=dataclasses.asdict(tiny_clip_config(config)),
     steps=d.clip_steps,
     images=d.clip_images,
     batch_size=d.clip_batch_size,
@@ -178,15 +177,7 @@ def _settings_of(path):
   """The pretraining settings stored in a tiny-CLIP file (None if there is no such file)."""
   if not os.path.exists(path):
     return None
-  return convert.load_converted(path)[2]["extra"]["demo_pretraining"]["settings"]
-
-
-def sha256_file(path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
+  return convert.read_metadata(path)["extra"]["demo_pretraining"]["settings"]
 
 
 def check_shipped_clip(config, path) -> None:
@@ -198,7 +189,7 @@ def check_shipped_clip(config, path) -> None:
       "--config.demo.pretrain_clip=True to pretrain one in the workdir"
     )
   expected = sidecar.read_text().split()[0]
-  if sha256_file(path) != expected:
+  if convert.sha256_file(path) != expected:
     raise DemoError(
       f"{path} does not match its sha256 ({sidecar}): the file is damaged (a Git LFS pointer?). "
       "Reinstall ssr_jax, or pass --config.demo.pretrain_clip=True to pretrain one"
@@ -225,7 +216,7 @@ def _main(argv):
   config.data.root = config.data.root or os.path.join(_WORKDIR.value, "data")
   _write_data(config)
   pretrain_tiny_clip(config, SHIPPED_CLIP)
-  digest = sha256_file(SHIPPED_CLIP)
+  digest = convert.sha256_file(SHIPPED_CLIP)
   Path(str(SHIPPED_CLIP) + ".sha256").write_text(f"{digest}  {SHIPPED_CLIP.name}\n")
   print(f"wrote {SHIPPED_CLIP} (sha256 {digest})")
 

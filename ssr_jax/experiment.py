@@ -31,7 +31,6 @@ from ssr_jax.model.ssr import build_task
 from ssr_jax.train import loop as train_loop
 from ssr_jax.train.checkpoint import CheckpointMismatchError
 
-TARGETS = eval_run.TARGETS
 # (name, model.cmpa.enabled, model.sgc.enabled) of --mode ablation.
 VARIANTS = (
   ("baseline", False, False),
@@ -134,9 +133,11 @@ def evaluate(config, workdir) -> dict:
 
   Returns {target: result dict (miou, pixel_accuracy, per-class IoU, ...)}.
   """
-  unknown = sorted(set(config.eval.targets) - set(TARGETS))
+  unknown = sorted(set(config.eval.targets) - set(eval_run.TARGETS))
   if unknown or not config.eval.targets:
-    raise UserError(f"eval.targets={tuple(config.eval.targets)}: use a subset of {TARGETS}")
+    raise UserError(
+      f"eval.targets={tuple(config.eval.targets)}: use a subset of {eval_run.TARGETS}"
+    )
   task, frozen, fingerprint = build(config)
   ckpt_step = None if config.eval.checkpoint_step < 0 else int(config.eval.checkpoint_step)
   params, step = eval_run.restore_params(workdir, task, step=ckpt_step)

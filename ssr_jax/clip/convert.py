@@ -89,7 +89,8 @@ def _stamp(files) -> list[dict]:
   ]
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path) -> str:
+  """Hex sha256 of a file's bytes."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 24), b""):
@@ -404,7 +405,9 @@ def _read_npz(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     return meta, {k: z[k] for k in z.files if k != _META_KEY}
 
 
-def _read_meta(path: Path) -> dict:
+def read_metadata(path) -> dict:
+  """The JSON metadata of a converted .npz (config, sha256, "extra"), without reading its arrays
+  ({} for an .npz that is not an ssr_jax CLIP cache)."""
   with np.load(path, allow_pickle=False) as z:
     return json.loads(str(z[_META_KEY])) if _META_KEY in z.files else {}
 
@@ -413,7 +416,7 @@ def _valid_cache(src: _Source, cache: Path) -> bool:
   if not cache.is_file():
     return False
   try:
-    meta = _read_meta(cache)
+    meta = read_metadata(cache)
   except (OSError, ValueError):
     return False
   return meta.get("version") == _CACHE_VERSION and meta.get("sources") == _stamp(src.files)
@@ -459,7 +462,7 @@ def load_converted(path, *, cache_dir=None) -> tuple[CLIPConfig, dict[str, np.nd
     version=_CACHE_VERSION,
     config=dataclasses.asdict(cfg),
     sources=_stamp(src.files),
-    sha256=_sha256(src.weights),
+    sha256=sha256_file(src.weights),
     source_path=str(src.weights.resolve()),
   )
   _write_cache(cache, meta, flat)
@@ -535,9 +538,9 @@ def weights_fingerprint(path, *, cache_dir=None) -> str:
   """
   src = _resolve(path)
   if src.kind == "npz":
-    meta = _read_meta(src.weights)
-    return meta.get("sha256") or _sha256(src.weights)
+    meta = read_metadata(src.weights)
+    return meta.get("sha256") or sha256_file(src.weights)
   cache = _cache_path(src, cache_dir)
   if _valid_cache(src, cache):
-    return _read_meta(cache)["sha256"]
-  return _sha256(src.weights)
+    return read_metadata(cache)["sha256"]
+  return sha256_file(src.weights)

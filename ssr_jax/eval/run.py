@@ -1,6 +1,6 @@
 """Evaluation: restore the parameters, predict a split, score it, write PNGs and grids.
 
-Targets (config.eval.target), as WSSS papers report them (§1.8), one prediction function each,
+Targets (config.eval.targets), as WSSS papers report them (§1.8), one prediction function each,
 all yielding (example, pred int32 [H, W]):
 - seg (`predict_seg`): the decoder, multi-scale + flip (+ optional dense CRF);
 - cam (`predict_cam`): GradCAM maps alone, background = (1 - max cam) ** bg_power, argmax;
