@@ -62,7 +62,7 @@ def run(args):
   t0 = time.perf_counter()
   state = loop.train(config, work, task=task, frozen=frozen, make_iterator=make_iterator)
   resume_s = time.perf_counter() - t0
-  _, restored_step = eval_run.restore_params(work, task)
+  _, restored_step = eval_run.restore_variables(work, task)
   return dict(
     arch="small" if args.small else "ViT-B/16",
     batch=config.train.batch_size,

@@ -11,9 +11,12 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from ssr_jax import experiment
+from ssr_jax.model import prototypes
 from ssr_jax.train import sharding, state
 from ssr_jax.train import step as step_lib
 
@@ -27,9 +30,10 @@ def add_args(p):
 
 
 def run(args):
-  config = common.bench_config(args)
-  config.model.cmpa.enabled = config.model.sgc.enabled = args.variant == "ssr"
+  ssr = args.variant == "ssr"
+  config = experiment.variant_config(common.bench_config(args), cmpa=ssr, sgc=ssr)
   config.model.cam.rfm_switch_step = args.steps // 2
+  config.model.cmpa.cam_start_step = 0  # CAMs through the heads from the first step.
   task, frozen, batch = common.random_setup(config, small=args.small)
   mesh = sharding.make_mesh()
   tx, schedule = state.make_optimizer(config.train)
@@ -76,9 +80,22 @@ def run(args):
     mfu=round(flops / med / (peak * mesh.size), 4) if flops and peak else None,
     peak_memory_bytes=common.peak_memory_bytes(),
   )
+  if ssr:
+    out["prototype_refresh_ms"] = _refresh_ms(config.model.cmpa, task.num_classes - 1)
   if stages:
     out["profile"] = stages
   return out
+
+
+def _refresh_ms(cmpa_cfg, num_classes):
+  """Median time of one K-means refresh of a full prototype bank (jitted, on the device)."""
+  bank = prototypes.init_bank(cmpa_cfg.bank_size, cmpa_cfg.out_dim, num_classes)
+  rng = np.random.default_rng(0)
+  bank["image"] = jnp.asarray(rng.normal(size=bank["image"].shape), jnp.float32)
+  bank["text"] = jnp.asarray(rng.normal(size=bank["text"].shape), jnp.float32)
+  bank["label"] = jnp.asarray(rng.integers(0, num_classes, bank["label"].shape), jnp.int32)
+  fn = jax.jit(lambda b: prototypes.bank_refresh(b, iters=cmpa_cfg.kmeans_iters))
+  return round(1e3 * common.time_fn(fn, bank, iters=5)["median_s"], 2)
 
 
 def _profile(train_step, st, frozen, gbatch, trace_dir, steps):

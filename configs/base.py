@@ -40,6 +40,7 @@ def get_config():
   c.model.decoder.dropout = 0.1  # Dropout2d after the 1x1 fuse conv.
 
   c.model.cam = ml_collections.ConfigDict()
+  c.model.cam.source = "cmpa"  # GradCAM logits through CMPA's heads (paper) or frozen CLIP's.
   c.model.cam.num_attn_layers = 8  # Pre-RFM affinity: mean of the last 8 attention maps, §1.4.1.
   c.model.cam.rfm_layers = 6  # RFM candidate layers (VOC 6, COCO 10), §1.4.2.
   c.model.cam.rfm_switch_step = 9000  # Train step from which RFM affinity is used (§1.4 quirk).
@@ -51,17 +52,35 @@ def get_config():
   c.model.cam.par_w_pos = 0.01
   c.model.cam.par_temp = 0.3
 
-  c.model.cmpa = ml_collections.ConfigDict()  # §2, all [inferred].
+  # CMPA (§2): trainable ISA/TSA heads on CLIP's image and text features, the initial CAMs
+  # computed through them, a K-means prototype bank and the prototype contrastive loss.
+  c.model.cmpa = ml_collections.ConfigDict()
   c.model.cmpa.enabled = True
-  c.model.cmpa.weight = 0.1  # lambda_cmpa.
-  c.model.cmpa.temperature = 0.07
-  c.model.cmpa.proj = "linear"  # Projection head 256->D_text: linear or mlp.
-  c.model.cmpa.min_pixels = 2  # A class region smaller than this (in patches) gives no prototype.
-  c.model.cmpa.soft = False  # Soft masked-average pooling with refined CAMs instead of labels.
-  c.model.cmpa.bg_text = "mean"  # Background text prototype: mean of bg names, or best (max).
-  c.model.cmpa.pixel_weight = 0.0  # Weight of the pixel-to-text prototype term (0 = off).
-  c.model.cmpa.warmup_steps = 0  # CMPA loss is zero before this step.
-  c.model.cmpa.cam_fusion = False  # Add the text-driven map to GradCAM after the RFM switch.
+  c.model.cmpa.site = "clip"  # clip: the paper's heads on CLIP features; decoder: [v1] (§2.7).
+  c.model.cmpa.hidden = (512,)  # [inferred] Widths of the heads' Linear -> BN -> ReLU layers.
+  c.model.cmpa.out_dim = 256  # [inferred] d2, the width of the shared prototype space.
+  c.model.cmpa.bn_momentum = 0.9  # Running BN statistics (flax convention; PyTorch's 0.1).
+  c.model.cmpa.weight = 1.0  # Weight of L_proto (paper: L_proto + 0.1 L_seg, loss.seg_weight).
+  c.model.cmpa.temperature = 0.05  # Initial tau of the learnable temperature (paper).
+  c.model.cmpa.refresh_every = 5000  # K-means refresh of the prototypes, in steps (paper).
+  c.model.cmpa.bank_size = 16384  # [inferred] Latest (image, class) samples kept (VOC ~ 1 pass).
+  c.model.cmpa.kmeans_iters = 10  # [inferred] Lloyd iterations per refresh.
+  c.model.cmpa.positive = "cluster"  # cluster: nearest prototype (paper); class: the label.
+  c.model.cmpa.symmetric_weight = 1.0  # [inferred] TSA text features vs image prototypes.
+  c.model.cmpa.cam_pooling = "tokens"  # [inferred] GradCAM image feature: mean of ISA(tokens).
+  # [inferred] Heads' CAMs from this step (frozen CLIP's before: untrained heads are random).
+  c.model.cmpa.cam_start_step = c.model.cmpa.get_ref("refresh_every") * 1
+  c.model.cmpa.cam_scale = 0.0  # GradCAM softmax scale through the heads; 0 = 1/tau (learned).
+  c.model.cmpa.decoder = ml_collections.ConfigDict()  # [v1] site "decoder" only (§2.7).
+  c.model.cmpa.decoder.weight = 0.1  # lambda_cmpa.
+  c.model.cmpa.decoder.temperature = 0.07
+  c.model.cmpa.decoder.proj = "linear"  # Projection head 256->D_text: linear or mlp.
+  c.model.cmpa.decoder.min_pixels = 2  # A class region smaller than this gives no prototype.
+  c.model.cmpa.decoder.soft = False  # Soft masked-average pooling with refined CAMs.
+  c.model.cmpa.decoder.bg_text = "mean"  # Background text prototype: mean of bg names, or best.
+  c.model.cmpa.decoder.pixel_weight = 0.0  # Weight of the pixel-to-text prototype term.
+  c.model.cmpa.decoder.warmup_steps = 0  # CMPA loss is zero before this step.
+  c.model.cmpa.decoder.cam_fusion = False  # Add the text-driven map to GradCAM after RFM.
 
   c.model.sgc = ml_collections.ConfigDict()  # §3, all [inferred].
   c.model.sgc.enabled = True
@@ -73,8 +92,9 @@ def get_config():
 
   # ---------------------------------------------------------------- losses (§1.6)
   c.loss = ml_collections.ConfigDict()
-  c.loss.seg_weight = 1.0
-  c.loss.aff_weight = 0.1
+  # The paper's L = L_proto + 0.1 L_seg; WeCLIP's affinity loss is kept at 0.1 of seg (§4).
+  c.loss.seg_weight = 0.1
+  c.loss.aff_weight = 0.01
   c.loss.aff_radius = 8  # Affinity-loss window in patches.
 
   # ---------------------------------------------------------------- data (§1.1, §3.1)
@@ -122,6 +142,11 @@ def get_config():
   c.train.b2 = 0.999
   c.train.eps = 1e-8
   c.train.grad_clip = 0.0  # Global-norm clip; 0 = off (WeCLIP has none).
+  # CMPA's heads and temperature: their own AdamW group, same warm-up/decay shape (§4: the
+  # paper's lr 1e-5, wd 2e-3; ambiguous whether they are the heads' or the whole model's).
+  c.train.heads = ml_collections.ConfigDict()
+  c.train.heads.learning_rate = 1e-5
+  c.train.heads.weight_decay = 2e-3  # Not applied to the log-temperature.
   c.train.checkpoint_every = 2000
   c.train.keep_checkpoints = 3
   c.train.log_every = 50
@@ -137,8 +162,9 @@ def get_config():
 
   # ---------------------------------------------------------------- evaluation (§1.8)
   c.eval = ml_collections.ConfigDict()
-  c.eval.split = "val"
-  # What eval mode scores: seg (decoder), cam (GradCAM) and/or pseudo (refined pseudo-labels).
+  c.eval.splits = ("val",)  # Scored in turn; WSSS papers report cam/pseudo on train.
+  # What eval mode scores: seg (decoder), cam (GradCAM of model.cam.source), clip_cam (GradCAM of
+  # frozen CLIP: the paper's reference row) and/or pseudo (refined pseudo-labels).
   c.eval.targets = ("seg",)
   c.eval.scales = (1.0, 0.75)
   c.eval.flip = True

@@ -3,7 +3,8 @@ training and evaluation.
 
 Modes mean the same for every dataset (VOC, COCO, the synthetic demo):
 - train: train (or resume) to train.num_steps, evaluating `seg` every train.eval_every steps;
-- eval: restore the checkpoint's parameters and evaluate each of eval.targets on eval.split;
+- eval: restore the checkpoint's variables and evaluate each of eval.targets on each of
+  eval.splits;
 - train_and_eval: both;
 - ablation: train_and_eval of baseline / +CMPA / +SGC / SSR with the same seeds, one table.
 For data.name == "synthetic", `demo.prepare` first generates the data and points clip.weights
@@ -31,7 +32,8 @@ from ssr_jax.model.ssr import build_task
 from ssr_jax.train import loop as train_loop
 from ssr_jax.train.checkpoint import CheckpointMismatchError
 
-# (name, model.cmpa.enabled, model.sgc.enabled) of --mode ablation.
+# (name, model.cmpa.enabled, model.sgc.enabled) of --mode ablation. Without CMPA the CAMs come
+# from frozen CLIP (model.cam.source "clip"); with it, from the configured source.
 VARIANTS = (
   ("baseline", False, False),
   ("+CMPA", True, False),
@@ -109,7 +111,7 @@ def train(config, workdir):
       workdir,
       task=task,
       frozen=frozen,
-      params=state.params,
+      variables={"params": state.params, **state.model_state},
       step=step,
       target="seg",
       split=config.data.val_split,
@@ -129,63 +131,80 @@ def train(config, workdir):
 
 
 def evaluate(config, workdir) -> dict:
-  """Restores the checkpoint's parameters and evaluates each of eval.targets on eval.split.
+  """Restores the checkpoint's variables and evaluates each of eval.targets on each of
+  eval.splits.
 
-  Returns {target: result dict (miou, pixel_accuracy, per-class IoU, ...)}.
+  Returns {split: {target: result dict (miou, precision, recall, per-class IoU, ...)}}.
   """
   unknown = sorted(set(config.eval.targets) - set(eval_run.TARGETS))
   if unknown or not config.eval.targets:
     raise UserError(
       f"eval.targets={tuple(config.eval.targets)}: use a subset of {eval_run.TARGETS}"
     )
+  if not config.eval.splits:
+    raise UserError("eval.splits is empty: name at least one split, e.g. ('val',)")
   task, frozen, fingerprint = build(config)
   ckpt_step = None if config.eval.checkpoint_step < 0 else int(config.eval.checkpoint_step)
-  params, step = eval_run.restore_params(workdir, task, step=ckpt_step)
+  variables, step = eval_run.restore_variables(workdir, task, step=ckpt_step)
   results = {}
-  for target in config.eval.targets:
-    results[target] = eval_run.evaluate(
-      config,
-      workdir,
-      task=task,
-      frozen=frozen,
-      params=params,
-      step=step,
-      target=target,
-      split=config.eval.split,
-      clip_fingerprint=fingerprint,
-    )
+  for split in config.eval.splits:
+    results[split] = {}
+    for target in config.eval.targets:
+      results[split][target] = eval_run.evaluate(
+        config,
+        workdir,
+        task=task,
+        frozen=frozen,
+        variables=variables,
+        step=step,
+        target=target,
+        split=split,
+        clip_fingerprint=fingerprint,
+      )
   if jax.process_index() == 0:
-    figures = "  ".join(f"{t} {r['miou']:.3f}" for t, r in results.items())
-    print(f"mIoU on {config.eval.split}: {figures}")
+    for split, res in results.items():
+      figures = "  ".join(f"{t} {r['miou']:.3f}" for t, r in res.items())
+      print(f"mIoU on {split}: {figures}")
     print(f"metrics, predictions and visualisations: {os.path.join(workdir, 'eval')}")
   return results
 
 
+def variant_config(config, *, cmpa: bool, sgc: bool):
+  """The config of one ablation row: CMPA and SGC on or off, all else (seeds) unchanged."""
+  cfg = config.copy_and_resolve_references()
+  cfg.model.cmpa.enabled = cmpa
+  cfg.model.sgc.enabled = sgc
+  if not cmpa:
+    cfg.model.cam.source = "clip"
+  return cfg
+
+
 def ablation(config, workdir) -> list:
-  """train_and_eval of each of VARIANTS with the same seeds; writes ablation.md and .json."""
+  """train_and_eval of each of VARIANTS with the same seeds; writes ablation.md and .json
+  (one entry per variant: {"variant": name, split: {target: mIoU}} for each of eval.splits)."""
   rows = []
   for name, use_cmpa, use_sgc in VARIANTS:
-    cfg = config.copy_and_resolve_references()
-    cfg.model.cmpa.enabled = use_cmpa
-    cfg.model.sgc.enabled = use_sgc
+    cfg = variant_config(config, cmpa=use_cmpa, sgc=use_sgc)
     sub = os.path.join(workdir, "ablation", name.split()[0].replace("+", "plus_").lower())
     train(cfg, sub)
-    rows.append((name, {t: r["miou"] for t, r in evaluate(cfg, sub).items()}))
+    res = evaluate(cfg, sub)
+    rows.append((name, {sp: {t: r["miou"] for t, r in rs.items()} for sp, rs in res.items()}))
   targets = list(config.eval.targets)
   lines = [
-    f"Ablation on {config.data.name} (seed {config.seed}, {config.train.num_steps} steps; "
-    f"mIoU on {config.eval.split})",
+    f"Ablation on {config.data.name} (seed {config.seed}, {config.train.num_steps} steps; mIoU)",
     "",
-    "| variant | " + " | ".join(targets) + " |",
-    "|---" * (len(targets) + 1) + "|",
+    "| variant | split | " + " | ".join(targets) + " |",
+    "|---" * (len(targets) + 2) + "|",
   ]
-  lines += [f"| {n} | " + " | ".join(f"{r[t]:.3f}" for t in targets) + " |" for n, r in rows]
+  for n, per_split in rows:
+    for sp, r in per_split.items():
+      lines.append(f"| {n} | {sp} | " + " | ".join(f"{r[t]:.3f}" for t in targets) + " |")
   text = "\n".join(lines) + "\n"
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "ablation.md"), "w") as f:
       f.write(text)
     with open(os.path.join(workdir, "ablation.json"), "w") as f:
-      json.dump([{"variant": n, config.eval.split: r} for n, r in rows], f, indent=1)
+      json.dump([{"variant": n, **per_split} for n, per_split in rows], f, indent=1)
     print(text)
   return rows
 

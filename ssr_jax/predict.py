@@ -75,7 +75,7 @@ def plan_batches(shapes, *, limit: int, devices: int, long_side, multiple: int) 
   return plan
 
 
-def segment(task, frozen, params, images, eval_cfg):
+def segment(task, frozen, variables, images, eval_cfg):
   """(index, pred int32 [H, W]) of each uint8 image [H, W, 3], batched by `plan_batches`."""
   plan = plan_batches(
     [im.shape[:2] for im in images],
@@ -86,7 +86,9 @@ def segment(task, frozen, params, images, eval_cfg):
   )
   for batch_size, idx in plan:
     group = [images[i] for i in idx]
-    preds = eval_run.seg_predictions(task, frozen, params, group, eval_cfg, batch_size=batch_size)
+    preds = eval_run.seg_predictions(
+      task, frozen, variables, group, eval_cfg, batch_size=batch_size
+    )
     for k, pred in preds:
       yield idx[k], pred
 
@@ -113,7 +115,7 @@ def main(argv=None):
   if args.clip_weights:
     config.clip.weights = args.clip_weights
   task, frozen, _ = experiment.build(config)
-  params, step = eval_run.restore_params(args.workdir, task, step=args.step)
+  variables, step = eval_run.restore_variables(args.workdir, task, step=args.step)
 
   failed, images, names = [], [], []
   for p in paths:
@@ -124,7 +126,7 @@ def main(argv=None):
       print(f"skipped: {e}", file=sys.stderr)
       failed.append(p)
   os.makedirs(args.out, exist_ok=True)
-  for i, pred in segment(task, frozen, params, images, config.eval):
+  for i, pred in segment(task, frozen, variables, images, config.eval):
     stem = os.path.splitext(os.path.basename(names[i]))[0]
     png.save_label_png(os.path.join(args.out, f"{stem}.png"), pred.astype(np.uint8))
     Image.fromarray(png.overlay(images[i], pred)).save(

@@ -45,7 +45,7 @@ def test_config_builds_and_traces(name):
   )
   params = jax.eval_shape(task.init, jax.random.PRNGKey(0), batch)
   step = jax.ShapeDtypeStruct((), jnp.int32)
-  total, terms = jax.eval_shape(
+  total, (terms, _) = jax.eval_shape(
     lambda p, f, x, s: task.loss(p, f, x, step=s, rng=jax.random.PRNGKey(1)),
     params,
     frozen,

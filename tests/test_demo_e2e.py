@@ -26,6 +26,8 @@ def _tiny(config):
   config.model.cam.num_attn_layers = 2
   config.model.cam.rfm_layers = 2
   config.model.cam.rfm_switch_step = 2
+  config.model.cmpa.refresh_every = 2  # Heads' CAMs and a prototype refresh within 4 steps.
+  config.model.cmpa.bank_size = 32
   config.model.cam.par_iters = 2
   config.model.decoder.embed_dim = 16
   config.model.decoder.num_heads = 2
@@ -42,16 +44,20 @@ def test_demo_train_checkpoint_restore_eval(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # A relative workdir, as users type it.
   config = _tiny(demo_config.get_config())
   results = experiment.run("train_and_eval", config, "runs/demo")
-  assert set(results) == {"cam", "pseudo", "seg"}
-  for r in results.values():
-    assert 0.0 <= r["miou"] <= 1.0
+  assert set(results) == {"val", "train"}
+  for per_split in results.values():
+    assert set(per_split) == {"clip_cam", "cam", "pseudo", "seg"}
+    for r in per_split.values():
+      assert 0.0 <= r["miou"] <= 1.0
+  # The heads' CAMs (trained from step 2) are not frozen CLIP's.
+  assert results["train"]["cam"]["miou"] != results["train"]["clip_cam"]["miou"]
   assert not config.data.root and not config.clip.weights  # prepare() returned a new config.
 
   assert sorted(os.listdir("runs/demo/checkpoints")) == ["2", "4"]
   with open("runs/demo/train_metrics.jsonl") as f:
     logged = [json.loads(line) for line in f]
   assert [r["step"] for r in logged] == [2, 4]
-  assert all(np.isfinite(r["loss"]) and "cmpa" in r and "seg" in r for r in logged)
+  assert all(np.isfinite(r["loss"]) and "proto" in r and "seg" in r for r in logged)
 
   with open("runs/demo/eval/metrics_val_seg.json") as f:
     m = json.load(f)

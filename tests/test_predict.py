@@ -39,7 +39,7 @@ def test_seg_predictions_runs_the_planned_batch_size(monkeypatch):
   config.eval.batch_size = 16
   config.eval.long_side = 64
   task, frozen, batch = random_setup(config, small=True)
-  params = task.init(jax.random.PRNGKey(0), batch)
+  variables = task.init(jax.random.PRNGKey(0), batch)
   seen = []
   jitted = inference._multiscale_jit
 
@@ -52,6 +52,6 @@ def test_seg_predictions_runs_the_planned_batch_size(monkeypatch):
   (bs, idx), *rest = predict.plan_batches(
     [image.shape[:2]], limit=16, devices=jax.local_device_count(), long_side=64, multiple=16
   )
-  out = dict(run.seg_predictions(task, frozen, params, [image], config.eval, batch_size=bs))
+  out = dict(run.seg_predictions(task, frozen, variables, [image], config.eval, batch_size=bs))
   assert not rest and idx == [0] and out[0].shape == (40, 60)
   assert seen == [jax.local_device_count()]  # Not eval.batch_size (16).

@@ -276,6 +276,11 @@ class CLIP(nn.Module):
     """
     return self.visual.ln_post(patches).mean(axis=-2) @ self.visual.proj
 
+  def token_features(self, tokens):
+    """Dense projected features: ln_post + proj on every token [B, N, W] -> [B, N, D] (the
+    dense visual features v that CMPA's ISA head maps, method §2.1)."""
+    return self.visual.ln_post(tokens) @ self.visual.proj
+
 
 def cast_for_compute(params, dtype):
   """Dense/Conv kernels and biases stored in the compute dtype; everything else as given.

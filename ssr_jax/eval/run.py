@@ -1,9 +1,12 @@
-"""Evaluation: restore the parameters, predict a split, score it, write PNGs and grids.
+"""Evaluation: restore the variables, predict a split, score it, write PNGs and grids.
 
 Targets (config.eval.targets), as WSSS papers report them (§1.8), one prediction function each,
 all yielding (example, pred int32 [H, W]):
 - seg (`predict_seg`): the decoder, multi-scale + flip (+ optional dense CRF);
-- cam (`predict_cam`): GradCAM maps alone, background = (1 - max cam) ** bg_power, argmax;
+- cam (`predict_cam`): GradCAM maps alone (of model.cam.source: through CMPA's trained heads,
+  or frozen CLIP), background = (1 - max cam) ** bg_power, argmax;
+- clip_cam (`predict_cam` with source "clip"): frozen CLIP's GradCAM whatever the model's source,
+  the paper's reference row for CMPA's CAMs;
 - pseudo (`predict_pseudo`): the refined online pseudo-labels (affinity propagation, SGC if
   enabled, PAR) in 'val' mode, i.e. with the RFM affinity of the trained decoder.
 
@@ -31,7 +34,7 @@ from ssr_jax.eval import crf, inference, metrics, png, visualize
 from ssr_jax.model import affinity
 from ssr_jax.train import checkpoint, sharding
 
-TARGETS = ("seg", "cam", "pseudo")
+TARGETS = ("seg", "cam", "clip_cam", "pseudo")
 
 
 class ReadOnlyNotice(pylogging.Filter):
@@ -59,16 +62,19 @@ def local_mesh():
   return sharding.make_mesh(jax.local_devices())
 
 
-def restore_params(workdir, task, *, step: int | None = None):
-  """(params, step) of checkpoint `step` (None = latest), replicated over this process's devices.
-
-  Reads the params only (checkpoint.restore_params), so the train config may differ.
+def restore_variables(workdir, task, *, step: int | None = None):
+  """(variables, step) of checkpoint `step` (None = latest), replicated over this process's
+  devices: the params and the collections inference needs (`task.inference_collections`, e.g.
+  the heads' BatchNorm statistics). Nothing else is read (checkpoint.restore_variables), so the
+  train config may differ.
   """
   p = task.clip.cfg.patch_size
   fake = dict(image=jax.ShapeDtypeStruct((1, p, p, 3), jnp.uint8))
   target = jax.eval_shape(task.init, jax.random.PRNGKey(0), fake)
+  keep = ("params", *task.inference_collections)
+  target = {k: v for k, v in target.items() if k in keep}
   target = checkpoint.abstract_state(target, sharding.replicated(local_mesh()))
-  return checkpoint.restore_params(workdir, target, step=step)
+  return checkpoint.restore_variables(workdir, target, step=step)
 
 
 def to_local(tree):
@@ -100,11 +106,11 @@ def _nearest(labels, size):
   return labels[rows][:, cols]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _cam_outputs(task, params, frozen, image, labels, superpixels):
-  """CAM and pseudo-label maps of one image (compiled once per task and image shape)."""
+@functools.partial(jax.jit, static_argnums=0, static_argnames="source")
+def _cam_outputs(task, variables, frozen, image, labels, superpixels, *, source=None):
+  """CAM and pseudo-label maps of one image (compiled once per task, source and image shape)."""
   batch = dict(image=image[None], labels=labels[None], superpixels=superpixels[None])
-  out = task.cam_outputs(params, frozen, batch)
+  out = task.cam_outputs(variables, frozen, batch, source=source)
   cams = out["cams"][0]  # [K, h, w]
   up = resize_lib.resize(jnp.moveaxis(cams, 0, -1), image.shape[:2], "bilinear")
   bg = affinity.background(up, task.options.cam.bg_power, axis=-1)
@@ -119,16 +125,20 @@ def _cam_outputs(task, params, frozen, image, labels, superpixels):
   )
 
 
-def cam_outputs(task, frozen, params, ex) -> dict:
-  """`_cam_outputs` of one eval example (image resized to patch multiples), on the device."""
+def cam_outputs(task, frozen, variables, ex, *, source=None) -> dict:
+  """`_cam_outputs` of one eval example (image resized to patch multiples), on the device.
+
+  source: GradCAM logits of "cmpa" or "clip"; None = model.cam.source."""
   img, size = _multiple_of(ex["image"], task.clip.cfg.patch_size)
   sp = _nearest(ex["superpixels"], size).astype(np.int32)
   labels = jnp.asarray(ex["labels"], jnp.float32)
-  return _cam_outputs(task, params, frozen, jnp.asarray(img), labels, jnp.asarray(sp))
+  return _cam_outputs(
+    task, variables, frozen, jnp.asarray(img), labels, jnp.asarray(sp), source=source
+  )
 
 
 def seg_predictions(
-  task, frozen, params, images, eval_cfg, *, crf=False, mesh=None, batch_size=None
+  task, frozen, variables, images, eval_cfg, *, crf=False, mesh=None, batch_size=None
 ):
   """Multi-scale + flip decoder predictions for an iterable of uint8 images [H, W, 3].
 
@@ -144,7 +154,7 @@ def seg_predictions(
   yield from inference.iter_predictions(
     task.normalized_seg_logits,
     _normalized(images, task.options.normalization),
-    params=(params, frozen),
+    params=(variables, frozen),
     scales=tuple(ec.scales),
     flip=ec.flip,
     long_side=ec.long_side or None,
@@ -161,7 +171,7 @@ def _normalized(images: Iterable, normalization: str) -> Iterator[np.ndarray]:
     yield (np.asarray(im, np.float32) - mean) / std
 
 
-def predict_seg(task, frozen, params, dataset: Iterable[dict], eval_cfg) -> Iterator[tuple]:
+def predict_seg(task, frozen, variables, dataset: Iterable[dict], eval_cfg) -> Iterator[tuple]:
   """(example, pred int32 [H, W]) of the decoder (+ dense CRF when eval.crf), completion order."""
   ec = eval_cfg
   pending = {}  # Examples waiting in a size bucket; bounded by the bucket batch size.
@@ -171,7 +181,7 @@ def predict_seg(task, frozen, params, dataset: Iterable[dict], eval_cfg) -> Iter
       pending[i] = ex
       yield ex["image"]
 
-  for i, pred, *logits in seg_predictions(task, frozen, params, images(), ec, crf=ec.crf):
+  for i, pred, *logits in seg_predictions(task, frozen, variables, images(), ec, crf=ec.crf):
     ex = pending.pop(i)
     if ec.crf:
       pred = crf.crf_predict(
@@ -187,25 +197,29 @@ def predict_seg(task, frozen, params, dataset: Iterable[dict], eval_cfg) -> Iter
     yield ex, pred
 
 
-def _predict_cam_key(task, frozen, params, dataset, key):
+def _predict_cam_key(task, frozen, variables, dataset, key, source=None):
   for ex in dataset:
-    out = cam_outputs(task, frozen, params, ex)
+    out = cam_outputs(task, frozen, variables, ex, source=source)
     yield ex, _nearest(np.asarray(out[key]), ex["image"].shape[:2])
 
 
-def predict_cam(task, frozen, params, dataset: Iterable[dict]) -> Iterator[tuple]:
-  """(example, pred int32 [H, W]) of GradCAM alone (argmax with the bg_power background)."""
-  yield from _predict_cam_key(task, frozen, params, dataset, "cam_labels")
+def predict_cam(
+  task, frozen, variables, dataset: Iterable[dict], *, source=None
+) -> Iterator[tuple]:
+  """(example, pred int32 [H, W]) of GradCAM alone (argmax with the bg_power background).
+
+  source: "cmpa" (through the heads) or "clip" (frozen CLIP); None = model.cam.source."""
+  yield from _predict_cam_key(task, frozen, variables, dataset, "cam_labels", source)
 
 
-def predict_pseudo(task, frozen, params, dataset: Iterable[dict]) -> Iterator[tuple]:
+def predict_pseudo(task, frozen, variables, dataset: Iterable[dict]) -> Iterator[tuple]:
   """(example, pred int32 [H, W]) of the refined pseudo-labels in 'val' mode (RFM affinity)."""
-  yield from _predict_cam_key(task, frozen, params, dataset, "pseudo")
+  yield from _predict_cam_key(task, frozen, variables, dataset, "pseudo")
 
 
-def vis_grid(task, frozen, params, ex, pred, names) -> np.ndarray:
+def vis_grid(task, frozen, variables, ex, pred, names, *, source=None) -> np.ndarray:
   """The qualitative grid of one example: image | CAMs | pseudo-label | pred | gt."""
-  o = cam_outputs(task, frozen, params, ex)
+  o = cam_outputs(task, frozen, variables, ex, source=source)
   cams = {
     names[int(c) + 1]: np.asarray(o["cams"][k])
     for k, c in enumerate(np.asarray(o["ids"]))
@@ -271,7 +285,7 @@ def evaluate(
   *,
   task,
   frozen,
-  params,
+  variables,
   step,
   target,
   split,
@@ -285,15 +299,21 @@ def evaluate(
   """
   ec, dc = config.eval, config.data
   if target not in TARGETS:
-    raise ValueError(f"eval target {target!r}: use seg, cam or pseudo")
+    raise ValueError(f"eval target {target!r}: use one of {TARGETS}")
   if ec.crf and target == "seg":
     crf.import_densecrf()  # Fail before the long loop if the optional package is missing.
   dataset, names = eval_dataset(
     dc, split, target=target, sgc=task.options.sgc.enabled, max_images=ec.max_images
   )
-  frozen, params = to_local(frozen), to_local(params)
-  predict = dict(seg=predict_seg, cam=predict_cam, pseudo=predict_pseudo)[target]
-  args = (task, frozen, params, dataset) + ((ec,) if target == "seg" else ())
+  frozen, variables = to_local(frozen), to_local(variables)
+  source = "clip" if target == "clip_cam" else None
+  predict = dict(
+    seg=predict_seg,
+    cam=predict_cam,
+    clip_cam=functools.partial(predict_cam, source=source),
+    pseudo=predict_pseudo,
+  )[target]
+  args = (task, frozen, variables, dataset) + ((ec,) if target == "seg" else ())
   lead = process()[0] == 0
   pred_dir = os.path.join(workdir, "eval", f"{split}_{target}", "pred")
   acc = metrics.ConfusionAccumulator(dc.num_classes, ignore=dc.ignore_label)
@@ -306,7 +326,9 @@ def evaluate(
     if write_outputs and ec.save_png:
       png.save_label_png(os.path.join(pred_dir, f"{ex['id']}.png"), pred.astype(np.uint8))
     if lead and ex["index"] in drawn:
-      vis_images[f"{split}_{target}/{ex['id']}"] = vis_grid(task, frozen, params, ex, pred, names)
+      vis_images[f"{split}_{target}/{ex['id']}"] = vis_grid(
+        task, frozen, variables, ex, pred, names, source=source
+      )
   conf, count = _all_processes_sum(acc.conf, count)
   seconds = time.time() - t0
   res = metrics.scores(conf, names)

@@ -15,6 +15,7 @@ picks batch statistics (and updates the running ones) or the running averages.
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -47,7 +48,9 @@ class AlignmentHead(nn.Module):
     """
     m = None if mask is None else jnp.asarray(mask, bool)[..., None]
     for i, width in enumerate(self.hidden):
-      x = nn.Dense(width, dtype=self.dtype, name=f"dense_{i}")(x)
+      # No bias: BatchNorm subtracts it again, so its gradient is zero up to rounding, which
+      # Adam would turn into full-size random steps.
+      x = nn.Dense(width, use_bias=False, dtype=self.dtype, name=f"dense_{i}")(x)
       # Statistics in float32 whatever the compute dtype: the batch here is a few hundred rows.
       x = nn.BatchNorm(
         use_running_average=not train,
@@ -58,6 +61,6 @@ class AlignmentHead(nn.Module):
       )(x, mask=m)
       x = nn.relu(x)
     x = nn.Dense(self.out_dim, dtype=self.dtype, name="out")(x).astype(jnp.float32)
-    if self.normalize:
-      x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    if self.normalize:  # rsqrt of a clamped square: finite gradients even at a zero row.
+      x = x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
     return x

@@ -53,6 +53,11 @@ def class_means(x, labels, mask=None, *, num_classes: int, fallback):
   return jnp.where(counts > 0, means, jnp.asarray(fallback, jnp.float32))
 
 
+def l2_normalize(x, axis: int = -1):
+  """x / ||x|| along axis; zero rows stay zero, with finite gradients there."""
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), 1e-24))
+
+
 def _sq_distances(x, c):
   """[M, K] squared Euclidean distances, expanded (no [M, K, d] intermediate)."""
   d2 = (x * x).sum(-1)[:, None] - 2.0 * x @ c.T + (c * c).sum(-1)[None, :]
@@ -121,10 +126,8 @@ def prototype_ce(feats, prototypes, targets, valid=None, *, log_temperature, nor
   feats = feats.astype(jnp.float32)
   prototypes = prototypes.astype(jnp.float32)
   if normalize:
-    feats = feats / jnp.maximum(jnp.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
-    prototypes = prototypes / jnp.maximum(
-      jnp.linalg.norm(prototypes, axis=-1, keepdims=True), 1e-12
-    )
+    # Zero rows (padding, an all-zero CAM) must keep finite gradients: no norm's sqrt at 0.
+    feats, prototypes = l2_normalize(feats), l2_normalize(prototypes)
   logits = feats @ prototypes.T * jnp.exp(-log_temperature)  # [..., K]
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, jnp.asarray(targets)[..., None].astype(jnp.int32), -1)[..., 0]
@@ -178,3 +181,71 @@ def cmpa_prototype_loss(
       normalize=normalize,
     )
   return loss
+
+
+# ---------------------------------------------------------------- the prototype bank (§2.4)
+# A ring of the latest M (image, class) samples, plus the prototypes of the last refresh. A
+# pytree of fixed shapes, so it lives in the train state (checkpointed, replicated) and pushing,
+# refreshing and reading it never recompile the step.
+
+
+def init_bank(size: int, dim: int, num_classes: int):
+  """An empty bank: M = size sample slots of width d = dim, C = num_classes prototypes.
+
+  Returns dict(image [M, d], text [M, d], label [M] int32 (-1 = empty), ptr int32 (samples
+  written so far), image_protos [C, d], text_protos [C, d], refreshes int32 (refreshes done)).
+  """
+  return dict(
+    image=jnp.zeros((size, dim), jnp.float32),
+    text=jnp.zeros((size, dim), jnp.float32),
+    label=jnp.full((size,), -1, jnp.int32),
+    ptr=jnp.zeros((), jnp.int32),
+    image_protos=jnp.zeros((num_classes, dim), jnp.float32),
+    text_protos=jnp.zeros((num_classes, dim), jnp.float32),
+    refreshes=jnp.zeros((), jnp.int32),
+  )
+
+
+def bank_push(bank, image, text, label, valid):
+  """Writes the valid samples of a batch into the ring, oldest slots first.
+
+  image, text: [..., d] f_image / f_text; label: [...] int class ids; valid: [...] bool. The
+  valid samples keep their row-major order; invalid ones are not written and take no slot.
+  Returns the updated bank.
+  """
+  m, d = bank["image"].shape
+  valid = jnp.asarray(valid, bool).reshape(-1)
+  rank = jnp.cumsum(valid) - 1
+  slot = jnp.where(valid, (bank["ptr"] + rank) % m, m)  # m: out of range, dropped.
+  put = lambda arr, x: arr.at[slot].set(x, mode="drop")  # noqa: E731
+  return dict(
+    bank,
+    image=put(bank["image"], jnp.asarray(image, jnp.float32).reshape(-1, d)),
+    text=put(bank["text"], jnp.asarray(text, jnp.float32).reshape(-1, d)),
+    label=put(bank["label"], jnp.asarray(label, jnp.int32).reshape(-1)),
+    ptr=bank["ptr"] + valid.sum().astype(jnp.int32),
+  )
+
+
+def bank_refresh(bank, *, iters: int):
+  """K-means of each modality's samples (K = C), initialised at the class means, so that
+  cluster k stays class k; a class without samples starts from its previous prototype.
+
+  Returns the bank with new image_protos / text_protos and refreshes + 1 (samples kept).
+  """
+  mask = bank["label"] >= 0
+  label = jnp.maximum(bank["label"], 0)
+  c = bank["image_protos"].shape[0]
+  out = dict(bank, refreshes=bank["refreshes"] + 1)
+  for key in ("image", "text"):
+    init = class_means(bank[key], label, mask, num_classes=c, fallback=bank[key + "_protos"])
+    out[key + "_protos"], _ = kmeans(bank[key], init, mask, iters=iters)
+  return out
+
+
+def nearest_prototype(x, prototypes):
+  """Cluster pseudo-labels: index of the nearest prototype (squared Euclidean, as K-means
+  assigns; ties to the lowest index). x: [..., d]; prototypes: [K, d]. Returns [...] int32."""
+  flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+  a = jnp.argmin(_sq_distances(flat, prototypes.astype(jnp.float32)), axis=-1)
+  return a.reshape(x.shape[:-1]).astype(jnp.int32)

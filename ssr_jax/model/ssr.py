@@ -1,9 +1,13 @@
-"""The composed SSR model: frozen CLIP -> GradCAM -> affinity propagation (+SGC) -> PAR ->
-pseudo-labels -> decoder losses (+CMPA). One pure, jittable loss for the train step.
+"""The composed SSR model: frozen CLIP -> GradCAM (through CMPA's heads) -> affinity propagation
+(+SGC) -> PAR -> pseudo-labels -> decoder losses + CMPA's prototype loss. One pure, jittable loss
+for the train step.
 
-`SSRTask` follows the task protocol of ssr_jax.train: `init(rng, batch)` and
-`loss(params, frozen, batch, *, step, rng)`. `frozen` holds what is never trained (CLIP params and
-text embeddings); it is passed to the jitted step as a replicated argument.
+`SSRTask` follows the task protocol of ssr_jax.train: `init(rng, batch) -> variables` and
+`loss(variables, frozen, batch, *, step, rng) -> (loss, (metrics, collections))`. `variables` is
+Flax's dict: "params" (trainable: the decoder, CMPA's ISA/TSA heads and log-temperature) plus
+the mutable collections "batch_stats" (the heads' BatchNorm) and "bank" (CMPA's prototype bank).
+`frozen` holds what is never trained (CLIP params and text embeddings); it is passed to the
+jitted step as a replicated argument.
 """
 
 import dataclasses
@@ -16,7 +20,14 @@ from ssr_jax import resize as resize_lib
 from ssr_jax.clip.model import CLIP
 from ssr_jax.clip.preprocess import compute_dtype, normalize
 from ssr_jax.model import affinity, cam, cmpa, losses, sgc
+from ssr_jax.model import prototypes as protos_lib
 from ssr_jax.model.decoder import Decoder, ProjectionHead
+from ssr_jax.model.heads import AlignmentHead
+
+CAM_SOURCES = ("cmpa", "clip")
+CMPA_SITES = ("clip", "decoder")
+POSITIVES = ("cluster", "class")
+CAM_POOLINGS = ("tokens", "pooled")
 
 
 def _from_config(cls, cfg, **extra):
@@ -32,8 +43,9 @@ def _from_config(cls, cfg, **extra):
 
 @dataclasses.dataclass(frozen=True)
 class CamOptions:
-  """config.model.cam: GradCAM refinement (§1.4); see configs/base.py for each field."""
+  """config.model.cam: GradCAM and its refinement (§1.3-1.4); see configs/base.py."""
 
+  source: str
   num_attn_layers: int
   rfm_layers: int
   rfm_switch_step: int
@@ -47,10 +59,9 @@ class CamOptions:
 
 
 @dataclasses.dataclass(frozen=True)
-class CMPAOptions:
-  """config.model.cmpa: cross-modal prototype alignment (§2)."""
+class DecoderCMPAOptions:
+  """config.model.cmpa.decoder: the [v1] decoder-side CMPA (§2.7), used when site="decoder"."""
 
-  enabled: bool
   weight: float
   temperature: float
   proj: str
@@ -60,6 +71,33 @@ class CMPAOptions:
   pixel_weight: float
   warmup_steps: int
   cam_fusion: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class CMPAOptions:
+  """config.model.cmpa: cross-modal prototype alignment (§2)."""
+
+  enabled: bool
+  site: str
+  hidden: tuple[int, ...]
+  out_dim: int
+  bn_momentum: float
+  weight: float
+  temperature: float
+  refresh_every: int
+  bank_size: int
+  kmeans_iters: int
+  positive: str
+  symmetric_weight: float
+  cam_pooling: str
+  cam_start_step: int
+  cam_scale: float
+  decoder: DecoderCMPAOptions
+
+  @property
+  def heads(self) -> bool:
+    """Whether the paper's ISA/TSA heads on CLIP's features exist (site "clip")."""
+    return self.enabled and self.site == "clip"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +141,11 @@ class SSROptions:
       max_classes=int(model_cfg.max_classes),
       logit_scale=float(model_cfg.logit_scale),
       cam=_from_config(CamOptions, model_cfg.cam),
-      cmpa=_from_config(CMPAOptions, model_cfg.cmpa),
+      cmpa=_from_config(
+        CMPAOptions,
+        model_cfg.cmpa,
+        decoder=_from_config(DecoderCMPAOptions, model_cfg.cmpa.decoder),
+      ),
       sgc=_from_config(SGCOptions, model_cfg.sgc),
       loss=_from_config(LossOptions, loss_cfg, ignore_label=int(ignore_label)),
     )
@@ -119,9 +161,14 @@ class SSRTask:
 
   clip: CLIP
   decoder: Decoder
-  proj: ProjectionHead | None
+  proj: ProjectionHead | None  # [v1] decoder-side CMPA projection (site "decoder").
+  isa: AlignmentHead | None  # CMPA's image head (site "clip").
+  tsa: AlignmentHead | None  # CMPA's text head.
   options: SSROptions
   num_classes: int  # Including background.
+
+  # Collections of `variables` that inference needs (the bank is for training only).
+  inference_collections = ("batch_stats",)
 
   # ------------------------------------------------------------------ frozen CLIP features
   def clip_features(self, frozen, images, *, normalized=False):
@@ -148,51 +195,117 @@ class SSRTask:
       {"params": params["decoder"]}, hidden[:, :, 1:], train=train, rngs=rngs
     )
 
-  def gradcam(self, frozen, hidden, labels, grid):
-    """GradCAM through the last block (§1.3). Returns cams [B, K, h, w], ids, valid, attn_last."""
+  # ------------------------------------------------------------------ CMPA heads (§2.1)
+  def head(self, name, variables, x, *, train):
+    """ISA or TSA (`name` "isa" / "tsa") on x [..., D] -> [..., d2].
+
+    train=True uses (and returns updated) batch statistics: returns (out, new batch_stats);
+    train=False uses the running averages, with the parameters' gradient stopped (the CAM path
+    is a target, not a term of the loss): returns out.
+    """
+    module = self.isa if name == "isa" else self.tsa
+    v = {"params": variables["params"][name], "batch_stats": variables["batch_stats"][name]}
+    if train:
+      out, updated = module.apply(v, x, train=True, mutable=["batch_stats"])
+      return out, updated["batch_stats"]
+    return module.apply(jax.lax.stop_gradient(v), x, train=False)
+
+  def dense_features(self, frozen, tokens):
+    """CLIP's dense visual features v: ln_post + proj of the last block's patch tokens
+    [B, N, W] -> [B, N, D] (gradient stopped: CLIP is frozen)."""
+    p = {"params": frozen["clip"]}
+    v = self.clip.apply(p, tokens, method=self.clip.token_features)
+    return jax.lax.stop_gradient(v)
+
+  # ------------------------------------------------------------------ GradCAM (§1.3, §2.2)
+  def gradcam(self, variables, frozen, hidden, labels, grid, *, heads):
+    """GradCAM through the last block, with the logits of frozen CLIP or of CMPA's heads.
+
+    heads: bool, python or traced (a traced one selects with lax.cond: one compiled step runs
+      either). Through the heads (§2.2), the image feature is ISA of the dense features
+      (cmpa.cam_pooling "tokens": ISA on every patch token, then the mean; "pooled": ISA of
+      WeCLIP's pooled feature), the text features are TSA of the fg and bg prompts, both with
+      the running BatchNorm statistics, and the softmax scale is cmpa.cam_scale (0 = 1/tau,
+      the learned temperature, as CLIP's own scale is its learned one).
+
+    Returns cams [B, K, h, w], ids, valid, attn_last [B, T, T], tokens [B, N, W] (the last
+    block's patch tokens, for the dense features).
+    """
     clip, p = self.clip, {"params": frozen["clip"]}
     x_prev = hidden[-1]
     act = clip.apply(p, x_prev, method=clip.last_block_pre_norm)
-
-    def block_fn(a):
-      z, attn = clip.apply(p, x_prev, ln1_out=a, method=clip.last_block)
-      # ln_post per patch token, then the patch mean (not CLS), then proj: WeCLIP's order (§1.3).
-      return clip.apply(p, z[:, 1:], method=clip.patch_mean_head), attn
-
     ids, valid = cam.present_classes(labels, max_classes=self.options.max_classes)
-    cams, attn_last = cam.gradcam(
-      block_fn,
-      act,
-      ids,
-      valid,
-      frozen["text_fg"],
-      frozen["text_bg"],
-      labels,
-      logit_scale=self.options.logit_scale,
-      grid=grid,
-    )
-    return cams, ids, valid, jax.lax.stop_gradient(attn_last)
+
+    def run(block_head, text_fg, text_bg, scale):
+      def block_fn(a):
+        z, attn = clip.apply(p, x_prev, ln1_out=a, method=clip.last_block)
+        return block_head(z[:, 1:]), (attn, z[:, 1:])
+
+      return cam.gradcam(
+        block_fn, act, ids, valid, text_fg, text_bg, labels, logit_scale=scale, grid=grid
+      )
+
+    def via_clip(_):
+      # ln_post per patch token, then the patch mean (not CLS), then proj: WeCLIP's order (§1.3).
+      head = lambda t: clip.apply(p, t, method=clip.patch_mean_head)  # noqa: E731
+      return run(head, frozen["text_fg"], frozen["text_bg"], self.options.logit_scale)
+
+    def via_heads(_):
+      co = self.options.cmpa
+      n_fg = frozen["text_fg"].shape[0]
+      text = self.head(
+        "tsa", variables, jnp.concatenate([frozen["text_fg"], frozen["text_bg"]]), train=False
+      )
+
+      def head(t):
+        if co.cam_pooling == "tokens":
+          v = clip.apply(p, t, method=clip.token_features)
+          return self.head("isa", variables, v, train=False).mean(axis=-2)
+        return self.head(
+          "isa", variables, clip.apply(p, t, method=clip.patch_mean_head), train=False
+        )
+
+      scale = co.cam_scale or jnp.exp(
+        -jax.lax.stop_gradient(variables["params"]["log_temperature"])
+      )
+      return run(head, text[:n_fg], text[n_fg:], scale)
+
+    if not self.options.cmpa.heads or heads is False:
+      out = via_clip(None)
+    elif heads is True:
+      out = via_heads(None)
+    else:
+      out = jax.lax.cond(heads, via_heads, via_clip, None)
+    cams, (attn_last, tokens) = out
+    return cams, ids, valid, jax.lax.stop_gradient(attn_last), jax.lax.stop_gradient(tokens)
 
   # ------------------------------------------------------------------ pseudo-labels (§1.4, §3)
-  def pseudo_labels(self, frozen, feats_out, labels, superpixels, dec_feats, *, use_rfm, z=None):
+  def pseudo_labels(
+    self, variables, frozen, feats_out, labels, superpixels, dec_feats, *, use_rfm, heads, z=None
+  ):
     """Online pseudo-labels from frozen features and (detached) decoder features.
 
     Args:
+      variables: the task's variables (the heads' params and batch_stats for heads CAMs).
       feats_out: `clip_features` output; labels [B, C-1]; superpixels [B, H, W] int32 (-1 pad).
       dec_feats: [B, N, E] decoder features F (RFM affinity); use_rfm: bool scalar (traced ok).
-      z: optional [B, N, D] CMPA-projected features for the text-driven CAM fusion (§2.7).
+      heads: GradCAM through CMPA's heads (python or traced bool), see `gradcam`.
+      z: optional [B, N, D] [v1] decoder-side CMPA features for the text-driven CAM fusion.
 
-    Returns dict(cams [B, K, h, w], ids, valid, probs [B, H, W, 1+K], labels [B, H, W] int32).
+    Returns dict(cams [B, K, h, w], ids, valid, probs [B, H, W, 1+K], labels [B, H, W] int32,
+    tokens [B, N, W] the last block's patch tokens).
     """
     cc = self.options.cam
     x, hidden, grid = feats_out["x"], feats_out["hidden"], feats_out["grid"]
     b, hh, ww, _ = x.shape
     with jax.named_scope("gradcam"):
-      cams, ids, valid, attn_last = self.gradcam(frozen, hidden, labels, grid)
+      cams, ids, valid, attn_last, tokens = self.gradcam(
+        variables, frozen, hidden, labels, grid, heads=heads
+      )
     attn = jnp.concatenate([feats_out["attn"], attn_last[None]], axis=0)  # [L, B, T, T]
 
     dec_feats = jax.lax.stop_gradient(dec_feats)
-    if z is not None and self.options.cmpa.cam_fusion:
+    if z is not None and self.options.cmpa.decoder.cam_fusion:
       text = jnp.take(frozen["text_fg"], ids, axis=0)  # [B, K, D]
       m = jax.nn.relu(jnp.einsum("bnd,bkd->bkn", jax.lax.stop_gradient(z), text))
       m = cam.minmax_normalize(m, axes=-1).reshape(cams.shape)
@@ -222,7 +335,7 @@ class SSRTask:
         temp=cc.par_temp,
       )
     plabels = affinity.pseudo_labels(probs, ids, valid)
-    out = dict(cams=cams, ids=ids, valid=valid, probs=probs, labels=plabels)
+    out = dict(cams=cams, ids=ids, valid=valid, probs=probs, labels=plabels, tokens=tokens)
     return jax.tree_util.tree_map(jax.lax.stop_gradient, out)
 
   def _sgc(self, cams, trans, src, superpixels, grid):
@@ -244,20 +357,35 @@ class SSRTask:
 
   # ------------------------------------------------------------------ task protocol
   def init(self, rng, batch):
-    """Trainable params {decoder, [proj]} for a batch like the training batches."""
-    c = self.clip.cfg
+    """Variables {params: {decoder, [isa, tsa, log_temperature], [proj]}, [batch_stats, bank]}
+    for a batch like the training batches."""
+    c, co = self.clip.cfg, self.options.cmpa
     b, hh, ww = batch["image"].shape[:3]
     n = (hh // c.patch_size) * (ww // c.patch_size)
     hidden = jnp.zeros((c.vision_layers - 1, 1, n, c.vision_width), jnp.float32)
     params = {"decoder": self.decoder.init(rng, hidden, train=False)["params"]}
+    variables = {}
+    if co.heads:
+      x = jnp.zeros((2, c.embed_dim), jnp.float32)
+      isa = self.isa.init(jax.random.fold_in(rng, 1), x, train=False)
+      tsa = self.tsa.init(jax.random.fold_in(rng, 2), x, train=False)
+      params.update(
+        isa=isa["params"],
+        tsa=tsa["params"],
+        log_temperature=protos_lib.init_log_temperature(co.temperature),
+      )
+      variables["batch_stats"] = {"isa": isa["batch_stats"], "tsa": tsa["batch_stats"]}
+      variables["bank"] = protos_lib.init_bank(co.bank_size, co.out_dim, self.num_classes - 1)
     if self.proj is not None:
       feats = jnp.zeros((1, n, self.decoder.embed_dim), jnp.float32)
       params["proj"] = self.proj.init(rng, feats)["params"]
-    return params
+    return {"params": params, **variables}
 
-  def loss(self, params, frozen, batch, *, step, rng):
-    """Total loss and its terms (§1.6, §2.6). Pseudo-labels are stop-gradient."""
+  def loss(self, variables, frozen, batch, *, step, rng):
+    """Total loss, its terms and the updated collections (§1.6, §2.5). Pseudo-labels are
+    stop-gradient. Returns (loss, (metrics, collections))."""
     o = self.options
+    params = variables["params"]
     # Named scopes label the profile (python -m benchmarks train --profile DIR).
     with jax.named_scope("clip"):
       f = self.clip_features(frozen, batch["image"])
@@ -267,8 +395,18 @@ class SSRTask:
       logits, feats = self.decode(params, f["hidden"], train=True, rng=rng)
       z = self.project(params, feats)
     use_rfm = step >= o.cam.rfm_switch_step
+    # Untrained heads give meaningless CAMs: frozen CLIP's until cmpa.cam_start_step (§2.2).
+    heads = (step >= o.cmpa.cam_start_step) if o.cam.source == "cmpa" else False
     pl = self.pseudo_labels(
-      frozen, f, batch["labels"], batch["superpixels"], feats, use_rfm=use_rfm, z=z
+      variables,
+      frozen,
+      f,
+      batch["labels"],
+      batch["superpixels"],
+      feats,
+      use_rfm=use_rfm,
+      heads=heads,
+      z=z,
     )
     labels = pl["labels"]
 
@@ -280,22 +418,96 @@ class SSRTask:
       aff = losses.affinity_loss(attn_pred, small, radius=o.loss.aff_radius)
     total = o.loss.seg_weight * seg + o.loss.aff_weight * aff
     metrics = dict(seg=seg, aff=aff)
+    collections = {k: v for k, v in variables.items() if k != "params"}
 
-    if z is not None:
+    if o.cmpa.heads:
+      with jax.named_scope("cmpa"):
+        term, cmpa_metrics, collections = self._prototype_terms(variables, frozen, pl, step)
+      total = total + o.cmpa.weight * term
+      metrics.update(cmpa_metrics)
+    elif z is not None:
       with jax.named_scope("cmpa"):
         term, cmpa_metrics = self._cmpa_terms(frozen, z, small, pl)
-      on = (step >= o.cmpa.warmup_steps).astype(jnp.float32)
-      total = total + on * o.cmpa.weight * term
+      dco = o.cmpa.decoder
+      on = (step >= dco.warmup_steps).astype(jnp.float32)
+      total = total + on * dco.weight * term
       metrics.update(cmpa_metrics)
-    return total, metrics
+    return total, (metrics, collections)
+
+  def _prototype_terms(self, variables, frozen, pl, step):
+    """CMPA as published (§2.3-2.5): class features through the heads, the bank and L_proto.
+
+    pl: the `pseudo_labels` output (its CAMs weight the pooling, its tokens give v). The bank
+    is refreshed (K-means) at every multiple of cmpa.refresh_every, from the samples of the
+    steps before; until the first refresh the prototypes are TSA(t) and the positive is the
+    class (no clusters exist yet). Returns (L_proto, metrics, updated collections).
+    """
+    co = self.options.cmpa
+    params = variables["params"]
+    ids, valid = pl["ids"], pl["valid"]
+    v = self.dense_features(frozen, pl["tokens"])
+    v_img, bs_isa = self.head("isa", variables, v, train=True)  # [B, N, d2]
+    n_fg = frozen["text_fg"].shape[0]
+    text = jnp.concatenate([frozen["text_fg"], frozen["text_bg"]])
+    t_all, bs_tsa = self.head("tsa", variables, text, train=True)
+    t_fg = t_all[:n_fg]
+    f_image = protos_lib.cam_weighted_pool(v_img, pl["cams"], valid)  # [B, K, d2]
+    f_text = jnp.take(t_fg, ids, axis=0)  # [B, K, d2]
+
+    bank = variables["bank"]
+    live = jax.lax.stop_gradient(t_fg)
+    fresh = bank["refreshes"] == 0
+    bank = dict(
+      bank,
+      image_protos=jnp.where(fresh, live, bank["image_protos"]),
+      text_protos=jnp.where(fresh, live, bank["text_protos"]),
+    )
+    refresh = (step > 0) & (step % co.refresh_every == 0)
+    bank = jax.lax.cond(
+      refresh,
+      lambda bk: protos_lib.bank_refresh(bk, iters=co.kmeans_iters),
+      lambda bk: bk,
+      bank,
+    )
+    p_i, p_t = bank["image_protos"], bank["text_protos"]
+    ready = bank["refreshes"] > 0
+    img_cluster = protos_lib.nearest_prototype(jax.lax.stop_gradient(f_image), p_i)
+    txt_cluster = protos_lib.nearest_prototype(live[ids], p_t)
+    if co.positive == "cluster":
+      img_target = jnp.where(ready, img_cluster, ids)
+      txt_target = jnp.where(ready, txt_cluster, ids)
+    else:
+      img_target, txt_target = ids, ids
+    loss = protos_lib.cmpa_prototype_loss(
+      f_image,
+      img_target,
+      valid,
+      p_t,
+      log_temperature=params["log_temperature"],
+      f_text=f_text,
+      text_targets=txt_target,
+      text_valid=valid,
+      image_prototypes=p_i,
+      symmetric_weight=co.symmetric_weight,
+    )
+    bank = protos_lib.bank_push(bank, jax.lax.stop_gradient(f_image), live[ids], ids, valid)
+    n_valid = jnp.maximum(valid.sum(), 1)
+    metrics = dict(
+      proto=loss,
+      tau=jnp.exp(params["log_temperature"]),
+      # Share of the batch's (image, class) samples whose nearest image prototype is their class.
+      cluster_agree=jnp.sum((img_cluster == ids) & valid) / n_valid,
+    )
+    collections = {"batch_stats": {"isa": bs_isa, "tsa": bs_tsa}, "bank": bank}
+    return loss, metrics, collections
 
   def _cmpa_terms(self, frozen, z, small, pl):
-    """CMPA's loss term before warm-up and weight (§2.3-2.5), and its measurements.
+    """[v1] decoder-side CMPA's loss term before warm-up and weight (§2.7), and its metrics.
 
     z: [B, N, D] projected features; small: [B, h, w] patch-grid pseudo-labels; pl: the
     `pseudo_labels` output (for soft prototypes). Returns (term scalar, dict(cmpa[, cmpa_pixel])).
     """
-    co = self.options.cmpa
+    co = self.options.cmpa.decoder
     b = z.shape[0]
     text = cmpa.text_prototypes(frozen["text_fg"], frozen["text_bg"], bg_mode=co.bg_text)
     num_bg = text.shape[0] - frozen["text_fg"].shape[0]
@@ -316,7 +528,7 @@ class SSRTask:
     return term, metrics
 
   def _soft_weights(self, pl, grid):
-    """Refined probabilities scattered to class slots [B, C, N] for soft prototypes (§2.2)."""
+    """Refined probabilities scattered to class slots [B, C, N] for soft prototypes (§2.7)."""
     probs = resize_lib.resize(pl["probs"], grid, "bilinear")  # [B, h, w, 1+K]
     b = probs.shape[0]
     probs = probs.reshape(b, -1, probs.shape[-1])
@@ -326,39 +538,60 @@ class SSRTask:
     return jnp.einsum("bnk,bkc->bcn", probs, onehot)
 
   def project(self, params, feats):
-    """CMPA projection z [B, N, D] of decoder features, or None when CMPA is off."""
+    """[v1] CMPA projection z [B, N, D] of decoder features, or None without it."""
     if self.proj is None:
       return None
     return self.proj.apply({"params": params["proj"]}, feats)
 
   # ------------------------------------------------------------------ inference
-  def normalized_seg_logits(self, params_and_frozen, x):
-    """(params, frozen), normalised images [B, H, W, 3] -> seg logits [B, h, w, C].
+  def normalized_seg_logits(self, variables_and_frozen, x):
+    """(variables, frozen), normalised images [B, H, W, 3] -> seg logits [B, h, w, C].
 
     The logits function that evaluation jits as a static argument: unlike a lambda made per
     call, the bound method of one task compares equal at every access, so each size bucket
     compiles once however often evaluation runs.
     """
-    params, frozen = params_and_frozen
-    return self.seg_logits(params, frozen, x, normalized=True)
+    variables, frozen = variables_and_frozen
+    return self.seg_logits(variables, frozen, x, normalized=True)
 
-  def seg_logits(self, params, frozen, images, *, normalized=False):
+  def seg_logits(self, variables, frozen, images, *, normalized=False):
     """images 0-255 (or normalised) [B, H, W, 3], sides multiples of the patch -> [B, h, w, C]."""
     f = self.clip_features(frozen, images, normalized=normalized)
-    logits, _ = self.decode(params, f["hidden"], train=False)
+    logits, _ = self.decode(variables["params"], f["hidden"], train=False)
     return logits.reshape(logits.shape[0], *f["grid"], -1)
 
-  def cam_outputs(self, params, frozen, batch):
+  def cam_outputs(self, variables, frozen, batch, *, source=None):
     """'val'-mode CAM outputs for pseudo-label quality (RFM affinity, §1.8).
 
-    Returns dict(cams [B, K, h, w], ids, valid, probs [B, H, W, 1+K], labels [B, H, W]).
+    source: "cmpa" or "clip" GradCAM logits; None = model.cam.source (a trained model's heads).
+    Returns dict(cams [B, K, h, w], ids, valid, probs [B, H, W, 1+K], labels [B, H, W], tokens).
     """
+    source = self.options.cam.source if source is None else source
+    if source not in CAM_SOURCES or (source == "cmpa" and not self.options.cmpa.heads):
+      raise ValueError(
+        f"CAM source {source!r}: use one of {CAM_SOURCES}; 'cmpa' needs model.cmpa.enabled and "
+        "model.cmpa.site='clip'"
+      )
+    params = variables["params"]
     f = self.clip_features(frozen, batch["image"])
     _, feats = self.decode(params, f["hidden"], train=False)
     z = self.project(params, feats)
     return self.pseudo_labels(
-      frozen, f, batch["labels"], batch["superpixels"], feats, use_rfm=jnp.array(True), z=z
+      variables,
+      frozen,
+      f,
+      batch["labels"],
+      batch["superpixels"],
+      feats,
+      use_rfm=jnp.array(True),
+      heads=source == "cmpa",
+      z=z,
     )
+
+
+def _choice(key, value, allowed):
+  if value not in allowed:
+    raise ValueError(f"{key}={value!r}: use one of {allowed}")
 
 
 def build_task(
@@ -384,6 +617,21 @@ def build_task(
   for key in ("num_attn_layers", "rfm_layers"):
     if not 1 <= getattr(options.cam, key) <= layers:
       raise ValueError(f"model.cam.{key}={getattr(options.cam, key)} must be in [1, {layers}]")
+  co = options.cmpa
+  _choice("model.cam.source", options.cam.source, CAM_SOURCES)
+  _choice("model.cmpa.site", co.site, CMPA_SITES)
+  _choice("model.cmpa.positive", co.positive, POSITIVES)
+  _choice("model.cmpa.cam_pooling", co.cam_pooling, CAM_POOLINGS)
+  if options.cam.source == "cmpa" and not co.heads:
+    raise ValueError(
+      f"model.cam.source='cmpa' computes CAMs through CMPA's heads, but model.cmpa.enabled="
+      f"{co.enabled} and model.cmpa.site={co.site!r}: set model.cam.source='clip' (frozen CLIP "
+      "CAMs), or enable CMPA with site 'clip'"
+    )
+  if co.heads:
+    for key in ("refresh_every", "bank_size", "out_dim"):
+      if getattr(co, key) <= 0:
+        raise ValueError(f"model.cmpa.{key}={getattr(co, key)}: must be positive")
   d = model_cfg.decoder
   decoder = Decoder(
     num_classes=num_classes,
@@ -393,7 +641,11 @@ def build_task(
     dropout=d.dropout,
     dtype=dtype,
   )
-  proj = None
-  if options.cmpa.enabled:
-    proj = ProjectionHead(clip.cfg.embed_dim, kind=options.cmpa.proj, dtype=dtype)
-  return SSRTask(clip, decoder, proj, options, num_classes)
+  proj = isa = tsa = None
+  if co.enabled and co.site == "decoder":
+    proj = ProjectionHead(clip.cfg.embed_dim, kind=co.decoder.proj, dtype=dtype)
+  if co.heads:
+    isa, tsa = (
+      AlignmentHead(co.hidden, co.out_dim, momentum=co.bn_momentum, dtype=dtype) for _ in "it"
+    )
+  return SSRTask(clip, decoder, proj, isa, tsa, options, num_classes)

@@ -302,15 +302,18 @@ def restore(workdir, target_state, *, step: int | None = None):
     return ckpt.restore(target_state, step=step)
 
 
-def restore_params(workdir, params_target, *, step: int | None = None):
-  """(params, step): only the `params` subtree of the TrainState saved at `step` (default: latest).
+def restore_variables(workdir, target, *, step: int | None = None):
+  """(variables, step): the params and the named collections of the TrainState saved at `step`
+  (default: latest), nothing else.
 
-  The saved tree is read with the checkpoint's own metadata, so nothing else of the training
-  state (optimizer, schedule, NaN guard) has to be rebuilt or match: evaluation with another
-  `train.grad_clip` or optimizer setting restores the same parameters. Only the params tree is
-  checked against `params_target` (arrays or ShapeDtypeStructs, e.g. jax.eval_shape of
-  task.init), with CheckpointMismatchError naming each differing path. A leaf restores with its
-  own sharding, or replicated over this process's devices when it has none.
+  target: Flax-style variables {"params": ..., collection: ...} (arrays or ShapeDtypeStructs,
+  e.g. jax.eval_shape of task.init, with only the collections wanted); "params" maps to the
+  state's `params`, every other collection to `model_state/<collection>`. The saved tree is read
+  with the checkpoint's own metadata, so nothing else of the training state (optimizer,
+  schedule, NaN guard, CMPA's bank) has to be rebuilt or match: evaluation with another
+  `train.grad_clip` or optimizer setting restores the same variables. Each wanted subtree is
+  checked against the target, with CheckpointMismatchError naming each differing path. A leaf
+  restores with its own sharding, or replicated over this process's devices when it has none.
   """
   with Checkpointer(workdir, read_only=True) as ckpt:
     step = ckpt._resolve(step)
@@ -318,26 +321,39 @@ def restore_params(workdir, params_target, *, step: int | None = None):
     path = ckpt.directory / str(step) / "state"
   saved = getattr(saved, "tree", saved)
   where = f"Checkpoint {path.parent}"
-  if "params" not in saved:
-    raise CheckpointMismatchError(f"{where} holds no `params` (saved keys: {sorted(saved)})")
-  check_compatible(saved["params"], params_target, where=where)
   local = jax.sharding.NamedSharding(
     jax.sharding.Mesh(jax.local_devices(), ("data",)), jax.sharding.PartitionSpec()
   )
-  target = {
-    "params": jax.tree.map(
+
+  def abstract(tree):
+    return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(
         x.shape, x.dtype, sharding=getattr(x, "sharding", None) or local
       ),
-      params_target,
+      tree,
     )
-  }
+
+  item = {}
+  for name, sub in target.items():
+    saved_sub = saved.get("params") if name == "params" else saved.get("model_state", {}).get(name)
+    if saved_sub is None:
+      raise CheckpointMismatchError(
+        f"{where} holds no `{name}` (saved keys: {sorted(saved)}; model_state: "
+        f"{sorted(saved.get('model_state') or {})})"
+      )
+    check_compatible(saved_sub, sub, where=where)
+    if name == "params":
+      item["params"] = abstract(sub)
+    else:
+      item.setdefault("model_state", {})[name] = abstract(sub)
   restored = ocp.PyTreeCheckpointer().restore(
     path,
     args=ocp.args.PyTreeRestore(
-      item=target,
-      restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True,  # Reads params only: no optimizer state is loaded or needed.
+      item=item,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True,  # Reads these subtrees only: no optimizer state is loaded or needed.
     ),
   )
-  return restored["params"], int(step)
+  out = {"params": restored["params"]} if "params" in target else {}
+  out.update(restored.get("model_state", {}))
+  return out, int(step)

@@ -1,7 +1,8 @@
 """Train state, optimizer and learning-rate schedule (method.md §1.7).
 
 `TrainState` holds everything that changes during training and is checkpointed: the step, the
-trainable parameters, the optimizer state, the base PRNG key and the non-finite guard. The frozen
+trainable parameters, the task's mutable collections (BatchNorm statistics, CMPA's prototype
+bank), the optimizer state, the base PRNG key and the non-finite guard. The frozen
 CLIP parameters and text embeddings are *not* in it: they enter the train step as a separate,
 replicated argument and are identified in checkpoints only by a fingerprint.
 """
@@ -23,6 +24,8 @@ class TrainState:
   step: int32 scalar, number of updates applied so far, which is also the index of the next batch
     (the data order is a pure function of (seed, step), so this is the data position).
   params: trainable parameters.
+  model_state: the task's other variable collections, updated by the step but not by the
+    optimizer (e.g. {"batch_stats": ..., "bank": ...}; {} for a task without).
   opt_state: optax state of `make_optimizer`'s transformation.
   rng: uint32[2] base key; step s draws from `fold_in(rng, s)`, so resuming is exact.
   nonfinite_step: int32, first step whose loss or gradients were non-finite; -1 if none. Sticky,
@@ -34,6 +37,7 @@ class TrainState:
 
   step: jax.Array
   params: Any
+  model_state: Any
   opt_state: Any
   rng: jax.Array
   nonfinite_step: jax.Array
@@ -81,27 +85,59 @@ def make_schedule(
   return schedule
 
 
+# Top-level parameter names in the heads' optimizer group (CMPA's ISA/TSA and temperature).
+HEAD_PARAMS = ("isa", "tsa", "log_temperature")
+NO_WEIGHT_DECAY = ("log_temperature",)
+
+
+def param_groups(params) -> dict:
+  """Each top-level parameter subtree's optimizer group: "heads" (HEAD_PARAMS) or "decoder"."""
+  return {
+    k: jax.tree.map(lambda _, k=k: "heads" if k in HEAD_PARAMS else "decoder", v)
+    for k, v in params.items()
+  }
+
+
 def make_optimizer(train_cfg):
   """AdamW with the §1.7 schedule and an optional global-norm clip. Returns (tx, schedule).
 
   train_cfg: the `c.train` section of the config (learning_rate, num_steps, warmup_steps,
-  warmup_ratio, schedule, poly_power, b1, b2, eps, weight_decay, grad_clip). Weight decay is
-  decoupled (torch.optim.AdamW semantics, as WeCLIP) and applies to every trainable parameter.
+  warmup_ratio, schedule, poly_power, b1, b2, eps, weight_decay, grad_clip, heads). Two parameter
+  groups (`param_groups`): the decoder (and anything not a CMPA head) at train.learning_rate /
+  weight_decay, CMPA's heads at train.heads.learning_rate / weight_decay, both with the same
+  warm-up and decay shape. Weight decay is decoupled (torch.optim.AdamW semantics, as WeCLIP) and
+  applies to every trainable parameter except the log-temperature. `schedule` is the decoder's.
   """
-  schedule = make_schedule(
-    train_cfg.learning_rate,
-    num_steps=train_cfg.num_steps,
-    warmup_steps=train_cfg.warmup_steps,
-    warmup_ratio=train_cfg.warmup_ratio,
-    kind=train_cfg.schedule,
-    power=train_cfg.poly_power,
-  )
-  tx = optax.adamw(
-    schedule,
-    b1=train_cfg.b1,
-    b2=train_cfg.b2,
-    eps=train_cfg.eps,
-    weight_decay=train_cfg.weight_decay,
+
+  def schedule_for(lr):
+    return make_schedule(
+      lr,
+      num_steps=train_cfg.num_steps,
+      warmup_steps=train_cfg.warmup_steps,
+      warmup_ratio=train_cfg.warmup_ratio,
+      kind=train_cfg.schedule,
+      power=train_cfg.poly_power,
+    )
+
+  def adamw(lr, wd):
+    return optax.adamw(
+      schedule_for(lr),
+      b1=train_cfg.b1,
+      b2=train_cfg.b2,
+      eps=train_cfg.eps,
+      weight_decay=wd,
+      mask=lambda p: {
+        k: jax.tree.map(lambda _, k=k: k not in NO_WEIGHT_DECAY, v) for k, v in p.items()
+      },
+    )
+
+  schedule = schedule_for(train_cfg.learning_rate)
+  tx = optax.multi_transform(
+    {
+      "decoder": adamw(train_cfg.learning_rate, train_cfg.weight_decay),
+      "heads": adamw(train_cfg.heads.learning_rate, train_cfg.heads.weight_decay),
+    },
+    param_groups,
   )
   if train_cfg.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip), tx)
@@ -115,10 +151,12 @@ def create_train_state(task, tx, rng: jax.Array, batch) -> TrainState:
   the per-step keys. batch: a global batch (only its shapes matter to a well-behaved `task.init`).
   """
   init_rng, step_rng = jax.random.split(rng)
-  params = task.init(init_rng, batch)
+  variables = dict(task.init(init_rng, batch))
+  params = variables.pop("params")
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
+    model_state=variables,
     opt_state=tx.init(params),
     rng=step_rng,
     nonfinite_step=jnp.full((), -1, jnp.int32),

@@ -1,11 +1,13 @@
 """The train step: one AdamW update of the trainable parameters, with a device-side NaN guard.
 
-A *task* supplies the model:
-  task.init(rng, batch) -> params                      (trainable pytree; jittable)
-  task.loss(params, frozen, batch, *, step, rng) -> (loss f32 scalar, metrics dict of scalars)
-`step` is the traced int32 step, so behaviour switches (e.g. the RFM switch step) are jnp.where /
-lax.cond inside one compiled program. `frozen` (frozen CLIP params, text embeddings) is passed
-through untouched and gets no gradient.
+A *task* supplies the model, with Flax's `variables` convention ({"params": trainable, other
+collections: mutable state such as BatchNorm statistics}):
+  task.init(rng, batch) -> variables                    (jittable)
+  task.loss(variables, frozen, batch, *, step, rng)
+      -> (loss f32 scalar, (metrics dict of scalars, updated non-param collections))
+`step` is the traced int32 step, so behaviour switches (e.g. the RFM switch step, CMPA's
+prototype refresh) are jnp.where / lax.cond inside one compiled program. `frozen` (frozen CLIP
+params, text embeddings) is passed through untouched and gets no gradient.
 """
 
 import jax
@@ -50,9 +52,9 @@ def make_train_step(task, tx: optax.GradientTransformation, *, schedule, nan_pol
 
   schedule: the learning-rate schedule inside `tx` (from `make_optimizer`), used to log `lr`.
   nan_policy: "halt" applies every update (the host stops at its next check and never checkpoints
-    a state that has seen a non-finite update); "skip" keeps params and opt_state unchanged at a
-    step whose loss or gradients are non-finite (like optax.apply_if_finite, a skipped step does
-    not advance the optimizer's schedule).
+    a state that has seen a non-finite update); "skip" keeps params, model_state and opt_state
+    unchanged at a step whose loss or gradients are non-finite (like optax.apply_if_finite, a
+    skipped step does not advance the optimizer's schedule).
   metrics: "loss", every task metric, "lr" (the rate this update used), "grad_norm" (global norm,
     before clipping), "param_norm" (before the update), and bool "finite/<name>" for the loss, each
     task metric and "grads". Non-finite loss or gradients trip the guard: the state's sticky
@@ -67,9 +69,10 @@ def make_train_step(task, tx: optax.GradientTransformation, *, schedule, nan_pol
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
-      return task.loss(params, frozen, batch, step=state.step, rng=rng)
+      variables = {"params": params, **state.model_state}
+      return task.loss(variables, frozen, batch, step=state.step, rng=rng)
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (terms, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     clash = sorted(
       set(terms) & set(RESERVED_METRICS) | {k for k in terms if k.startswith("finite")}
     )
@@ -86,8 +89,10 @@ def make_train_step(task, tx: optax.GradientTransformation, *, schedule, nan_pol
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
     if skip:
-      params = jax.tree.map(lambda new, old: jnp.where(ok, new, old), params, state.params)
-      opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), opt_state, state.opt_state)
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+      params = keep(params, state.params)
+      opt_state = keep(opt_state, state.opt_state)
+      model_state = keep(model_state, state.model_state)
       # Skipped updates do not advance the optimizer's step count, hence its schedule.
       opt_count = state.step - state.nonfinite_count
     else:
@@ -97,6 +102,7 @@ def make_train_step(task, tx: optax.GradientTransformation, *, schedule, nan_pol
     new_state = TrainState(
       step=state.step + 1,
       params=params,
+      model_state=model_state,
       opt_state=opt_state,
       rng=state.rng,
       nonfinite_step=jnp.where(first_bad, state.step, state.nonfinite_step),

@@ -1,4 +1,5 @@
-"""eval.run.restore_params reads the params only: another optimizer setting restores the same."""
+"""eval.run.restore_variables reads the params and BatchNorm statistics only: another optimizer
+setting, or another size of CMPA's (training-only) prototype bank, restores the same."""
 
 import argparse
 
@@ -28,10 +29,16 @@ def _save_trained(workdir, config, task, batch):
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), s.params)
   updates, opt_state = tx.update(grads, s.opt_state, s.params)
   params = jax.tree.map(lambda p, u: p + 100.0 * u, s.params, updates)
-  s = s.replace(step=jnp.int32(1), params=params, opt_state=opt_state)
+  stats = jax.tree.map(lambda x: x + 0.25, s.model_state["batch_stats"])
+  s = s.replace(
+    step=jnp.int32(1),
+    params=params,
+    opt_state=opt_state,
+    model_state={**s.model_state, "batch_stats": stats},
+  )
   with checkpoint.Checkpointer(workdir, async_save=False) as ckpt:
     ckpt.save(1, s, config={"config": {}})
-  return params
+  return {"params": params, "batch_stats": stats}
 
 
 def test_restore_ignores_the_optimizer_config_and_predicts_the_same(tmp_path):
@@ -40,25 +47,30 @@ def test_restore_ignores_the_optimizer_config_and_predicts_the_same(tmp_path):
   # Evaluating under another optimizer setting: a TrainState target built from this config
   # (as eval used to) has a different opt_state tree and was refused as a mismatch.
   config.train.grad_clip = 1.0
-  params, step = run.restore_params(str(tmp_path), task)
-  assert step == 1
-  jax.tree.map(np.testing.assert_array_equal, params, saved)
+  config.model.cmpa.bank_size = 8
+  task, frozen, _ = random_setup(config, small=True)
+  variables, step = run.restore_variables(str(tmp_path), task)
+  assert step == 1 and set(variables) == {"params", "batch_stats"}
+  jax.tree.map(np.testing.assert_array_equal, variables, saved)
   rng = np.random.default_rng(0)
   images = [rng.integers(0, 256, s + (3,), dtype=np.uint8) for s in [(40, 56), (56, 40)]]
   want = dict(run.seg_predictions(task, frozen, saved, images, config.eval))
-  got = dict(run.seg_predictions(task, frozen, params, images, config.eval))
+  got = dict(run.seg_predictions(task, frozen, variables, images, config.eval))
   for i in want:
     np.testing.assert_array_equal(got[i], want[i])
 
 
-def test_restore_params_names_a_differing_parameter(tmp_path):
+def test_restore_variables_names_a_differing_parameter(tmp_path):
   config, task, frozen, batch = _setup()
   _save_trained(str(tmp_path), config, task, batch)
   p = task.clip.cfg.patch_size
   fake = dict(image=jax.ShapeDtypeStruct((1, p, p, 3), jnp.uint8))
   target = jax.eval_shape(task.init, jax.random.PRNGKey(0), fake)
-  target["decoder"]["head"]["bias"] = jax.ShapeDtypeStruct((99,), jnp.float32)
+  target = {"params": target["params"]}
+  target["params"]["decoder"]["head"]["bias"] = jax.ShapeDtypeStruct((99,), jnp.float32)
   with pytest.raises(checkpoint.CheckpointMismatchError, match="decoder/head/bias"):
-    checkpoint.restore_params(str(tmp_path), target)
+    checkpoint.restore_variables(str(tmp_path), target)
   with pytest.raises(FileNotFoundError, match="step 7"):
-    checkpoint.restore_params(str(tmp_path), target, step=7)
+    checkpoint.restore_variables(str(tmp_path), target, step=7)
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="no `nope`"):
+    checkpoint.restore_variables(str(tmp_path), {"nope": {}})

@@ -20,12 +20,12 @@ def test_second_evaluation_compiles_nothing_and_predicts_the_same():
   config.eval.batch_size = 2
   config.eval.long_side = 64
   task, frozen, batch = random_setup(config, small=True)
-  params = task.init(jax.random.PRNGKey(0), batch)
+  variables = task.init(jax.random.PRNGKey(0), batch)
   rng = np.random.default_rng(0)
   images = [rng.integers(0, 256, s + (3,), dtype=np.uint8) for s in [(40, 56), (56, 40), (40, 56)]]
 
   def go():
-    return dict(run.seg_predictions(task, frozen, params, images, config.eval))
+    return dict(run.seg_predictions(task, frozen, variables, images, config.eval))
 
   first = go()
   compiled = inference._multiscale_jit._cache_size()
@@ -39,7 +39,7 @@ def test_second_evaluation_compiles_nothing_and_predicts_the_same():
 
 
 def _synthetic(tmp_path, num_val=4):
-  """(config, task, frozen, params) of a tiny random model on a synthetic val split."""
+  """(config, task, frozen, variables) of a tiny random model on a synthetic val split."""
   synthetic.write_dataset(str(tmp_path / "data"), num_train=2, num_val=num_val, size=64, seed=0)
   config = bench_config(argparse.Namespace(small=True, batch=2, crop=64, dtype="float32"))
   data = base.get_config().data
@@ -57,12 +57,12 @@ def _synthetic(tmp_path, num_val=4):
   config.eval.long_side = 64
   superpixels.precompute(config.data, "val", workers=1, progress=False)
   task, frozen, batch = random_setup(config, small=True)
-  params = task.init(jax.random.PRNGKey(0), batch)
-  return config, task, frozen, params
+  variables = task.init(jax.random.PRNGKey(0), batch)
+  return config, task, frozen, variables
 
 
 def test_second_cam_evaluation_compiles_nothing(tmp_path):
-  config, task, frozen, params = _synthetic(tmp_path)
+  config, task, frozen, variables = _synthetic(tmp_path)
 
   def go():
     return run.evaluate(
@@ -70,7 +70,7 @@ def test_second_cam_evaluation_compiles_nothing(tmp_path):
       str(tmp_path / "w"),
       task=task,
       frozen=frozen,
-      params=params,
+      variables=variables,
       step=0,
       target="cam",
       split="val",
@@ -139,9 +139,9 @@ def _check_table5_metrics(config, workdir, printed):
 
 
 def test_each_process_scores_its_slice_and_only_process_0_writes(tmp_path, monkeypatch, capsys):
-  config, task, frozen, params = _synthetic(tmp_path)
+  config, task, frozen, variables = _synthetic(tmp_path)
   config.eval.num_vis = 4
-  kw = dict(task=task, frozen=frozen, params=params, step=0, target="seg", split="val")
+  kw = dict(task=task, frozen=frozen, variables=variables, step=0, target="seg", split="val")
   single = run.evaluate(config, str(tmp_path / "one"), **kw)
   assert single["num_images"] == 4 and len(single["images"]) == 4
   ids = [ex["id"] for ex in pipeline.make_eval_dataset(config.data, "val", superpixels=False)]

@@ -9,7 +9,8 @@ from ssr_jax.model.heads import AlignmentHead
 
 
 def _np_forward(params, stats, x, *, train, mask, momentum=0.9, eps=1e-5, normalize=True):
-  """numpy: Linear -> BN -> ReLU per hidden layer, then Linear (+ L2). Returns (y, new stats)."""
+  """numpy: Linear (no bias) -> BN -> ReLU per hidden layer, then Linear (+ L2). Returns (y, new
+  stats)."""
   x = np.asarray(x, np.float64)
   rows = x.reshape(-1, x.shape[-1])
   keep = np.ones(len(rows), bool) if mask is None else np.asarray(mask).reshape(-1)
@@ -17,7 +18,7 @@ def _np_forward(params, stats, x, *, train, mask, momentum=0.9, eps=1e-5, normal
   i = 0
   while f"dense_{i}" in params:
     d, bn = params[f"dense_{i}"], params[f"bn_{i}"]
-    rows = rows @ np.asarray(d["kernel"]) + np.asarray(d["bias"])
+    rows = rows @ np.asarray(d["kernel"])  # No bias before BatchNorm.
     st = stats[f"bn_{i}"]
     if train:
       mean = rows[keep].mean(axis=0)

@@ -19,7 +19,8 @@ from ssr_jax.testing import TINY_CLIP
 TINY = TINY_CLIP
 
 
-def _config(cmpa=True, sgc=True, fusion=False, **cam):
+def _config(cmpa="clip", sgc=True, fusion=False, **cam):
+  """cmpa: "clip" (the paper's heads), "decoder" ([v1]) or None (off, frozen-CLIP CAMs)."""
   c = base.get_config()
   c.model.class_names = ("a", "b", "c")
   c.model.bg_names = ("x", "y")
@@ -33,9 +34,15 @@ def _config(cmpa=True, sgc=True, fusion=False, **cam):
   c.model.cam.rfm_switch_step = 2
   c.model.cam.par_dilations = (1, 2)
   c.model.cam.par_iters = 3
-  c.model.cmpa.enabled = cmpa
-  c.model.cmpa.cam_fusion = fusion
-  c.model.cmpa.pixel_weight = 0.5
+  c.model.cmpa.enabled = cmpa is not None
+  c.model.cmpa.site = cmpa or "clip"
+  c.model.cam.source = "cmpa" if cmpa == "clip" else "clip"
+  c.model.cmpa.hidden = (8,)
+  c.model.cmpa.out_dim = 8
+  c.model.cmpa.bank_size = 16
+  c.model.cmpa.refresh_every = 2  # Heads' CAMs and the first refresh from step 2.
+  c.model.cmpa.decoder.cam_fusion = fusion
+  c.model.cmpa.decoder.pixel_weight = 0.5
   c.model.sgc.enabled = sgc
   c.model.sgc.max_superpixels = 16
   c.model.sgc.receiver_mask = True
@@ -62,42 +69,50 @@ def _setup(ignore_label=255, **kw):
     labels=np.array([[1, 0, 1], [0, 0, 0]], np.float32),  # Second image: no labels at all.
     superpixels=np.repeat(np.repeat(rng.integers(-1, 20, (2, 8, 10)), 4, 1), 4, 2),
   )
-  params = task.init(k[3], batch)
-  return task, frozen, batch, params
+  variables = task.init(k[3], batch)
+  return task, frozen, batch, variables
 
 
-@pytest.mark.parametrize("cmpa,sgc", [(True, True), (False, False)])
+@pytest.mark.parametrize("cmpa,sgc", [("clip", True), ("decoder", True), (None, False)])
 def test_loss_compiles_once_and_is_finite(cmpa, sgc):
-  task, frozen, batch, params = _setup(cmpa=cmpa, sgc=sgc)
+  task, frozen, batch, variables = _setup(cmpa=cmpa, sgc=sgc)
   traces = []
 
   @jax.jit
-  def step(params, frozen, batch, step, rng):
+  def step(variables, frozen, batch, step, rng):
     traces.append(1)
-    grad_fn = jax.value_and_grad(task.loss, has_aux=True)
-    (loss, metrics), grads = grad_fn(params, frozen, batch, step=step, rng=rng)
-    return loss, metrics, grads
 
-  for i in range(4):  # Crosses the RFM switch at step 2 without recompiling.
-    loss, metrics, grads = step(params, frozen, batch, jnp.int32(i), jax.random.PRNGKey(i))
+    def fn(p):
+      return task.loss({**variables, "params": p}, frozen, batch, step=step, rng=rng)
+
+    (loss, (metrics, coll)), grads = jax.value_and_grad(fn, has_aux=True)(variables["params"])
+    return loss, metrics, grads, coll
+
+  for i in range(5):  # Crosses the RFM switch, the heads' CAM start and two bank refreshes.
+    loss, metrics, grads, coll = step(variables, frozen, batch, jnp.int32(i), jax.random.PRNGKey(i))
+    variables = {**variables, **coll}
     assert np.isfinite(loss)
     assert all(np.isfinite(v) for v in metrics.values())
     assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
   assert len(traces) == 1
-  assert ("cmpa" in metrics) == cmpa
+  assert ("proto" in metrics) == (cmpa == "clip") and ("cmpa" in metrics) == (cmpa == "decoder")
   norms = {
     k: sum(float(jnp.abs(g).sum()) for g in jax.tree_util.tree_leaves(v)) for k, v in grads.items()
   }
   assert norms["decoder"] > 0
-  if cmpa:
+  if cmpa == "decoder":
     assert norms["proj"] > 0
+  if cmpa == "clip":
+    assert norms["isa"] > 0 and norms["tsa"] > 0 and norms["log_temperature"] > 0
+    assert int(variables["bank"]["refreshes"]) == 2  # At steps 2 and 4.
+    assert int(variables["bank"]["ptr"]) == 10  # Image 0's two classes, each step.
 
 
 def test_frozen_clip_gets_no_gradient():
-  task, frozen, batch, params = _setup()
+  task, frozen, batch, variables = _setup()
 
   def loss_wrt_frozen(frozen):
-    return task.loss(params, frozen, batch, step=jnp.int32(3), rng=jax.random.PRNGKey(0))[0]
+    return task.loss(variables, frozen, batch, step=jnp.int32(3), rng=jax.random.PRNGKey(0))[0]
 
   g = jax.jit(jax.grad(loss_wrt_frozen))(frozen)
   for leaf in jax.tree_util.tree_leaves(g["clip"]):
@@ -105,8 +120,8 @@ def test_frozen_clip_gets_no_gradient():
 
 
 def test_pseudo_labels_only_use_present_classes():
-  task, frozen, batch, params = _setup()
-  out = jax.jit(task.cam_outputs)(params, frozen, batch)
+  task, frozen, batch, variables = _setup()
+  out = jax.jit(task.cam_outputs)(variables, frozen, batch)
   labels = np.asarray(out["labels"])
   assert labels.shape == (2, 32, 40)
   assert set(np.unique(labels[0])) <= {0, 1, 3}  # bg + classes a (id 1) and c (id 3).
@@ -148,7 +163,8 @@ def test_decoder_features_match_per_layer_numpy():
 def _reference_loss(c, clip, frozen, params, batch, *, step, rng, ignore):
   """The loss composed by hand from the pure functions, following method §1.2-1.6, §2 (CMPA with
   the text-driven CAM fusion) and §3 (SGC) rather than SSRTask's code."""
-  mc, cc, sc, co = c.model, c.model.cam, c.model.sgc, c.model.cmpa
+  mc, cc, sc, co = c.model, c.model.cam, c.model.sgc, c.model.cmpa.decoder
+  enabled = c.model.cmpa.enabled
   x = normalize(batch["image"], mc.normalization)
   b, hh, ww, _ = x.shape
   out = clip.apply(
@@ -161,11 +177,13 @@ def _reference_loss(c, clip, frozen, params, batch, *, step, rng, ignore):
     {"params": params["decoder"]}, hidden[:, :, 1:], train=True, rngs={"dropout": rng}
   )
   task = build_task(mc, c.loss, clip=clip, num_classes=4)  # Only for its GradCAM block wiring.
-  cams, ids, valid, attn_last = task.gradcam(frozen, hidden, batch["labels"], grid)
+  cams, ids, valid, attn_last, _ = task.gradcam(
+    {"params": params}, frozen, hidden, batch["labels"], grid, heads=False
+  )
   z = None
-  if co.enabled:
+  if enabled:
     z = ProjectionHead(TINY.embed_dim, kind=co.proj).apply({"params": params["proj"]}, feats)
-  if co.enabled and co.cam_fusion and step >= cc.rfm_switch_step:  # §2.7: after the RFM switch.
+  if enabled and co.cam_fusion and step >= cc.rfm_switch_step:  # §2.7: after the RFM switch.
     text = jnp.take(frozen["text_fg"], ids, axis=0)
     m = jax.nn.relu(jnp.einsum("bnd,bkd->bkn", z, text))
     m = cam.minmax_normalize(m, axes=-1).reshape(cams.shape)
@@ -203,7 +221,7 @@ def _reference_loss(c, clip, frozen, params, batch, *, step, rng, ignore):
   small = losses.downsample_labels(labels, (h, w))
   aff = losses.affinity_loss(affinity.feature_affinity(feats), small, radius=c.loss.aff_radius)
   total, terms = c.loss.seg_weight * seg + c.loss.aff_weight * aff, dict(seg=seg, aff=aff)
-  if co.enabled:
+  if enabled:
     text = cmpa.text_prototypes(frozen["text_fg"], frozen["text_bg"], bg_mode=co.bg_text)
     num_bg = text.shape[0] - frozen["text_fg"].shape[0]
     flat = small.reshape(b, h * w)
@@ -219,22 +237,23 @@ def _reference_loss(c, clip, frozen, params, batch, *, step, rng, ignore):
 
 # ignore_label=0 (background, in every image's pseudo-labels): a loss that ignored 255 instead
 # would differ. step 3 is past the RFM switch (decoder features in the affinity).
-# The last case adds CMPA with the text-driven CAM fusion, which needs z in the pseudo-labels.
+# The last case adds [v1] decoder-side CMPA with the text-driven CAM fusion, which needs z in
+# the pseudo-labels. (CMPA as published: tests/model/test_cmpa_heads.py.)
 @pytest.mark.parametrize(
   "sgc_on,ignore,step,cmpa_on",
-  [(False, 255, 0, False), (False, 0, 3, False), (True, 0, 3, False), (False, 255, 3, True)],
+  [(False, 255, 0, None), (False, 0, 3, None), (True, 0, 3, None), (False, 255, 3, "decoder")],
 )
 def test_loss_matches_the_pure_functions(sgc_on, ignore, step, cmpa_on):
-  kw = dict(cmpa=cmpa_on, sgc=sgc_on, fusion=cmpa_on)
-  task, frozen, batch, params = _setup(ignore_label=ignore, **kw)
+  kw = dict(cmpa=cmpa_on, sgc=sgc_on, fusion=cmpa_on is not None)
+  task, frozen, batch, variables = _setup(ignore_label=ignore, **kw)
   c = _config(**kw)
   rng = jax.random.PRNGKey(5)
-  got, got_m = jax.jit(functools.partial(task.loss, step=jnp.int32(step), rng=rng))(
-    params, frozen, batch
+  got, (got_m, _) = jax.jit(functools.partial(task.loss, step=jnp.int32(step), rng=rng))(
+    variables, frozen, batch
   )
   want, want_m = jax.jit(
     functools.partial(_reference_loss, c, task.clip, step=step, rng=rng, ignore=ignore)
-  )(frozen, params, batch)
+  )(frozen, variables["params"], batch)
   assert set(got_m) == set(want_m)
   for k in want_m:
     np.testing.assert_allclose(got_m[k], want_m[k], rtol=1e-5, atol=1e-6, err_msg=k)

@@ -54,10 +54,11 @@ def test_metrics_match_direct_computation():
   @jax.jit
   def direct(params, step_rng):
     return jax.value_and_grad(
-      lambda p: task.loss(p, frozen, batch, step=jnp.int32(1), rng=step_rng), has_aux=True
+      lambda p: task.loss({"params": p}, frozen, batch, step=jnp.int32(1), rng=step_rng),
+      has_aux=True,
     )(params)
 
-  (loss, terms), grads = direct(params, jax.random.fold_in(rng, 1))
+  (loss, (terms, _)), grads = direct(params, jax.random.fold_in(rng, 1))
   (other, _), _ = direct(params, jax.random.fold_in(rng, 2))
   new_state, m = step(state, frozen, batch)
   np.testing.assert_allclose(m["loss"], loss, rtol=1e-6)
@@ -112,9 +113,9 @@ def test_skip_policy_leaves_params_and_optimizer_unchanged():
 def test_reserved_metric_names_and_bad_policy_rejected():
   @dataclasses.dataclass(frozen=True)
   class Clashing(ToyTask):
-    def loss(self, params, frozen, batch, *, step, rng):
-      loss, m = super().loss(params, frozen, batch, step=step, rng=rng)
-      return loss, {**m, "lr": loss}
+    def loss(self, variables, frozen, batch, *, step, rng):
+      loss, (m, coll) = super().loss(variables, frozen, batch, step=step, rng=rng)
+      return loss, ({**m, "lr": loss}, coll)
 
   state, frozen, _, mesh, tx, schedule = _setup(ToyTask())
   fn = make_train_step(Clashing(), tx, schedule=schedule, nan_policy="halt")
@@ -129,10 +130,10 @@ def test_guard_names_any_number_of_task_metrics():
 
   @dataclasses.dataclass(frozen=True)
   class Many(ToyTask):
-    def loss(self, params, frozen, batch, *, step, rng):
-      loss, m = super().loss(params, frozen, batch, step=step, rng=rng)
+    def loss(self, variables, frozen, batch, *, step, rng):
+      loss, (m, coll) = super().loss(variables, frozen, batch, step=step, rng=rng)
       extra = {f"t{i:02d}": loss * i for i in range(40)}
-      return loss, {**m, **extra}
+      return loss, ({**m, **extra}, coll)
 
   state, frozen, step, mesh, _, _ = _setup(Many(switch_step=0, nan_step=0))
   state, metrics = step(state, frozen, put_batch(toy_batch(0, batch_size=8), mesh))

@@ -50,7 +50,7 @@ class ToyTask:
 
   def init(self, rng, batch):
     k1, k2 = jax.random.split(rng)
-    return {
+    params = {
       "hidden": {
         "kernel": jax.random.normal(k1, (FEATURES, self.hidden)) / np.sqrt(FEATURES),
         "bias": jnp.zeros((self.hidden,)),
@@ -60,8 +60,10 @@ class ToyTask:
         "bias": jnp.zeros((NUM_OUT,)),
       },
     }
+    return {"params": params}
 
-  def loss(self, params, frozen, batch, *, step, rng):
+  def loss(self, variables, frozen, batch, *, step, rng):
+    params = variables["params"]
     x = batch["image"].astype(jnp.float32).reshape(batch["image"].shape[0], -1) / 255.0
     x = x @ frozen["proj"]
     h = jax.nn.relu(x @ params["hidden"]["kernel"] + params["hidden"]["bias"])
@@ -72,7 +74,7 @@ class ToyTask:
     mse = jnp.mean(w * (pred - batch["labels"]) ** 2)
     aux = jnp.where(step >= self.switch_step, 0.1, 0.0) * jnp.mean(pred**2)
     aux = aux * jnp.where(step == self.nan_step, jnp.nan, 1.0)
-    return mse + aux, {"mse": mse, "aux": aux}
+    return mse + aux, ({"mse": mse, "aux": aux}, {})
 
 
 class ToyData:
