@@ -29,13 +29,13 @@ def add_args(p):
 
 
 def hf_config(c: CLIPConfig):
-  """transformers.CLIPConfig equivalent to ours (quick_gelu, 4x MLP)."""
+  """transformers.CLIPConfig equivalent to ours (quick_gelu, the same MLP widths)."""
   import transformers
 
   return transformers.CLIPConfig(
     text_config=dict(
       hidden_size=c.text_width,
-      intermediate_size=4 * c.text_width,
+      intermediate_size=c.text_mlp or 4 * c.text_width,
       num_hidden_layers=c.text_layers,
       num_attention_heads=c.text_heads,
       max_position_embeddings=c.context_length,
@@ -44,7 +44,7 @@ def hf_config(c: CLIPConfig):
     ),
     vision_config=dict(
       hidden_size=c.vision_width,
-      intermediate_size=4 * c.vision_width,
+      intermediate_size=c.vision_mlp or 4 * c.vision_width,
       num_hidden_layers=c.vision_layers,
       num_attention_heads=c.vision_heads,
       image_size=c.image_size,

@@ -98,8 +98,11 @@ def tiny_clip_config(config) -> CLIPConfig:
 def pretraining_settings(config) -> dict:
   """Everything the tiny CLIP's weights depend on; stored in its file and compared on use."""
   d, sc = config.demo, config.data.synthetic
+  # CLIPConfig fields left at None (the 4x MLP widths) are omitted, so files written before
+  # those fields existed (the shipped tiny CLIP) still match.
+  clip = {k: v for k, v in dataclasses.asdict(tiny_clip_config(config)).items() if v is not None}
   return dict(
-    clip=dataclasses.asdict(tiny_clip_config(config)),
+    clip=clip,
     steps=d.clip_steps,
     images=d.clip_images,
     batch_size=d.clip_batch_size,

@@ -119,12 +119,9 @@ def _config_from_hf(config_path: Path) -> CLIPConfig:
   tc = {**(raw.get("text_config") or {}), **(raw.get("text_config_dict") or {})}
   vc = {**(raw.get("vision_config") or {}), **(raw.get("vision_config_dict") or {})}
   problems = []
-  for name, c, width in (("text_config", tc, 512), ("vision_config", vc, 768)):
-    w = c.get("hidden_size", width)
+  for name, c in (("text_config", tc), ("vision_config", vc)):
     if c.get("hidden_act", "quick_gelu") != "quick_gelu":
       problems.append(f"{name}.hidden_act={c['hidden_act']!r} (only quick_gelu is implemented)")
-    if c.get("intermediate_size", 4 * w) != 4 * w:
-      problems.append(f"{name}.intermediate_size={c['intermediate_size']} (must be 4 x {w})")
     if not math.isclose(c.get("layer_norm_eps", 1e-5), 1e-5):
       problems.append(f"{name}.layer_norm_eps={c['layer_norm_eps']} (must be 1e-5)")
   if vc.get("num_channels", 3) != 3:
@@ -143,6 +140,9 @@ def _config_from_hf(config_path: Path) -> CLIPConfig:
     text_width=tc.get("hidden_size", 512),
     text_layers=tc.get("num_hidden_layers", 12),
     text_heads=tc.get("num_attention_heads", 8),
+    # Any MLP width (OpenCLIP's ViT-bigG/14 has 8192 for width 1664); defaults as transformers'.
+    vision_mlp=vc.get("intermediate_size", 3072),
+    text_mlp=tc.get("intermediate_size", 2048),
   )
 
 
@@ -168,6 +168,11 @@ def _config_from_openai(sd: dict, path: Path) -> CLIPConfig:
     m.group(1) for k in sd if (m := re.match(r"visual\.transformer\.resblocks\.(\d+)\.", k))
   }
   t_layers = {m.group(1) for k in sd if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))}
+
+  def mlp(prefix, w):  # First block's c_fc rows (absent: 4 x w; _apply_spec lists the gap).
+    fc = sd.get(f"{prefix}resblocks.0.mlp.c_fc.weight")
+    return 4 * w if fc is None else fc.shape[0]
+
   return CLIPConfig(
     embed_dim=sd["text_projection"].shape[1],
     image_size=patch * grid,
@@ -180,6 +185,8 @@ def _config_from_openai(sd: dict, path: Path) -> CLIPConfig:
     text_width=tw,
     text_layers=len(t_layers),
     text_heads=max(1, tw // 64),
+    vision_mlp=mlp("visual.transformer.", vw),
+    text_mlp=mlp("transformer.", tw),
   )
 
 
@@ -191,8 +198,10 @@ _CONV = lambda a: a.transpose(2, 3, 1, 0)  # torch conv [W, 3, p, p] -> flax [p,
 _ID = lambda a: a
 
 
-def _block_spec(src, dst, w, hf):
-  """Spec of one residual block; HF's q/k/v entries carry slot index 0/1/2 of in_proj."""
+def _block_spec(src, dst, w, hf, mlp=None):
+  """Spec of one residual block (MLP hidden width mlp, None: 4 x w); HF's q/k/v entries carry
+  slot index 0/1/2 of in_proj."""
+  m = mlp or 4 * w
   s = {}
   if hf:
     for i, n in enumerate("qkv"):
@@ -216,9 +225,9 @@ def _block_spec(src, dst, w, hf):
   for ln in ("ln_1", "ln_2"):
     s[f"{src}.{names[ln]}.weight"] = (f"{dst}/{ln}/scale", (w,), _ID)
     s[f"{src}.{names[ln]}.bias"] = (f"{dst}/{ln}/bias", (w,), _ID)
-  s[f"{src}.{names['c_fc']}.weight"] = (f"{dst}/mlp/c_fc/kernel", (4 * w, w), _T)
-  s[f"{src}.{names['c_fc']}.bias"] = (f"{dst}/mlp/c_fc/bias", (4 * w,), _ID)
-  s[f"{src}.{names['c_proj']}.weight"] = (f"{dst}/mlp/c_proj/kernel", (w, 4 * w), _T)
+  s[f"{src}.{names['c_fc']}.weight"] = (f"{dst}/mlp/c_fc/kernel", (m, w), _T)
+  s[f"{src}.{names['c_fc']}.bias"] = (f"{dst}/mlp/c_fc/bias", (m,), _ID)
+  s[f"{src}.{names['c_proj']}.weight"] = (f"{dst}/mlp/c_proj/kernel", (w, m), _T)
   s[f"{src}.{names['c_proj']}.bias"] = (f"{dst}/mlp/c_proj/bias", (w,), _ID)
   return s
 
@@ -256,9 +265,13 @@ def _hf_spec(c: CLIPConfig) -> dict:
     "logit_scale": ("logit_scale", (), _ID),
   }
   for i in range(c.vision_layers):
-    s |= _block_spec(f"{v}.encoder.layers.{i}", f"visual/transformer/resblocks_{i}", W, hf=True)
+    s |= _block_spec(
+      f"{v}.encoder.layers.{i}", f"visual/transformer/resblocks_{i}", W, hf=True, mlp=c.vision_mlp
+    )
   for i in range(c.text_layers):
-    s |= _block_spec(f"{t}.encoder.layers.{i}", f"text/transformer/resblocks_{i}", Wt, hf=True)
+    s |= _block_spec(
+      f"{t}.encoder.layers.{i}", f"text/transformer/resblocks_{i}", Wt, hf=True, mlp=c.text_mlp
+    )
   return s
 
 
@@ -279,10 +292,16 @@ def _openai_spec(c: CLIPConfig) -> dict:
   }
   for i in range(c.vision_layers):
     s |= _block_spec(
-      f"visual.transformer.resblocks.{i}", f"visual/transformer/resblocks_{i}", W, hf=False
+      f"visual.transformer.resblocks.{i}",
+      f"visual/transformer/resblocks_{i}",
+      W,
+      hf=False,
+      mlp=c.vision_mlp,
     )
   for i in range(c.text_layers):
-    s |= _block_spec(f"transformer.resblocks.{i}", f"text/transformer/resblocks_{i}", Wt, hf=False)
+    s |= _block_spec(
+      f"transformer.resblocks.{i}", f"text/transformer/resblocks_{i}", Wt, hf=False, mlp=c.text_mlp
+    )
   return s
 
 

@@ -30,6 +30,16 @@ class CLIPConfig:
   text_width: int = 512
   text_layers: int = 12
   text_heads: int = 8
+  # MLP hidden widths; None means 4 x the tower's width (OpenAI's ratio). OpenCLIP models use
+  # others (ViT-bigG/14: 8192 for width 1664). 4 x width given explicitly is stored as None, so
+  # equal architectures compare equal.
+  vision_mlp: int | None = None
+  text_mlp: int | None = None
+
+  def __post_init__(self):
+    for name, width in (("vision_mlp", self.vision_width), ("text_mlp", self.text_width)):
+      if getattr(self, name) == 4 * width:
+        object.__setattr__(self, name, None)
 
   @property
   def grid(self) -> int:
@@ -90,10 +100,11 @@ class MultiheadAttention(nn.Module):
 class MLP(nn.Module):
   width: int
   dtype: Any = jnp.float32
+  hidden: int | None = None  # None: 4 x width.
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Dense(4 * self.width, dtype=self.dtype, name="c_fc")(x)
+    x = nn.Dense(self.hidden or 4 * self.width, dtype=self.dtype, name="c_fc")(x)
     return nn.Dense(self.width, dtype=self.dtype, name="c_proj")(QuickGELU()(x))
 
 
@@ -103,12 +114,13 @@ class ResidualAttentionBlock(nn.Module):
   width: int
   heads: int
   dtype: Any = jnp.float32
+  mlp_width: int | None = None  # MLP hidden width; None: 4 x width.
 
   def setup(self):
     self.ln_1 = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32)
     self.attn = MultiheadAttention(self.width, self.heads, dtype=self.dtype)
     self.ln_2 = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32)
-    self.mlp = MLP(self.width, dtype=self.dtype)
+    self.mlp = MLP(self.width, dtype=self.dtype, hidden=self.mlp_width)
 
   def __call__(self, x, mask=None, ln1_out=None):
     """x: [B, T, W] -> ([B, T, W], attn [B, T, T]). ln1_out replaces ln_1(x) when given."""
@@ -127,10 +139,13 @@ class Transformer(nn.Module):
   layers: int
   heads: int
   dtype: Any = jnp.float32
+  mlp_width: int | None = None  # MLP hidden width; None: 4 x width.
 
   def setup(self):
     self.resblocks = [
-      ResidualAttentionBlock(self.width, self.heads, self.dtype, name=f"resblocks_{i}")
+      ResidualAttentionBlock(
+        self.width, self.heads, self.dtype, self.mlp_width, name=f"resblocks_{i}"
+      )
       for i in range(self.layers)
     ]
 
@@ -162,7 +177,7 @@ class VisionTransformer(nn.Module):
     self.class_embedding = self.param("class_embedding", init, (w,))
     self.positional_embedding = self.param("positional_embedding", init, (c.grid**2 + 1, w))
     self.ln_pre = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32)
-    self.transformer = Transformer(w, c.vision_layers, c.vision_heads, self.dtype)
+    self.transformer = Transformer(w, c.vision_layers, c.vision_heads, self.dtype, c.vision_mlp)
     self.ln_post = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32)
     self.proj = self.param("proj", init, (w, c.embed_dim))
 
@@ -211,7 +226,9 @@ class TextTransformer(nn.Module):
     self.positional_embedding = self.param(
       "positional_embedding", nn.initializers.normal(0.01), (c.context_length, c.text_width)
     )
-    self.transformer = Transformer(c.text_width, c.text_layers, c.text_heads, self.dtype)
+    self.transformer = Transformer(
+      c.text_width, c.text_layers, c.text_heads, self.dtype, c.text_mlp
+    )
     self.ln_final = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32)
     self.text_projection = self.param(
       "text_projection", nn.initializers.normal(c.text_width**-0.5), (c.text_width, c.embed_dim)

@@ -8,14 +8,15 @@ BOS = VOCAB - 2
 CONTEXT = 16
 
 
-def tiny_hf_config():
+def tiny_hf_config(vision_mlp=512, text_mlp=512):
+  """vision_mlp / text_mlp: intermediate_size of each tower (4 x 128 by default)."""
   import transformers
 
   # Widths of 128 give 2 heads both from config.json and from OpenAI's width // 64 rule.
   return transformers.CLIPConfig(
     text_config=dict(
       hidden_size=128,
-      intermediate_size=512,
+      intermediate_size=text_mlp,
       num_hidden_layers=2,
       num_attention_heads=2,
       max_position_embeddings=CONTEXT,
@@ -26,7 +27,7 @@ def tiny_hf_config():
     ),
     vision_config=dict(
       hidden_size=128,
-      intermediate_size=512,
+      intermediate_size=vision_mlp,
       num_hidden_layers=3,
       num_attention_heads=2,
       image_size=32,

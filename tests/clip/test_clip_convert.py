@@ -306,3 +306,47 @@ def test_bfloat16_compute_close_to_float32(hf_tiny, tmp_path):
   assert rel(feats["pooled"].astype(np.float32), pooled) < 3e-2
   assert rel(feats["attn"], attn) < 3e-2
   assert rel(text.astype(np.float32), ttext) < 3e-2
+
+
+def test_mlp_width_not_4x(tmp_path):
+  """MLP widths other than 4 x width (as OpenCLIP's ViT-bigG/14) from config.json and from an
+  OpenAI-layout .pt (c_fc's shape), matching transformers."""
+  transformers = pytest.importorskip("transformers")
+  from clip_oracle import perturb_
+
+  torch.manual_seed(1)
+  tm = transformers.CLIPModel._from_config(
+    tiny_hf_config(vision_mlp=320, text_mlp=192), attn_implementation="eager"
+  )
+  perturb_(tm, seed=1)
+  tm.eval()
+  tm.save_pretrained(tmp_path / "hf", safe_serialization=True)
+  model, params = load_clip(tmp_path / "hf", cache_dir=tmp_path / "c")
+  assert (model.cfg.vision_mlp, model.cfg.text_mlp) == (320, 192)
+  assert params["visual"]["transformer"]["resblocks_2"]["mlp"]["c_fc"]["kernel"].shape == (128, 320)
+  rng = np.random.default_rng(3)
+  images = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+  ids = random_ids(rng, 3)
+  feats, text = _ours(model, params, images, ids)
+  pooled, hidden, attn, ttext = _theirs(tm, images, ids)
+  np.testing.assert_allclose(feats["pooled"], pooled, **TOL)
+  np.testing.assert_allclose(feats["hidden"], hidden, **TOL)
+  np.testing.assert_allclose(feats["attn"], attn, **TOL)
+  np.testing.assert_allclose(text, ttext, **TOL)
+
+  torch.save(_to_openai(tm), tmp_path / "openai.pt")
+  model_pt, params_pt = load_clip(tmp_path / "openai.pt")
+  assert model_pt.cfg == model.cfg
+  ref, got = _flat(params), _flat(params_pt)
+  assert got.keys() == ref.keys()
+  for k in ref:
+    np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
+def test_mlp_width_4x_is_the_default():
+  from ssr_jax.clip import CLIPConfig
+
+  # Explicit 4 x width equals the default, so configs read from files compare equal to CONFIGS.
+  assert CLIPConfig(vision_mlp=3072, text_mlp=2048) == CLIPConfig()
+  assert CLIPConfig(vision_mlp=3072).vision_mlp is None
+  assert CLIPConfig(vision_mlp=1000).vision_mlp == 1000
