@@ -122,6 +122,8 @@ def get_config():
   c.data.n_segments = 100  # Per 320x320 area; scaled by image area (§3.1).
   c.data.compactness = 10.0
   c.data.sigma = 1.0
+  c.data.color_clusters = 8  # K of SGC's per-image K-means over superpixel mean Lab (§3.2).
+  c.data.cluster_position_weight = 0.0  # K-means weight of mean (y, x) in [0, 1]; 0 = colour only.
   c.data.synthetic = ml_collections.ConfigDict()  # Only read when data.name == "synthetic".
   c.data.synthetic.num_train = 512
   c.data.synthetic.num_val = 128

@@ -246,10 +246,18 @@ def apply(image, mask, superpixels, p: Plan, *, ignore_label: int = 255):
   """
   img = color_jitter(resample_image(image, p), p)
   m = resample_labels(mask, p, ignore_label)
-  if superpixels is None:
-    sp = np.zeros((len(p.row_valid), len(p.col_valid)), np.int32)
-    sp[~p.row_valid] = -1
-    sp[:, ~p.col_valid] = -1
-  else:
-    sp = resample_labels(superpixels.astype(np.int32, copy=False), p, -1)
-  return img, m, sp
+  return img, m, resample_regions(superpixels, p)
+
+
+def resample_regions(regions, p: Plan) -> np.ndarray:
+  """Region ids (superpixels, colour clusters) int [H, W] or None -> int32 [S, S].
+
+  Nearest rescale, flip, pad with -1, crop; None gives the valid-region layout (0 inside the
+  image, -1 on padding).
+  """
+  if regions is None:
+    out = np.zeros((len(p.row_valid), len(p.col_valid)), np.int32)
+    out[~p.row_valid] = -1
+    out[:, ~p.col_valid] = -1
+    return out
+  return resample_labels(regions.astype(np.int32, copy=False), p, -1)

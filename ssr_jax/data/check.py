@@ -6,8 +6,9 @@ Per split: the list file exists and is non-empty; every listed image decodes ful
 truncated JPEGs are caught here, grayscale/RGBA are fine: they are converted); every mask
 exists, is single-channel, has values in 0..C-1 or 255 and the image's size; images without
 any foreground label are counted (training skips them); and if the superpixel folder exists,
-every superpixel file exists, decodes and has the image's size. Exit status 1 if anything is
-wrong.
+every superpixel file exists, decodes and has the image's size, and likewise the colour-cluster
+files if their folder (data.color_clusters, data.cluster_position_weight) exists. Exit status 1
+if anything is wrong.
 """
 
 import concurrent.futures
@@ -31,7 +32,7 @@ class Report:
   superpixel_dir: str = ""  # "" when no superpixel folder exists.
 
 
-def _check_one(image_path, mask_path, sp_path, num_classes):
+def _check_one(image_path, mask_path, sp_path, cl_path, num_classes, num_clusters):
   problems, labels = [], None
   image = mask = None
   try:
@@ -55,6 +56,15 @@ def _check_one(image_path, mask_path, sp_path, num_classes):
         problems.append(f"superpixels {sp_path} are {sp.shape} but image is {image.shape[:2]}")
     except DataError as e:
       problems.append(str(e))
+  if cl_path is not None:
+    try:
+      cl = files.read_clusters(cl_path)
+      if image is not None and cl.shape != image.shape[:2]:
+        problems.append(f"clusters {cl_path} are {cl.shape} but image is {image.shape[:2]}")
+      elif cl.size and cl.max() >= num_clusters:
+        problems.append(f"clusters {cl_path} have id {cl.max()} >= {num_clusters} clusters")
+    except DataError as e:
+      problems.append(str(e))
   return problems, labels
 
 
@@ -72,10 +82,13 @@ def check_split(data_cfg, split: str, *, workers: int = 0, progress: bool = Fals
     report.problems.append(f"split {split!r} is empty ({sf.list_file})")
     return report
   sp_dir = sp_lib.directory(data_cfg, ds.root)
-  sp_paths = [None] * len(sf.ids)
+  sp_paths = cl_paths = [None] * len(sf.ids)
   if os.path.isdir(sp_dir):
     report.superpixel_dir = sp_dir
     sp_paths = [os.path.join(sp_dir, f"{i}.png") for i in sf.ids]
+    cl_dir = sp_lib.cluster_directory(data_cfg, ds.root)
+    if os.path.isdir(cl_dir):
+      cl_paths = [os.path.join(cl_dir, f"{i}.png") for i in sf.ids]
   bar = None
   if progress:
     from tqdm import tqdm
@@ -83,7 +96,9 @@ def check_split(data_cfg, split: str, *, workers: int = 0, progress: bool = Fals
     bar = tqdm(total=len(sf.ids), desc=f"check {split}", unit="img", file=sys.stderr)
   labels = []
   with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-    args = (sf.images, sf.masks, sp_paths, [ds.num_classes] * len(sf.ids))
+    n = len(sf.ids)
+    args = (sf.images, sf.masks, sp_paths, cl_paths, [ds.num_classes] * n)
+    args += ([data_cfg.color_clusters] * n,)
     for problems, lab in pool.map(_check_one, *args):
       report.problems.extend(problems)
       if lab is not None:

@@ -6,6 +6,8 @@ A training batch (per host) is a dict of numpy arrays:
   image        uint8 [B, S, S, 3]  RGB; padding 0 (normalised on device, §1.1)
   labels       float32 [B, C-1]    image-level labels of the whole image (§1.1)
   superpixels  int32 [B, S, S]     superpixel ids, -1 on padding (§3.1)
+  clusters     int32 [B, S, S]     colour-cluster ids of the superpixels (SGC target regions,
+                                   §3.2), -1 on padding
   mask         uint8 [B, S, S]     ground truth, 255 ignore/padding (metrics only, never a loss)
   index        int32 [B]           index into the split
 with S = data.crop_size and B = batch_size / process_count.
@@ -89,10 +91,12 @@ def host_positions(step: int, batch_size: int, process_index: int, process_count
 
 @dataclasses.dataclass(frozen=True)
 class TrainSource:
-  """Everything an executor reads: the split, its superpixel files, augmentation and order."""
+  """Everything an executor reads: the split, its superpixel and colour-cluster files,
+  augmentation and order."""
 
   split: Split
   superpixel_paths: tuple[str, ...] | None  # Per split index; None = not read.
+  cluster_paths: tuple[str, ...] | None  # Colour-cluster maps per split index; None = not read.
   augment: AugmentOptions
   order: Order
   positions: Callable[[int], range]  # Global step -> this host's stream positions.
@@ -102,45 +106,53 @@ class TrainSource:
     return augment.draws(self.order.seed, position)
 
   def example_files(self, index: int) -> tuple:
-    """(image path, mask path, superpixel path or None, num_classes) of split index i."""
+    """(image path, mask path, superpixel path or None, cluster path or None, num_classes)
+    of split index i."""
     s = self.split
     sp_path = None if self.superpixel_paths is None else self.superpixel_paths[index]
-    return s.image_paths[index], s.mask_paths[index], sp_path, s.num_classes
+    cl_path = None if self.cluster_paths is None else self.cluster_paths[index]
+    return s.image_paths[index], s.mask_paths[index], sp_path, cl_path, s.num_classes
 
 
 def load_example(source: TrainSource, position: int):
   """Decodes, validates and augments the example at stream position g (numpy).
 
-  Returns (image uint8 [S, S, 3], mask uint8 [S, S], superpixels int32 [S, S]).
+  Returns (image uint8 [S, S, 3], mask uint8 [S, S], superpixels int32 [S, S], clusters int32
+  [S, S]).
   """
   index = source.order(position)
   return load_files(*source.example_files(index), source.draws(position), source.augment)
 
 
-def load_files(image_path, mask_path, sp_path, num_classes, u, opts: AugmentOptions):
+def load_files(image_path, mask_path, sp_path, cl_path, num_classes, u, opts: AugmentOptions):
   """load_example on explicit paths (small, picklable arguments for worker processes).
 
-  Without sp_path the superpixels are the valid-region layout: 0 inside the image, -1 on padding.
+  Without sp_path (cl_path) the superpixels (clusters) are the valid-region layout: 0 inside the
+  image, -1 on padding.
   """
-  image, mask, sp = read_example(image_path, mask_path, sp_path, num_classes)
+  image, mask, sp, cl = read_example(image_path, mask_path, sp_path, cl_path, num_classes)
   p = opts.plan(image.shape[0], image.shape[1], u)
-  return augment.apply(image, mask, sp, p, ignore_label=opts.ignore_label)
+  img, m, spo = augment.apply(image, mask, sp, p, ignore_label=opts.ignore_label)
+  return img, m, spo, augment.resample_regions(cl, p)
 
 
-def read_example(image_path, mask_path, sp_path, num_classes):
+def read_example(image_path, mask_path, sp_path, cl_path, num_classes):
   """Decodes one example at original size and checks that its maps match the image.
 
   Returns (image uint8 [H, W, 3], mask uint8 [H, W], superpixels int32 [H, W] or None when
-  sp_path is None).
+  sp_path is None, colour clusters int32 [H, W] or None when cl_path is None).
   """
   image = files.read_image(image_path)
   mask = files.read_mask(mask_path, num_classes)
   _check_size(mask, image, mask_path, image_path)
-  sp = None
+  sp = cl = None
   if sp_path is not None:
     sp = files.read_superpixels(sp_path)
     _check_size(sp, image, sp_path, image_path)
-  return image, mask, sp
+  if cl_path is not None:
+    cl = files.read_clusters(cl_path)
+    _check_size(cl, image, cl_path, image_path)
+  return image, mask, sp, cl
 
 
 def _check_size(label, image, label_path, image_path):
@@ -151,13 +163,14 @@ def _check_size(label, image, label_path, image_path):
     )
 
 
-def assemble(split: Split, indices, images, masks, sps) -> dict:
+def assemble(split: Split, indices, images, masks, sps, cls) -> dict:
   """The batch dict of the module docstring from per-example arrays."""
   idx = np.asarray(indices, np.int32)
   return {
     "image": np.stack(images),
     "labels": split.labels[idx],
     "superpixels": np.stack(sps).astype(np.int32),
+    "clusters": np.stack(cls).astype(np.int32),
     "mask": np.stack(masks),
     "index": idx,
   }

@@ -2,8 +2,9 @@
 
 Images decode to uint8 [H, W, 3] RGB (grayscale, palette and RGBA inputs are converted; alpha is
 dropped as `PIL.Image.convert("RGB")` does); masks to uint8 [H, W] (0 background, 1..C-1 classes,
-255 ignore); superpixel maps to int32 [H, W] (stored as lossless uint16 PNG). Every failure raises
-`DataError` naming the file and what to do about it.
+255 ignore); superpixel maps to int32 [H, W] (stored as lossless uint16 PNG), colour-cluster maps
+to int32 [H, W] (stored as uint8 PNG). Every failure raises `DataError` naming the file and what
+to do about it.
 """
 
 import os
@@ -82,6 +83,30 @@ def read_superpixels(path: str) -> np.ndarray:
       f"cannot decode superpixel file {path} ({e}); delete it and rerun python -m "
       "ssr_jax.data.superpixels (it skips valid files)"
     ) from None
+
+
+def read_clusters(path: str) -> np.ndarray:
+  """Decodes a uint8 colour-cluster PNG to int32 [H, W]; raises DataError naming a bad file."""
+  try:
+    with Image.open(path) as im:
+      im.load()
+      mode, m = im.mode, np.asarray(im)
+  except FileNotFoundError:
+    raise DataError(
+      f"colour-cluster file not found: {path}; precompute it with python -m "
+      "ssr_jax.data.superpixels --config <your config> (it adds missing clusters)"
+    ) from None
+  except (OSError, SyntaxError, ValueError) as e:
+    raise DataError(
+      f"cannot decode colour-cluster file {path} ({e}); delete it and rerun python -m "
+      "ssr_jax.data.superpixels (it skips valid files)"
+    ) from None
+  if mode != "L":
+    raise DataError(
+      f"colour-cluster file {path} has PIL mode {mode!r}, not L (uint8); delete it and rerun "
+      "python -m ssr_jax.data.superpixels"
+    )
+  return m.astype(np.int32)
 
 
 def image_size(path: str) -> tuple[int, int]:

@@ -12,6 +12,15 @@ import os
 import sys
 
 
+def usable_cpus() -> int:
+  """Cores this process may run on (its CPU affinity, which containers and taskset narrow;
+  os.cpu_count() counts the whole machine)."""
+  try:
+    return max(1, len(os.sched_getaffinity(0)))
+  except AttributeError:  # Not on Linux.
+    return os.cpu_count() or 1
+
+
 def main_is_importable() -> bool:
   """Whether spawned processes can re-import __main__ (it is a file, not -c/stdin)."""
   path = getattr(sys.modules.get("__main__"), "__file__", None)

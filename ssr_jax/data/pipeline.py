@@ -17,7 +17,9 @@ Superpixels: the caller says whether they are needed (`superpixels=True` when SG
 Then every image of the split must have its file, checked at start-up: a DataError names the
 missing folder or file and the command that makes them. With `superpixels=False` none is read;
 training batches carry the valid-region layout (0 inside the image, -1 on padding) and eval
-items zeros.
+items zeros. The same holds for the colour clusters (SGC's target regions, `clusters=True`;
+batch key "clusters"), which live beside the superpixels and are checked the same way: a
+superpixel folder made before colour clusters existed is refused with the command that adds them.
 """
 
 import collections
@@ -130,6 +132,7 @@ def make_train_iterator(
   batch_size: int,
   seed: int,
   superpixels: bool,
+  clusters: bool = False,
   start_step: int = 0,
   process_index: int | None = None,
   process_count: int | None = None,
@@ -140,7 +143,8 @@ def make_train_iterator(
   batch_size is the global batch; this host gets batch_size / process_count examples of each
   (process_index/process_count default to jax's). pipeline: tf, numpy or auto (default
   data.pipeline). superpixels: whether to read them (SGC on); if so, missing files raise a
-  DataError here naming the folder and the command that makes them.
+  DataError here naming the folder and the command that makes them. clusters: the same for the
+  colour clusters (SGC target regions).
   """
   if process_index is None or process_count is None:
     import jax
@@ -156,6 +160,7 @@ def make_train_iterator(
   source = TrainSource(
     split=split,
     superpixel_paths=sp_lib.split_paths(data_cfg, split) if superpixels else None,
+    cluster_paths=sp_lib.cluster_paths(data_cfg, split) if clusters else None,
     augment=AugmentOptions.from_config(data_cfg),
     order=Order(seed, len(split)),
     positions=functools.partial(
@@ -192,14 +197,16 @@ class EvalDataset:
   """Per-image examples of a split at original size (no augmentation).
 
   Item i is a dict: image uint8 [H, W, 3], mask uint8 [H, W] (255 ignore), labels float32
-  [C-1], superpixels int32 [H, W] (zeros when not read), id str, index int (into the split).
+  [C-1], superpixels and clusters int32 [H, W] (zeros when not read), id str, index int (into
+  the split).
   `indices` are the split indices this dataset holds, in order. Iterating prefetches with a
   thread pool and keeps order.
   """
 
-  def __init__(self, split: Split, sp_paths, *, indices, workers: int = 4):
+  def __init__(self, split: Split, sp_paths, *, indices, workers: int = 4, cluster_paths=None):
     self.split = split
     self._sp_paths = sp_paths
+    self._cl_paths = cluster_paths
     self.indices = tuple(int(i) for i in indices)
     self._workers = max(1, workers)
 
@@ -211,12 +218,16 @@ class EvalDataset:
       raise IndexError(i)
     s, k = self.split, self.indices[i]
     sp_path = None if self._sp_paths is None else self._sp_paths[k]
-    image, mask, sp = read_example(s.image_paths[k], s.mask_paths[k], sp_path, s.num_classes)
+    cl_path = None if self._cl_paths is None else self._cl_paths[k]
+    image, mask, sp, cl = read_example(
+      s.image_paths[k], s.mask_paths[k], sp_path, cl_path, s.num_classes
+    )
     return {
       "image": image,
       "mask": mask,
       "labels": s.labels[k],
       "superpixels": np.zeros(mask.shape, np.int32) if sp is None else sp,
+      "clusters": np.zeros(mask.shape, np.int32) if cl is None else cl,
       "id": s.ids[k],
       "index": k,
     }
@@ -237,6 +248,7 @@ def make_eval_dataset(
   split: str,
   *,
   superpixels: bool,
+  clusters: bool = False,
   max_images: int = 0,
   process_index: int = 0,
   process_count: int = 1,
@@ -245,7 +257,8 @@ def make_eval_dataset(
 
   max_images > 0 keeps the first max_images images of the list. Host p of P then takes every
   P-th of those from the p-th (split indices p, p + P, ...): disjoint, together all of them.
-  superpixels as in make_train_iterator (the `pseudo` target with SGC on needs them).
+  superpixels and clusters as in make_train_iterator (the `pseudo` target with SGC on needs
+  them).
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
@@ -256,4 +269,5 @@ def make_eval_dataset(
     sp_lib.split_paths(data_cfg, s) if superpixels else None,
     indices=range(process_index, n, process_count),
     workers=data_cfg.num_workers,
+    cluster_paths=sp_lib.cluster_paths(data_cfg, s) if clusters else None,
   )

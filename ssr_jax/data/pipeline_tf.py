@@ -106,10 +106,11 @@ def _jitter(img, jitter, valid):
   return tf.cast(tf.round(x) * vf[..., None], tf.uint8)  # tf.round is half-to-even, as rint.
 
 
-def _example_fn(split, sp_paths, opts):
+def _example_fn(split, sp_paths, cl_paths, opts):
   image_paths = tf.constant(split.image_paths)
   mask_paths = tf.constant(split.mask_paths)
   sp_table = tf.constant(sp_paths) if sp_paths is not None else None
+  cl_table = tf.constant(cl_paths) if cl_paths is not None else None
   c = split.num_classes
   s = opts.crop_size
 
@@ -129,6 +130,10 @@ def _example_fn(split, sp_paths, opts):
       sp = tf.io.decode_png(tf.io.read_file(tf.gather(sp_table, index)), 1, tf.uint16)[..., 0]
       sp = tf.cast(sp, tf.int32)
       checks.append(tf.debugging.assert_equal(tf.shape(sp), hw, message="superpixel size"))
+    if cl_table is not None:
+      cl = tf.io.decode_png(tf.io.read_file(tf.gather(cl_table, index)), 1, tf.uint8)[..., 0]
+      cl = tf.cast(cl, tf.int32)
+      checks.append(tf.debugging.assert_equal(tf.shape(cl), hw, message="cluster size"))
     with tf.control_dependencies(checks):
       outs = tf.numpy_function(
         lambda h, w, uu: _plan_arrays(h, w, uu, opts),
@@ -168,11 +173,10 @@ def _example_fn(split, sp_paths, opts):
       return tf.ensure_shape(tf.where(valid, out, tf.cast(fill, lab.dtype)), [s, s])
 
     m = nearest(mask, opts.ignore_label)
-    if sp_table is not None:
-      spo = nearest(sp, -1)
-    else:
-      spo = tf.ensure_shape(tf.where(valid, 0, -1), [s, s])
-    return img, m, spo, index
+    layout = tf.ensure_shape(tf.where(valid, 0, -1), [s, s])  # Maps not read (augment.py).
+    spo = nearest(sp, -1) if sp_table is not None else layout
+    clo = nearest(cl, -1) if cl_table is not None else layout
+    return img, m, spo, clo, index
 
   return fn
 
@@ -196,7 +200,7 @@ def batches(source: TrainSource, start_step: int, *, workers: int, prefetch: int
     ),
   )
   ds = ds.map(
-    _example_fn(source.split, source.superpixel_paths, source.augment),
+    _example_fn(source.split, source.superpixel_paths, source.cluster_paths, source.augment),
     num_parallel_calls=max(1, workers),
     deterministic=True,
   )
@@ -208,10 +212,10 @@ def batches(source: TrainSource, start_step: int, *, workers: int, prefetch: int
   step = start_step
   while True:
     try:
-      img, m, sp, idx = next(it)
+      img, m, sp, cl, idx = next(it)
     except tf.errors.OpError as e:
       _diagnose(source, source.positions(step), e)
-    yield assemble(source.split, idx.numpy(), img.numpy(), m.numpy(), sp.numpy())
+    yield assemble(source.split, idx.numpy(), img.numpy(), m.numpy(), sp.numpy(), cl.numpy())
     step += 1
 
 

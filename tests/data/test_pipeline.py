@@ -49,11 +49,12 @@ def assert_batches_equal(a, b):
 
 def test_batch_layout_and_oracle(syn_root):
   cfg = synthetic_config(syn_root)
-  (batch,) = take(cfg, 1, batch_size=4, seed=0, pipeline="numpy")
+  (batch,) = take(cfg, 1, batch_size=4, seed=0, pipeline="numpy", clusters=True)
   s = cfg.crop_size
   assert batch["image"].shape == (4, s, s, 3) and batch["image"].dtype == np.uint8
   assert batch["labels"].shape == (4, 6) and batch["labels"].dtype == np.float32
   assert batch["superpixels"].shape == (4, s, s) and batch["superpixels"].dtype == np.int32
+  assert batch["clusters"].shape == (4, s, s) and batch["clusters"].dtype == np.int32
   assert batch["mask"].shape == (4, s, s) and batch["mask"].dtype == np.uint8
   assert batch["index"].dtype == np.int32
   split = sources.get_dataset(cfg).split("train")
@@ -69,12 +70,21 @@ def test_batch_layout_and_oracle(syn_root):
     sp = files.read_superpixels(
       split.superpixel_paths(str(syn_root / "Superpixels_skimage_100"))[i]
     )
+    cl = files.read_clusters(
+      split.superpixel_paths(str(syn_root / "Superpixels_skimage_100" / "clusters_k8"))[i]
+    )
     image = files.read_image(split.image_paths[i])
     p = augment.plan(96, 96, augment.draws(0, j), crop_size=s)
     img, m, spo = augment.apply(image, full, sp, p)
     np.testing.assert_array_equal(batch["image"][j], img)
     np.testing.assert_array_equal(batch["mask"][j], m)
     np.testing.assert_array_equal(batch["superpixels"][j], spo)
+    # Clusters go through the superpixels' nearest resampling: constant on each superpixel.
+    np.testing.assert_array_equal(batch["clusters"][j], augment.resample_labels(cl, p, -1))
+    np.testing.assert_array_equal(batch["clusters"][j] < 0, spo < 0)
+    table = np.zeros(sp.max() + 1, np.int32)
+    table[sp] = cl
+    np.testing.assert_array_equal(np.where(spo < 0, -1, table[spo]), batch["clusters"][j])
     pad = batch["superpixels"][j] < 0
     assert np.all(batch["image"][j][pad] == 0) and np.all(batch["mask"][j][pad] == 255)
 
@@ -84,6 +94,13 @@ def test_tf_and_numpy_identical(syn_root):
   cfg = synthetic_config(syn_root, crop_size=112)  # > 96: exercises padding too.
   kw = dict(batch_size=4, seed=7, start_step=3)
   assert_batches_equal(take(cfg, 4, pipeline="numpy", **kw), take(cfg, 4, pipeline="tf", **kw))
+  kw["clusters"] = True  # Both maps read.
+  assert_batches_equal(take(cfg, 2, pipeline="numpy", **kw), take(cfg, 2, pipeline="tf", **kw))
+  kw["superpixels"] = False
+  a, b = take(cfg, 3, pipeline="numpy", **kw), take(cfg, 3, pipeline="tf", **kw)
+  assert_batches_equal(a, b)
+  assert {-1, 0} <= set(np.unique(a[0]["clusters"])) and a[0]["clusters"].max() > 0
+  assert set(np.unique(a[0]["superpixels"])) == {-1, 0}  # Layout only.
 
 
 @needs_tf
@@ -98,11 +115,11 @@ def test_tf_and_numpy_color_jitter_within_one(syn_root):
 
 def test_resume_equals_fresh_and_skips_decoding(syn_root, monkeypatch):
   cfg = synthetic_config(syn_root)
-  fresh = take(cfg, 9, batch_size=4, seed=5, pipeline="numpy")
+  fresh = take(cfg, 9, batch_size=4, seed=5, pipeline="numpy", clusters=True)
   calls = []
   real = files.read_image
   monkeypatch.setattr(files, "read_image", lambda p: calls.append(p) or real(p))
-  resumed = take(cfg, 2, batch_size=4, seed=5, start_step=7, pipeline="numpy")
+  resumed = take(cfg, 2, batch_size=4, seed=5, start_step=7, pipeline="numpy", clusters=True)
   assert_batches_equal(fresh[7:], resumed)
   assert len(calls) <= 4 * (2 + cfg.prefetch + 1)  # Never the 28 skipped examples' worth more.
 
@@ -140,9 +157,11 @@ def test_hosts_take_slices_of_the_global_batch(syn_root):
 
 def test_superpixels_off_keeps_valid_region(syn_root):
   cfg = synthetic_config(syn_root, crop_size=112)
-  with_sp = take(cfg, 1, batch_size=4, seed=0, pipeline="numpy")[0]
+  with_sp = take(cfg, 1, batch_size=4, seed=0, pipeline="numpy", clusters=True)[0]
   without = take(cfg, 1, batch_size=4, seed=0, pipeline="numpy", superpixels=False)[0]
-  np.testing.assert_array_equal(without["superpixels"] >= 0, with_sp["superpixels"] >= 0)
+  for key in ("superpixels", "clusters"):
+    np.testing.assert_array_equal(without[key] >= 0, with_sp[key] >= 0)
+    np.testing.assert_array_equal(without[key], with_sp["superpixels"].clip(-1, 0))
   assert set(np.unique(without["superpixels"])) <= {-1, 0}
 
 
@@ -174,21 +193,24 @@ def test_numpy_pipeline_imports_no_tensorflow(syn_root):
 
 def test_eval_dataset(syn_root):
   cfg = synthetic_config(syn_root)
-  ds = pipeline.make_eval_dataset(cfg, "val", superpixels=True, max_images=5)
+  ds = pipeline.make_eval_dataset(cfg, "val", superpixels=True, clusters=True, max_images=5)
   assert len(ds) == 5
   items = list(ds)
   assert [it["index"] for it in items] == list(range(5))
   split = sources.get_dataset(cfg).split("val")
   sp_paths = split.superpixel_paths(str(syn_root / "Superpixels_skimage_100"))
+  cl_paths = split.superpixel_paths(str(syn_root / "Superpixels_skimage_100" / "clusters_k8"))
   for it in items:
     assert it["image"].shape == (96, 96, 3) and it["mask"].shape == (96, 96)
     assert it["superpixels"].dtype == np.int32
     np.testing.assert_array_equal(it["superpixels"], files.read_superpixels(sp_paths[it["index"]]))
+    np.testing.assert_array_equal(it["clusters"], files.read_clusters(cl_paths[it["index"]]))
     np.testing.assert_array_equal(it["labels"], dataset.mask_labels(it["mask"], 7))
     assert it["id"] == split.ids[it["index"]]
   assert len(pipeline.make_eval_dataset(cfg, "val", superpixels=True)) == 8
-  no_sp = pipeline.make_eval_dataset(cfg, "val", superpixels=False)[0]["superpixels"]
-  assert no_sp.dtype == np.int32 and not no_sp.any()
+  no_sp = pipeline.make_eval_dataset(cfg, "val", superpixels=False)[0]
+  for key in ("superpixels", "clusters"):
+    assert no_sp[key].dtype == np.int32 and not no_sp[key].any()
 
 
 @pytest.mark.parametrize("max_images", [0, 5])
@@ -289,3 +311,41 @@ def test_unlabeled_images_skipped_with_count(tmp_path, caplog):
   assert "skipping 3 of 5 images" in caplog.text
   (batch,) = take(cfg, 1, batch_size=2, seed=0, pipeline="numpy", superpixels=False)
   assert sorted(batch["labels"].argmax(1).tolist()) == [2, 14]
+
+
+def test_superpixels_without_clusters_are_refused_with_the_command(tmp_path):
+  synthetic.write_dataset(str(tmp_path), num_train=3, num_val=2, size=32, seed=2)
+  cfg = synthetic_config(tmp_path, crop_size=32)
+  assert not superpixels.precompute(cfg, "train", workers=1, progress=False)["problems"]
+  folder = tmp_path / "Superpixels_skimage_100"
+  clusters = folder / "clusters_k8"
+  for f in clusters.iterdir():  # A folder from before colour clusters: superpixels only.
+    f.unlink()
+  clusters.rmdir()
+  take(cfg, 1, batch_size=2, seed=0, pipeline="numpy")  # Superpixels alone still work.
+  with pytest.raises(DataError) as e:
+    take(cfg, 1, batch_size=2, seed=0, pipeline="numpy", clusters=True)
+  msg = str(e.value)
+  assert f"superpixel folder {folder} has no colour clusters clusters_k8/" in msg
+  assert superpixels.command(cfg, "train") in msg and "--config.data.color_clusters=8" in msg
+  # The command adds the clusters from the stored superpixels and leaves those untouched.
+  before = {f.name: f.stat().st_mtime_ns for f in folder.glob("*.png")}
+  out = superpixels.precompute(cfg, "train", workers=1, progress=False)
+  assert out["written"] == 3 and not out["problems"]
+  assert before == {f.name: f.stat().st_mtime_ns for f in folder.glob("*.png")}
+  take(cfg, 1, batch_size=2, seed=0, pipeline="numpy", clusters=True)
+  os.remove(clusters / "train_00001.png")
+  with pytest.raises(DataError, match=r"(?s)1 of 3 colour-cluster files .*train_00001\.png"):
+    pipeline.make_train_iterator(
+      cfg,
+      batch_size=2,
+      seed=0,
+      superpixels=False,
+      clusters=True,
+      process_index=0,
+      process_count=1,
+    )
+  # Other clustering settings live in their own folder.
+  other = synthetic_config(tmp_path, crop_size=32, color_clusters=4, cluster_position_weight=30.0)
+  with pytest.raises(DataError, match="no colour clusters clusters_k4_p30/"):
+    pipeline.make_eval_dataset(other, "train", superpixels=False, clusters=True)

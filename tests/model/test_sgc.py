@@ -138,3 +138,124 @@ def test_smooth_affinity_reweights_pairs_sharing_no_superpixel():
   assert np.any(ref != trans) and np.any(ref == trans)
   np.testing.assert_allclose(out, ref, rtol=1e-6)
   np.testing.assert_array_equal(sgc.smooth_affinity(trans, member, alpha=1.0), trans)
+
+
+# ------------------------------------------------------- colour-cluster target regions (§3.2)
+R = 5
+
+
+def _region_membership_np(cl, r=R):
+  m = np.zeros((r, H * W))
+  for i in range(H):
+    for j in range(W):
+      block = cl[i * P : (i + 1) * P, j * P : (j + 1) * P].reshape(-1)
+      block = block[(block >= 0) & (block < r)]
+      for v in block:
+        m[v, i * W + j] += 1.0 / block.size
+  return m
+
+
+def _clusters(rng, b, pad_rows=0):
+  """Colour clusters of Voronoi superpixels: each superpixel takes a random region 0..R-1."""
+  sp = _superpixels(rng, b)
+  table = rng.integers(0, R, S + 6)
+  out = table[sp].astype(np.int32)
+  if pad_rows:
+    out[:, -pad_rows:] = -1
+  return out
+
+
+def test_region_membership_matches_numpy_with_padding():
+  rng = np.random.default_rng(10)
+  cl = _clusters(rng, 2, pad_rows=P + 3)  # Last patch row fully padded, one row partly.
+  cl[1, :P, :P] = R + 2  # Out-of-range ids are not counted (like padding).
+  cl[1, :P, :4] = 3
+  m = np.asarray(_jit(sgc.region_membership, patch_size=P, num_regions=R)(cl))
+  assert m.shape == (2, R, H * W)
+  for i in range(2):
+    np.testing.assert_allclose(m[i], _region_membership_np(cl[i]), atol=1e-6)
+  sums = m.sum(1).reshape(2, H, W)
+  np.testing.assert_allclose(sums[:, :2], 1.0, atol=1e-6)
+  np.testing.assert_array_equal(sums[:, 2], 0.0)
+  np.testing.assert_allclose(m[1, 3, 0], 1.0, atol=1e-6)  # Only the in-range pixels count.
+
+
+def _target_regions_np(cam, m, hi, ratio_t):
+  out = np.zeros(m.shape[0])
+  for r in range(m.shape[0]):
+    total = sum(m[r, i] * cam[i] for i in range(len(cam)))
+    strong = sum(m[r, i] * cam[i] for i in range(len(cam)) if cam[i] >= hi)
+    out[r] = total > 0 and strong / total >= ratio_t
+  return out
+
+
+def test_target_regions_and_column_mask_match_numpy():
+  rng = np.random.default_rng(11)
+  cl = _clusters(rng, 2, pad_rows=4)
+  member = np.asarray(_jit(sgc.region_membership, patch_size=P, num_regions=R)(cl))
+  cams = rng.random((2, 3, H, W)).astype(np.float32) ** 2
+  cams[1, 2] = 0.0  # A padded class slot: no targets.
+  fn = _jit(sgc.target_regions, high_threshold=0.4, ratio_threshold=0.5)
+  t = np.asarray(fn(cams, member))
+  v = np.asarray(jax.jit(sgc.column_mask)(t, member))
+  vh = np.asarray(_jit(sgc.column_mask, hard=True)(t, member))
+  assert t.shape == (2, 3, R) and v.shape == (2, 3, H * W)
+  for i in range(2):
+    for k in range(3):
+      cam = cams[i, k].reshape(-1).astype(np.float64)
+      ref = _target_regions_np(cam, member[i].astype(np.float64), 0.4, 0.5)
+      np.testing.assert_array_equal(t[i, k], ref)
+      col = ref @ member[i]
+      np.testing.assert_allclose(v[i, k], col, atol=1e-6)
+      np.testing.assert_array_equal(vh[i, k], col >= 0.5)
+  assert not t[1, 2].any() and not v[1, 2].any()
+  assert 0 < t.mean() < 1 and np.any((v > 0) & (v < 1))  # Both kinds of region, cut patches.
+
+
+def test_hand_made_regions_block_background_sources():
+  # Left half region 0 with a strong object, right half region 1 with weak diffuse activation.
+  cl = np.zeros((1, HH, WW), np.int32)
+  cl[:, :, WW // 2 :] = 1
+  member = _jit(sgc.region_membership, patch_size=P, num_regions=2)(cl)
+  cams = np.full((1, 1, H, W), 0.2, np.float32)
+  cams[0, 0, :, : W // 2] = [[1.0, 0.9], [0.8, 0.1], [0.6, 0.5]]
+  t = np.asarray(_jit(sgc.target_regions, high_threshold=0.4, ratio_threshold=0.5)(cams, member))
+  # Region 0: 3.8 / 3.9 of its activation is >= 0.4 (all but the 0.1); region 1: none is.
+  np.testing.assert_array_equal(t, [[[1.0, 0.0]]])
+  v = np.asarray(jax.jit(sgc.column_mask)(t, member))
+  np.testing.assert_array_equal(v.reshape(H, W), np.repeat([[1, 1, 0, 0]], H, 0))
+  # Changing the background sources leaves the SGC propagation unchanged.
+  rng = np.random.default_rng(12)
+  trans = jax.jit(affinity.transition_matrix)(rng.random((1, H * W, H * W)) + 0.1)
+  src = np.asarray(sgc.source_masks(np.ones_like(v), v))
+  flat = cams.reshape(1, 1, -1)
+  changed = flat.copy()
+  changed[0, 0, v[0, 0] == 0] += 3.0
+  prop = jax.jit(affinity.propagate)
+  np.testing.assert_allclose(prop(trans, changed, src), prop(trans, flat, src), rtol=1e-6)
+  # The same as multiplying the mask into the affinity's columns (Eq. 10).
+  a_star = np.asarray(jax.jit(sgc.masked_affinity)(trans, src))
+  np.testing.assert_array_equal(a_star[0, 0][:, v[0, 0] == 0], 0.0)
+  np.testing.assert_allclose(
+    np.einsum("bkij,bkj->bki", a_star, flat), prop(trans, flat, src), rtol=1e-5
+  )
+
+
+def test_one_cluster_and_zero_ratio_is_plain_propagation():
+  rng = np.random.default_rng(13)
+  cl = np.zeros((2, HH, WW), np.int32)
+  member = _jit(sgc.region_membership, patch_size=P, num_regions=R)(cl)
+  cams = rng.random((2, 2, H, W)).astype(np.float32) * 0.3  # All below the high threshold.
+  t = _jit(sgc.target_regions, high_threshold=0.4, ratio_threshold=0.0)(cams, member)
+  v = np.asarray(jax.jit(sgc.column_mask)(t, member))
+  np.testing.assert_array_equal(v, 1.0)
+  box = np.asarray(_jit(affinity.box_masks, threshold=0.4)(cams))
+  np.testing.assert_array_equal(sgc.source_masks(box, v), box)
+  np.testing.assert_array_equal(sgc.source_masks(box, v, replace_box=True), v)
+  trans = jax.jit(affinity.transition_matrix)(rng.random((2, H * W, H * W)) + 0.1)
+  valid = np.ones((2, 2), bool)
+  refine = _jit(affinity.refine_cams, out_size=(HH, WW))
+  np.testing.assert_array_equal(
+    refine(cams, trans, sgc.source_masks(box, v), valid=valid),
+    refine(cams, trans, box, valid=valid),
+  )
