@@ -23,6 +23,14 @@ def get_config():
   c.clip.pos_interp = "bilinear"  # Position-embedding resize: bilinear (WeCLIP) or bicubic.
   c.clip.cache_dir = ""  # Where converted weights are cached; "" = beside the weights file.
 
+  # ---------------------------------------------------------------- frozen DINO (§3.1)
+  c.dino = ml_collections.ConfigDict()
+  # Local HF dir (config.json + model.safetensors, e.g. facebook/dino-vits16), the official
+  # dino_deitsmall16_pretrain.pth, or a converted .npz; "" = no DINO (then SGC's paper affinity
+  # needs model.cam.dino_weight = 0).
+  c.dino.weights = ""
+  c.dino.cache_dir = ""  # Where a .pth is converted to; "" = beside it.
+
   # ---------------------------------------------------------------- model (§1-§3)
   c.model = ml_collections.ConfigDict()
   c.model.dtype = "float32"  # Compute dtype: float32 or bfloat16 (params stay float32).
@@ -197,6 +205,17 @@ def get_config():
   c.demo.clip_width = 128
   c.demo.clip_layers = 6
   c.demo.clip_patch = 16
+  # The demo's tiny DINO (self-distillation on the synthetic train images, no labels): shipped
+  # like the tiny CLIP, or pretrained in the workdir with pretrain_dino=True.
+  c.demo.pretrain_dino = False
+  c.demo.dino_seed = 0
+  c.demo.dino_steps = 0
+  c.demo.dino_batch_size = 64
+  c.demo.dino_lr = 5e-4
+  c.demo.dino_width = 96
+  c.demo.dino_layers = 3
+  c.demo.dino_heads = 3
+  c.demo.dino_patch = 8
 
   c.lock()
   return c
