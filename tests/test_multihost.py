@@ -15,6 +15,9 @@ import numpy as np
 
 from ssr_jax.clip import convert
 from ssr_jax.clip.model import CLIP, CLIPConfig, init_params
+from ssr_jax.dino import DINO, DINOConfig
+from ssr_jax.dino import convert as dino_convert
+from ssr_jax.dino import init_params as dino_init_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -25,6 +28,7 @@ from configs import demo
 def get_config():
   c = demo.get_config()
   c.clip.weights = {weights!r}
+  c.dino.weights = {dino!r}
   c.data.root = {data!r}
   c.data.synthetic.num_train = 32
   c.data.synthetic.num_val = 8
@@ -107,8 +111,15 @@ def test_two_processes_train_like_one(tmp_path):
   )
   weights = tmp_path / "clip.npz"
   convert.save_converted(weights, cfg, init_params(CLIP(cfg), jax.random.PRNGKey(0)))
+  dino_cfg = DINOConfig(image_size=32, patch_size=8, width=16, layers=1, heads=2, mlp=32)
+  dino = tmp_path / "dino.npz"
+  dino_convert.save_converted(
+    dino, dino_cfg, dino_init_params(DINO(dino_cfg), jax.random.PRNGKey(0))
+  )
   config = tmp_path / "config.py"
-  config.write_text(CONFIG.format(weights=str(weights), data=str(tmp_path / "data")))
+  config.write_text(
+    CONFIG.format(weights=str(weights), dino=str(dino), data=str(tmp_path / "data"))
+  )
   one, two = tmp_path / "one", tmp_path / "two"
 
   _launch(config, one, "train", devices=8)
