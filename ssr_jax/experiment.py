@@ -33,16 +33,18 @@ from ssr_jax.model.ssr import build_task, sgc_inputs
 from ssr_jax.train import loop as train_loop
 from ssr_jax.train.checkpoint import CheckpointMismatchError
 
-# (name, CMPA, DINO attention in the affinity, SGC's column mask) of --mode ablation: the paper's
-# Tables 3-4 ladder (CMPA CAM -> + CLIP attention -> + DINO attention -> + SGC mask) and SGC
-# without CMPA. Without CMPA the CAMs come from frozen CLIP (model.cam.source "clip"); without
-# DINO, model.cam.dino_weight = 0.
+# --mode ablation: (name, settings) rows, each trained and evaluated with the same seeds. The
+# paper's ladder (Tables 3-4: CMPA CAM -> + CLIP attention -> + DINO attention -> + SGC mask) with
+# the paper's values: cmpa on/off (off: frozen CLIP's CAMs), dino = CLIP : DINO weight of the
+# affinity, sgc = SGC's grouping or None (off). A last row, "as configured", runs the config
+# itself when it differs from all of these (the demo's [v1] SGC).
+PAPER_DINO_WEIGHT = 0.6
 VARIANTS = (
-  ("baseline", False, False, False),
-  ("+CMPA", True, False, False),
-  ("+CMPA +DINO", True, True, False),
-  ("+SGC (DINO + mask)", False, True, True),
-  ("SSR", True, True, True),
+  ("baseline (WeCLIP)", dict(cmpa=False, dino=0.0, sgc=None)),
+  ("+CMPA", dict(cmpa=True, dino=0.0, sgc=None)),
+  ("+CMPA +DINO attention", dict(cmpa=True, dino=PAPER_DINO_WEIGHT, sgc=None)),
+  ("+SGC (DINO + region mask)", dict(cmpa=False, dino=PAPER_DINO_WEIGHT, sgc="clusters")),
+  ("SSR (CMPA + SGC)", dict(cmpa=True, dino=PAPER_DINO_WEIGHT, sgc="clusters")),
 )
 
 
@@ -202,25 +204,37 @@ def evaluate(config, workdir) -> dict:
   return results
 
 
-def variant_config(config, *, cmpa: bool, sgc: bool, dino: bool | None = None):
-  """The config of one ablation row: CMPA, SGC's mask and DINO attention (default: with SGC) on
-  or off, all else (seeds) unchanged."""
+def variant_config(config, *, cmpa: bool, dino: float, sgc: str | None):
+  """The config of one ablation row (see VARIANTS), all else (seeds) unchanged."""
   cfg = config.copy_and_resolve_references()
   cfg.model.cmpa.enabled = cmpa
-  cfg.model.sgc.enabled = sgc
   if not cmpa:
     cfg.model.cam.source = "clip"
-  if not (sgc if dino is None else dino):
-    cfg.model.cam.dino_weight = 0.0
+  cfg.model.cam.dino_weight = dino
+  cfg.model.sgc.enabled = sgc is not None
+  if sgc is not None and sgc != cfg.model.sgc.grouping:
+    cfg.model.sgc.grouping = sgc
+    if sgc == "clusters":  # [v1]-only options off.
+      cfg.model.sgc.receiver_mask = False
+      cfg.model.sgc.soft_alpha = 1.0
   return cfg
+
+
+def ablation_rows(config) -> list:
+  """[(name, config)] of --mode ablation: VARIANTS, plus "as configured" when the config is none
+  of them."""
+  rows = [(name, variant_config(config, **kw)) for name, kw in VARIANTS]
+  own = config.copy_and_resolve_references()
+  if all(own.to_dict() != cfg.to_dict() for _, cfg in rows):
+    rows.append(("as configured", own))
+  return rows
 
 
 def ablation(config, workdir) -> list:
   """train_and_eval of each of VARIANTS with the same seeds; writes ablation.md and .json
   (one entry per variant: {"variant": name, split: {target: mIoU}} for each of eval.splits)."""
   rows = []
-  for name, use_cmpa, use_dino, use_sgc in VARIANTS:
-    cfg = variant_config(config, cmpa=use_cmpa, sgc=use_sgc, dino=use_dino)
+  for name, cfg in ablation_rows(config):
     slug = "_".join(w.strip("()").replace("+", "plus_") for w in name.lower().split())
     sub = os.path.join(workdir, "ablation", slug)
     train(cfg, sub)
