@@ -1,24 +1,35 @@
-"""The embedded demo's inputs: synthetic data, its superpixels, and a tiny CLIP.
+"""The embedded demo's inputs: synthetic data, its superpixels, a tiny CLIP and a tiny DINO.
 
-`prepare(config, workdir)` returns a new config whose `data.root` and `clip.weights` point at
-ready inputs; experiment.py then runs exactly what it runs for VOC or COCO. Nothing is
-downloaded: the dataset is generated under the workdir, and the tiny CLIP ships with the package
-(`ssr_jax/assets/tiny_clip.npz`, checked against its sha256 sidecar) because pretraining it
-costs 4-12 minutes on a 2-core CPU. `--config.demo.pretrain_clip=True` pretrains one in the
-workdir instead (needed when a demo.clip_* field changes); `python -m ssr_jax.demo --config
-configs/demo.py --workdir W --write_shipped_clip` rewrites the shipped file with that command.
+`prepare(config, workdir)` returns a new config whose `data.root`, `clip.weights` and
+`dino.weights` point at ready inputs; experiment.py then runs exactly what it runs for VOC or
+COCO. Nothing is downloaded: the dataset is generated under the workdir, and the tiny CLIP and
+tiny DINO ship with the package (`ssr_jax/assets/tiny_{clip,dino}.npz`, each checked against its
+sha256 sidecar and the settings stored in it) because pretraining them costs minutes on a 2-core
+CPU. `--config.demo.pretrain_clip=True` (`pretrain_dino=True`) pretrains one in the workdir
+instead (needed when a demo.clip_* (demo.dino_*) field changes); `python -m ssr_jax.demo
+--config configs/demo.py --workdir W --write_shipped_clip --write_shipped_dino` rewrites the
+shipped files with that code.
 
 The tiny CLIP (3 blocks, width 96, patch 8, 96 px) sees its own synthetic stream
 (`synthetic.generate(..., stream=2, decorrelated=True)`: any object on any background, riders
 still only on horses), standing in for the broad web data of a real CLIP, while the WSSS splits
 keep their correlations. It is trained with CLIP's InfoNCE on image-caption pairs only, never
 masks (ssr_jax/clip/pretrain.py).
+
+The tiny DINO (same patch, so the same 12x12 grid as the tiny CLIP) is trained by DINO
+self-distillation on the synthetic training images alone: no masks, labels or captions
+(ssr_jax/dino/pretrain.py). Its pretraining reports, with the val masks, the attention purity
+(share of a patch's attention inside its own segment) of a random-init ViT, the tiny DINO and
+the tiny CLIP: how good each is as SGC's propagation affinity (method §3.1).
 """
 
 import dataclasses
+import functools
+import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -30,12 +41,17 @@ from ml_collections import config_flags
 from ssr_jax import machine
 from ssr_jax.clip import convert, pretrain
 from ssr_jax.clip.model import CLIP, CLIPConfig
+from ssr_jax.clip.preprocess import normalize as clip_normalize
 from ssr_jax.clip.tokenizer import tokenize
 from ssr_jax.data import superpixels, synthetic
+from ssr_jax.dino import convert as dino_convert
+from ssr_jax.dino import pretrain as dino_pretrain
+from ssr_jax.dino.model import DINO, DINOConfig, init_params
 
 log = logging.getLogger(__name__)
 
 SHIPPED_CLIP = Path(__file__).parent / "assets" / "tiny_clip.npz"
+SHIPPED_DINO = Path(__file__).parent / "assets" / "tiny_dino.npz"
 
 
 class DemoError(Exception):
@@ -43,7 +59,8 @@ class DemoError(Exception):
 
 
 def prepare(config, workdir):
-  """A copy of config with data.root (synthetic data + superpixels) and clip.weights filled in.
+  """A copy of config with data.root (synthetic data + superpixels), clip.weights and
+  dino.weights filled in (those already set are kept).
 
   Process 0 writes the shared files; the other processes wait for them.
   """
@@ -53,16 +70,23 @@ def prepare(config, workdir):
     _write_data(config)
   multihost_utils.sync_global_devices("ssr_jax.demo data")
   if not config.clip.weights:
-    if config.demo.pretrain_clip:
-      path = os.path.join(workdir, "clip", "tiny_clip.npz")
-      if jax.process_index() == 0 and _settings_of(path) != pretraining_settings(config):
-        pretrain_tiny_clip(config, path)  # None yet, or one made with other settings.
-      multihost_utils.sync_global_devices("ssr_jax.demo clip")
-    else:
-      path = str(SHIPPED_CLIP)
-      check_shipped_clip(config, path)
-    config.clip.weights = path
+    config.clip.weights = _weights(_CLIP, config, workdir)
+  if not config.dino.weights:
+    config.dino.weights = _weights(_DINO, config, workdir)
   return config
+
+
+def _weights(kind, config, workdir) -> str:
+  """The path of kind's weights: the shipped file (checked), or with config.demo.<kind.flag>
+  one pretrained in the workdir (again only if its stored settings differ from the config's)."""
+  if not getattr(config.demo, kind.flag):
+    check_shipped(kind, config, kind.shipped)
+    return str(kind.shipped)
+  path = os.path.join(workdir, kind.subdir, kind.shipped.name)
+  if jax.process_index() == 0 and _settings_of(kind, path) != _as_stored(kind.settings(config)):
+    kind.pretrain(config, path)  # None yet, or one made with other settings.
+  multihost_utils.sync_global_devices(f"ssr_jax.demo {kind.subdir}")
+  return path
 
 
 def _write_data(config):
@@ -176,36 +200,203 @@ def pretrain_tiny_clip(config, path) -> dict:
   return info
 
 
-def _settings_of(path):
-  """The pretraining settings stored in a tiny-CLIP file (None if there is no such file)."""
+# ------------------------------------------------------------------ tiny DINO
+
+
+def tiny_dino_config(config) -> DINOConfig:
+  d = config.demo
+  return DINOConfig(
+    image_size=config.data.crop_size,  # The position grid the SSR model's inputs have.
+    patch_size=d.dino_patch,
+    width=d.dino_width,
+    layers=d.dino_layers,
+    heads=d.dino_heads,
+    mlp=4 * d.dino_width,
+  )
+
+
+def dino_pretraining_settings(config) -> dict:
+  """Everything the tiny DINO's weights depend on; stored in its file and compared on use."""
+  d, sc = config.demo, config.data.synthetic
+  return dict(
+    dino=dataclasses.asdict(tiny_dino_config(config)),
+    steps=d.dino_steps,
+    batch_size=d.dino_batch_size,
+    lr=d.dino_lr,
+    seed=d.dino_seed,
+    recipe=dataclasses.asdict(dino_pretrain.RECIPE),
+    images=sc.num_train,  # The training split's images, nothing else.
+    split=config.data.train_split,
+    image_size=sc.image_size,
+    data_seed=sc.seed,
+  )
+
+
+def pretrain_tiny_dino(config, path, *, clip_path=None) -> dict:
+  """Pretrains the demo's tiny DINO (ssr_jax.dino.pretrain) and writes it to path (.npz).
+
+  Trains on the images of the synthetic training split under config.data.root; then reports
+  the attention purity on the val split for a random-init ViT, the tiny DINO and the CLIP at
+  clip_path (config.clip.weights or the shipped tiny CLIP when None; skipped if absent).
+  """
+  d = config.demo
+  train = synthetic.read_split(config.data.root, config.data.train_split)["image"]
+  cfg = tiny_dino_config(config)
+  params, run = dino_pretrain.pretrain_dino(
+    cfg, train, steps=d.dino_steps, batch_size=d.dino_batch_size, lr=d.dino_lr, seed=d.dino_seed
+  )
+  clip_path = clip_path or config.clip.weights or SHIPPED_CLIP
+  purity = attention_purities(config, cfg, params, clip_path)
+  info = dict(
+    settings=dino_pretraining_settings(config),
+    final_loss=run["final_loss"],
+    seconds=run["seconds"],
+    machine=machine.cpu_line(),
+    attention_purity=purity,
+  )
+  print(
+    f"tiny DINO: {d.dino_steps} steps of {d.dino_batch_size} images x "
+    f"(2 global + {dino_pretrain.RECIPE.num_local} local crops) of the {len(train)} synthetic "
+    f"training images in {run['seconds']:.0f}s ({machine.cpu_line()}), loss "
+    f"{run['final_loss']:.3f}. Attention purity on val (share of a patch's attention, heads "
+    "averaged, inside its own segment; balanced: segments weighted equally), per layer and "
+    "of the layers' mean:"
+  )
+  for kind, table in purity.items():
+    for name, p in table.items():
+      layers = " ".join(f"{v:.3f}" for v in p["layers"])
+      print(f"  {kind:>8} {name:>7}: {layers}  mean {p['mean']:.3f}")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  dino_convert.save_converted(path, cfg, params, meta=dict(demo_pretraining=info), compress=True)
+  return info
+
+
+def attention_purities(config, cfg: DINOConfig, params, clip_path) -> dict:
+  """Attention purity on the val split (dino_pretrain.attention_purity, heads averaged).
+
+  Returns {"plain" | "balanced": {model: {"layers": [purity of each layer's attention],
+  "mean": purity of the layers' mean attention}}} for random (a random-init ViT of cfg), dino
+  (params), clip (the CLIP at clip_path, if that file exists and has cfg's patch size) and
+  uniform attention (the chance level).
+  """
+  val = synthetic.read_split(config.data.root, config.data.val_split)
+  segments = dino_pretrain.patch_segments(val["mask"], cfg.patch_size)
+  model = DINO(cfg)
+  random = init_params(model, jax.random.PRNGKey(config.demo.dino_seed))
+  t = segments.shape[1] + 1
+  attn = {  # [L, B, T, T] each.
+    "uniform": np.ones((1, len(segments), t, t), np.float32),
+    "random": dino_pretrain.dino_attention(model, random, val["image"]),
+    "dino": dino_pretrain.dino_attention(model, params, val["image"]),
+  }
+  if Path(clip_path).is_file():
+    clip, clip_params = convert.load_clip(clip_path)
+    if clip.cfg.patch_size == cfg.patch_size:  # Same grid, so the same segments per patch.
+      norm = config.model.normalization
+      features = lambda x: clip.apply(
+        {"params": clip_params}, clip_normalize(x, norm), method=clip.image_features
+      )
+      attn["clip"] = np.asarray(jax.jit(features)(val["image"])["attn"])  # Heads averaged.
+  purity = functools.partial(dino_pretrain.attention_purity, segments=segments)
+  return {
+    kind: {
+      name: dict(
+        layers=[purity(x, balanced=balanced) for x in a],
+        mean=purity(a.mean(axis=0), balanced=balanced),
+      )
+      for name, a in attn.items()
+    }
+    for kind, balanced in (("plain", False), ("balanced", True))
+  }
+
+
+# ------------------------------------------------------------------ shipped weights
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+  """One of the demo's pretrained models: where it ships, how it is made and checked."""
+
+  name: str  # For messages: "tiny CLIP".
+  flag: str  # The config.demo field that pretrains one in the workdir instead.
+  shipped: Path
+  subdir: str  # Workdir subfolder of a pretrained one.
+  fields: str  # The config fields its settings come from, for messages.
+  cost: str  # Pretraining time, for messages.
+  settings: Callable  # config -> dict of everything the weights depend on.
+  read_metadata: Callable  # path -> the file's metadata (its "extra" holds the settings).
+  pretrain: Callable  # (config, path) -> info; writes the file.
+
+
+_CLIP = _Kind(
+  name="tiny CLIP",
+  flag="pretrain_clip",
+  shipped=SHIPPED_CLIP,
+  subdir="clip",
+  fields="config.demo.clip_*, data.synthetic, model.normalization",
+  cost="4-12 min on 2 cores",
+  settings=pretraining_settings,
+  read_metadata=convert.read_metadata,
+  pretrain=pretrain_tiny_clip,
+)
+_DINO = _Kind(
+  name="tiny DINO",
+  flag="pretrain_dino",
+  shipped=SHIPPED_DINO,
+  subdir="dino",
+  fields="config.demo.dino_*, data.synthetic, data.crop_size",
+  cost="about 6 min on 2 cores",
+  settings=dino_pretraining_settings,
+  read_metadata=dino_convert.read_metadata,
+  pretrain=pretrain_tiny_dino,
+)
+
+
+def _as_stored(settings: dict) -> dict:
+  """settings as they read back from a file's JSON metadata (tuples become lists)."""
+  return json.loads(json.dumps(settings))
+
+
+def _settings_of(kind, path):
+  """The pretraining settings stored in kind's file at path (None if there is no such file)."""
   if not os.path.exists(path):
     return None
-  return convert.read_metadata(path)["extra"]["demo_pretraining"]["settings"]
+  return kind.read_metadata(path)["extra"]["demo_pretraining"]["settings"]
 
 
-def check_shipped_clip(config, path) -> None:
+def check_shipped(kind, config, path) -> None:
   """Raises DemoError unless path matches its sha256 sidecar and the config's pretraining."""
   sidecar = Path(str(path) + ".sha256")
+  flag = f"--config.demo.{kind.flag}=True"
   if not Path(path).is_file() or not sidecar.is_file():
     raise DemoError(
-      f"the shipped tiny CLIP {path} (or its .sha256) is missing: reinstall ssr_jax, or pass "
-      "--config.demo.pretrain_clip=True to pretrain one in the workdir"
+      f"the shipped {kind.name} {path} (or its .sha256) is missing: reinstall ssr_jax, or pass "
+      f"{flag} to pretrain one in the workdir"
     )
   expected = sidecar.read_text().split()[0]
   if convert.sha256_file(path) != expected:
     raise DemoError(
       f"{path} does not match its sha256 ({sidecar}): the file is damaged (a Git LFS pointer?). "
-      "Reinstall ssr_jax, or pass --config.demo.pretrain_clip=True to pretrain one"
+      f"Reinstall ssr_jax, or pass {flag} to pretrain one"
     )
-  shipped = _settings_of(path)
-  wanted = pretraining_settings(config)
+  shipped = _settings_of(kind, path)
+  wanted = _as_stored(kind.settings(config))
   diff = sorted(k for k in wanted if shipped.get(k) != wanted[k])
   if diff:
     raise DemoError(
-      f"the shipped tiny CLIP was pretrained with other {', '.join(diff)} than this config "
-      "asks for (config.demo.clip_*, data.synthetic, model.normalization): pass "
-      "--config.demo.pretrain_clip=True to pretrain a matching one (4-12 min on 2 cores)"
+      f"the shipped {kind.name} was pretrained with other {', '.join(diff)} than this config "
+      f"asks for ({kind.fields}): pass {flag} to pretrain a matching one ({kind.cost})"
     )
+
+
+def check_shipped_clip(config, path) -> None:
+  """check_shipped for the tiny CLIP."""
+  check_shipped(_CLIP, config, path)
+
+
+def check_shipped_dino(config, path) -> None:
+  """check_shipped for the tiny DINO."""
+  check_shipped(_DINO, config, path)
 
 
 # ------------------------------------------------------------------ command line
@@ -213,23 +404,28 @@ def check_shipped_clip(config, path) -> None:
 
 def _main(argv):
   del argv
-  if not _WRITE.value:
-    raise app.UsageError("nothing to do: pass --write_shipped_clip")
+  kinds = [k for k, flag in ((_CLIP, _WRITE_CLIP), (_DINO, _WRITE_DINO)) if flag.value]
+  if not kinds:
+    raise app.UsageError("nothing to do: pass --write_shipped_clip and/or --write_shipped_dino")
   config = _CONFIG.value.copy_and_resolve_references()
   config.data.root = config.data.root or os.path.join(_WORKDIR.value, "data")
   _write_data(config)
-  pretrain_tiny_clip(config, SHIPPED_CLIP)
-  digest = convert.sha256_file(SHIPPED_CLIP)
-  Path(str(SHIPPED_CLIP) + ".sha256").write_text(f"{digest}  {SHIPPED_CLIP.name}\n")
-  print(f"wrote {SHIPPED_CLIP} (sha256 {digest})")
+  for kind in kinds:  # The CLIP first: the DINO's report compares with the shipped one.
+    kind.pretrain(config, kind.shipped)
+    digest = convert.sha256_file(kind.shipped)
+    Path(str(kind.shipped) + ".sha256").write_text(f"{digest}  {kind.shipped.name}\n")
+    print(f"wrote {kind.shipped} (sha256 {digest})")
 
 
 if __name__ == "__main__":
   # Flags are defined here, not at import: launch.py defines flags of the same names.
   _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/demo.py (or a variant).")
   _WORKDIR = flags.DEFINE_string("workdir", None, "Where the synthetic data is generated.")
-  _WRITE = flags.DEFINE_bool(
+  _WRITE_CLIP = flags.DEFINE_bool(
     "write_shipped_clip", False, f"Pretrain the tiny CLIP and overwrite {SHIPPED_CLIP}."
+  )
+  _WRITE_DINO = flags.DEFINE_bool(
+    "write_shipped_dino", False, f"Pretrain the tiny DINO and overwrite {SHIPPED_DINO}."
   )
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(_main)

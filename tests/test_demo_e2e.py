@@ -1,5 +1,6 @@
-"""A shortened embedded demo end to end: data -> tiny CLIP -> train -> checkpoint -> restore ->
-eval (cam, pseudo, seg), through the same entry point as `launch.py --config configs/demo.py`."""
+"""A shortened embedded demo end to end: data -> tiny CLIP and tiny DINO -> train -> checkpoint ->
+restore -> eval (cam, pseudo, seg), through the same entry point as `launch.py --config
+configs/demo.py`."""
 
 import json
 import os
@@ -23,6 +24,12 @@ def _tiny(config):
   config.demo.clip_batch_size = 8
   config.demo.clip_width = 32
   config.demo.clip_layers = 3
+  config.demo.pretrain_dino = True  # The shipped tiny DINO is checked in test_demo_assets.py.
+  config.demo.dino_steps = 2
+  config.demo.dino_batch_size = 8
+  config.demo.dino_width = 32
+  config.demo.dino_layers = 1
+  config.demo.dino_heads = 2
   config.model.cam.num_attn_layers = 2
   config.model.cam.rfm_layers = 2
   config.model.cam.rfm_switch_step = 2
@@ -51,7 +58,8 @@ def test_demo_train_checkpoint_restore_eval(tmp_path, monkeypatch):
       assert 0.0 <= r["miou"] <= 1.0
   # The heads' CAMs (trained from step 2) are not frozen CLIP's.
   assert results["train"]["cam"]["miou"] != results["train"]["clip_cam"]["miou"]
-  assert not config.data.root and not config.clip.weights  # prepare() returned a new config.
+  # prepare() returned a new config.
+  assert not config.data.root and not config.clip.weights and not config.dino.weights
 
   assert sorted(os.listdir("runs/demo/checkpoints")) == ["2", "4"]
   with open("runs/demo/train_metrics.jsonl") as f:

@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
 import warnings
 from pathlib import Path
@@ -31,10 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from ssr_jax import weights_npz
 from ssr_jax.clip.model import CLIP, CLIPConfig, cast_for_compute
 
 _CACHE_VERSION = 1  # Bump when the converted layout changes; older caches are then rebuilt.
-_META_KEY = "__meta__"
+_META_KEY = weights_npz.META_KEY
 _HF_WEIGHTS = ("model.safetensors", "flax_model.msgpack")
 _HF_IGNORED = {"text_model.embeddings.position_ids", "vision_model.embeddings.position_ids"}
 # OpenAI's TorchScript archives carry these integer buffers next to the weights.
@@ -427,8 +427,7 @@ def _read_npz(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
 def read_metadata(path) -> dict:
   """The JSON metadata of a converted .npz (config, sha256, "extra"), without reading its arrays
   ({} for an .npz that is not an ssr_jax CLIP cache)."""
-  with np.load(path, allow_pickle=False) as z:
-    return json.loads(str(z[_META_KEY])) if _META_KEY in z.files else {}
+  return weights_npz.read_metadata(path)
 
 
 def _valid_cache(src: _Source, cache: Path) -> bool:
@@ -441,19 +440,9 @@ def _valid_cache(src: _Source, cache: Path) -> bool:
   return meta.get("version") == _CACHE_VERSION and meta.get("sources") == _stamp(src.files)
 
 
-def _write_npz(path: Path, meta: dict, flat: dict, *, compress: bool = False):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  with open(tmp, "wb") as f:
-    (np.savez_compressed if compress else np.savez)(
-      f, **flat, **{_META_KEY: np.asarray(json.dumps(meta))}
-    )
-  os.replace(tmp, path)  # Atomic: concurrent readers never see a half-written file.
-
-
 def _write_cache(cache: Path, meta: dict, flat: dict):
   try:
-    _write_npz(cache, meta, flat)
+    weights_npz.write(cache, meta, flat)
   except OSError as e:
     warnings.warn(
       f"could not write the CLIP cache {cache} ({e}); set cache_dir to a writable "
@@ -513,19 +502,16 @@ def save_converted(
   under "extra" in the file's metadata (see load_converted). compress: zip-deflate the arrays
   (for files that ship with the package).
   """
-  flat = {
-    "/".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(params).items()
-  }
+  flat = weights_npz.flatten(params)
   path = Path(path)
   _check_against_model(flat, cfg, path)
-  h = hashlib.sha256()
-  for k in sorted(flat):
-    h.update(f"{k}:{flat[k].shape}".encode())
-    h.update(np.ascontiguousarray(flat[k]).tobytes())
   info = dict(
-    version=_CACHE_VERSION, config=dataclasses.asdict(cfg), sha256=h.hexdigest(), extra=meta or {}
+    version=_CACHE_VERSION,
+    config=dataclasses.asdict(cfg),
+    sha256=weights_npz.digest(flat),
+    extra=meta or {},
   )
-  _write_npz(path, info, flat, compress=compress)
+  weights_npz.write(path, info, flat, compress=compress)
   return path
 
 

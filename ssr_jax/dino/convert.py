@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
 import warnings
 from pathlib import Path
@@ -31,13 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from ssr_jax import weights_npz
 from ssr_jax.clip.convert import sha256_file
 from ssr_jax.clip.model import cast_for_compute
 from ssr_jax.dino.model import DINO, DINOConfig
 
 _CACHE_VERSION = 1  # Bump when the converted layout changes; older caches are then rebuilt.
 _CACHE_KIND = "dino_v1"
-_META_KEY = "__meta__"
+_META_KEY = weights_npz.META_KEY
 _HF_IGNORED_PREFIX = "pooler."  # ViTModel's tanh pooler: not part of the backbone.
 _HEADS_BY_WIDTH = {384: 6, 768: 12}  # DINO's ViT-S and ViT-B (head width 64).
 # The official DINO code's LayerNorm eps (vision_transformer.py: partial(nn.LayerNorm, eps=1e-6)).
@@ -333,16 +333,17 @@ def _read_npz(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     return meta, {k: z[k] for k in z.files if k != _META_KEY}
 
 
-def _read_meta(path: Path) -> dict:
-  with np.load(path, allow_pickle=False) as z:
-    return json.loads(str(z[_META_KEY])) if _META_KEY in z.files else {}
+def read_metadata(path) -> dict:
+  """The JSON metadata of a converted .npz (kind, config, sha256, and "extra" for
+  save_converted files), without reading its arrays ({} if it has none)."""
+  return weights_npz.read_metadata(path)
 
 
 def _valid_cache(src: _Source, cache: Path) -> bool:
   if not cache.is_file():
     return False
   try:
-    meta = _read_meta(cache)
+    meta = read_metadata(cache)
   except (OSError, ValueError):
     return False
   return (
@@ -353,12 +354,8 @@ def _valid_cache(src: _Source, cache: Path) -> bool:
 
 
 def _write_cache(cache: Path, meta: dict, flat: dict):
-  tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
   try:
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "wb") as f:
-      np.savez(f, **flat, **{_META_KEY: np.asarray(json.dumps(meta))})
-    os.replace(tmp, cache)  # Atomic: concurrent readers never see a half-written file.
+    weights_npz.write(cache, meta, flat)
   except OSError as e:
     warnings.warn(
       f"could not write the DINO cache {cache} ({e}); set cache_dir to a writable directory "
@@ -429,6 +426,29 @@ def load_dino(path, *, heads: int | None = None, dtype=jnp.float32, cache_dir=No
   return DINO(cfg, dtype=dtype), cast_for_compute(params, dtype)
 
 
+def save_converted(
+  path, cfg: DINOConfig, params, *, meta: dict | None = None, compress: bool = False
+) -> Path:
+  """Writes backbone params (e.g. a DINO trained in-process) as a converted .npz that load_dino
+  reads; float32, checked against the model's tree.
+
+  Its fingerprint is the sha256 of the parameter arrays; meta (JSON-serialisable) is stored
+  under "extra" in the file's metadata. compress: zip-deflate (files that ship with the package).
+  """
+  flat = weights_npz.flatten(params)
+  path = Path(path)
+  _check_against_model(flat, cfg, path)
+  info = dict(
+    kind=_CACHE_KIND,
+    version=_CACHE_VERSION,
+    config=dataclasses.asdict(cfg),
+    sha256=weights_npz.digest(flat),
+    extra=meta or {},
+  )
+  weights_npz.write(path, info, flat, compress=compress)
+  return path
+
+
 def weights_fingerprint(path, *, cache_dir=None) -> str:
   """sha256 (hex) of the weights file (model.safetensors or the .pth), for checkpoints to record.
 
@@ -437,9 +457,9 @@ def weights_fingerprint(path, *, cache_dir=None) -> str:
   """
   src = _resolve(path)
   if src.kind == "npz":
-    return _read_meta(src.weights).get("sha256") or sha256_file(src.weights)
+    return read_metadata(src.weights).get("sha256") or sha256_file(src.weights)
   if src.kind == "torch":
     cache = _cache_path(src, cache_dir)
     if _valid_cache(src, cache):
-      return _read_meta(cache)["sha256"]
+      return read_metadata(cache)["sha256"]
   return sha256_file(src.weights)

@@ -1,0 +1,485 @@
+"""DINO self-distillation (Caron et al., 2021) from scratch: the demo's tiny DINO.
+
+SGC fuses CLIP's attention with a self-supervised ViT's (method §3.1). The embedded demo has no
+ImageNet DINO, so it trains a tiny one on the synthetic training images alone (no masks, labels
+or captions) with DINO v1's recipe, scaled down:
+- student and teacher are the same `ssr_jax.dino` ViT plus a projection head (3-layer GELU MLP
+  -> bottleneck -> L2 normalisation -> weight-normalised linear layer onto `out_dim` prototypes);
+  the teacher is an EMA of the student (momentum cosine from 0.996 to 1) and gets no gradient;
+- multi-crop: 2 global and a few local random-resized crops of each image (flip and colour
+  jitter, all in numpy); the teacher sees the global crops only and the student every crop, and
+  the loss is the cross-entropy between the teacher's centred, sharpened softmax and the
+  student's, over every (teacher view, other student view) pair;
+- AdamW with linear warm-up and cosine decay, no weight decay on biases and LayerNorms,
+  gradient clipping, the last head layer frozen for the first steps (as DINO's first epoch);
+- optionally (Recipe.dense_weight > 0, off in the demo) a patch-level term: each patch of one
+  global view learns the teacher's distribution for the patch of the other view that shows the
+  same image point (`match_patches`, `dense_loss`).
+Position embeddings are learned for the full image's grid and interpolated (bicubic, as
+`DINO.position_embeddings`) for the crops' smaller grids.
+
+`attention_purity` measures, with the val masks, how much of each patch's attention stays in
+its own ground-truth segment: the property SGC's propagation needs from an affinity. On the
+demo's data the tiny DINO's attention stays diffuse (entropy near log T, as a random ViT's),
+so its purity stays close to a random ViT's.
+
+Shapes: B images, V student views (2 global + local), G = 2 global views, K prototypes,
+S image side (pixels), T = 1 + N tokens.
+"""
+
+import dataclasses
+import logging
+import math
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from PIL import Image
+
+from ssr_jax.dino.model import DINO, DINOConfig, normalize
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """DINO's hyperparameters that the demo config does not expose (stored with the weights)."""
+
+  # Crop sides in pixels before clamping to the image and rounding down to the patch size. Global
+  # crops of 64 px (8x8 patches) instead of the full 96 px cost 45% of the tokens, so twice the
+  # steps fit in the time budget; the full-size grid still gets position gradients through the
+  # interpolation.
+  global_size: int = 64
+  local_size: int = 32
+  num_local: int = 4
+  global_scale: tuple[float, float] = (0.4, 1.0)  # Area fraction of the image, as DINO.
+  local_scale: tuple[float, float] = (0.1, 0.4)
+  # Weight of the patch-level term (dense_loss); 0 is DINO v1 (and skips its cost). It did not
+  # make the tiny DINO's attention more segment-pure in our runs (300 steps, plain purity of the
+  # layers' mean 0.616 with it vs 0.631 without at lr 5e-4, 0.601 vs 0.642 at 2e-3).
+  dense_weight: float = 0.0
+  out_dim: int = 1024  # Prototypes; DINO's 65,536 scaled to a 512-image dataset.
+  head_hidden: int = 256
+  head_bottleneck: int = 64
+  student_temp: float = 0.1
+  teacher_temp: float = 0.04
+  warmup_teacher_temp: float = 0.04
+  warmup_teacher_temp_frac: float = 0.0  # Share of the steps over which it rises linearly.
+  center_momentum: float = 0.9
+  teacher_momentum: float = 0.996  # Start of the cosine schedule to 1.
+  weight_decay: float = 0.04
+  warmup_frac: float = 0.1  # Learning-rate warm-up, as a share of the steps.
+  min_lr: float = 1e-6
+  clip_grad: float = 3.0
+  freeze_last_layer_frac: float = 0.05  # DINO freezes the last layer for its first epoch.
+  jitter: float = 0.4  # Brightness, contrast and saturation factors in [1 - j, 1 + j].
+  jitter_prob: float = 0.8
+  grayscale_prob: float = 0.2
+
+
+RECIPE = Recipe()
+
+
+# ---------------------------------------------------------------- model
+
+
+class DINOHead(nn.Module):
+  """DINO's projection head: [B, D] CLS features -> [B, out_dim] prototype scores."""
+
+  out_dim: int
+  hidden: int
+  bottleneck: int
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.truncated_normal(0.02)  # DINO's trunc_normal_(std=.02), zero bias.
+    x = nn.gelu(nn.Dense(self.hidden, kernel_init=init, name="mlp_0")(x), approximate=False)
+    x = nn.gelu(nn.Dense(self.hidden, kernel_init=init, name="mlp_1")(x), approximate=False)
+    x = nn.Dense(self.bottleneck, kernel_init=init, name="mlp_2")(x)
+    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # F.normalize.
+    # weight_norm(Linear) with its gain fixed at 1 (DINO's norm_last_layer=True): each
+    # prototype is a unit vector, so the scores are cosines and cannot grow to collapse.
+    v = self.param("last_layer", init, (self.bottleneck, self.out_dim))
+    return x @ (v / jnp.linalg.norm(v, axis=0, keepdims=True))
+
+
+class Distiller(nn.Module):
+  """ViT backbone + DINO head. Param tree: {backbone: DINO params, head: DINOHead params}."""
+
+  cfg: DINOConfig
+  recipe: Recipe = RECIPE
+
+  def setup(self):
+    r = self.recipe
+    self.backbone = DINO(self.cfg)
+    self.head = DINOHead(r.out_dim, r.head_hidden, r.head_bottleneck)
+
+  def __call__(self, images, patches=False):
+    """normalised images [B, H, W, 3] -> prototype scores [B, K] of the final CLS token, and
+    with patches=True also those of every patch token [B, N, K] (the head is shared, as iBOT's)."""
+    x = self.backbone(images)
+    if not patches:
+      return self.head(x[:, 0])
+    out = self.head(x)
+    return out[:, 0], out[:, 1:]
+
+
+# ---------------------------------------------------------------- loss and schedules
+
+
+def dino_loss(student, teacher, center, *, student_temp, teacher_temp):
+  """DINO's self-distillation loss.
+
+  student: float32 [V, B, K] raw scores of every view (the G global views first, in the
+  teacher's order); teacher: [G, B, K] raw scores of the global views; center: [K].
+  Returns the mean over (teacher view g, student view v != g) pairs of the batch-mean
+  cross-entropy H(softmax((teacher_g - center) / teacher_temp), softmax(student_v /
+  student_temp)). Gradients do not flow into the teacher.
+  """
+  t = jax.nn.softmax((jax.lax.stop_gradient(teacher) - center) / teacher_temp, axis=-1)
+  logp = jax.nn.log_softmax(student / student_temp, axis=-1)
+  ce = -jnp.einsum("gbk,vbk->gv", t, logp) / student.shape[1]  # [G, V] batch means.
+  g, v = ce.shape
+  # A teacher view is never the target of the student's same view (DINO's `v == iq` skip).
+  keep = 1.0 - jnp.eye(g, v)
+  return (ce * keep).sum() / keep.sum()
+
+
+def update_center(center, teacher, momentum):
+  """EMA of the teacher's batch-mean raw scores: center [K], teacher [G, B, K] -> [K]."""
+  return center * momentum + teacher.mean(axis=(0, 1)) * (1.0 - momentum)
+
+
+def dense_loss(student, teacher, center, index, valid, *, student_temp, teacher_temp):
+  """Patch-level self-distillation between the two global views.
+
+  student, teacher: float32 [2, B, N, K] raw patch scores of global views 0 and 1; center: [K];
+  index: int [2, B, N] the patch of the other view at the same image point (`match_patches`);
+  valid: float [2, B, N] 1 where that point lies inside the other view. Each student patch of
+  view a learns the centred, sharpened teacher distribution of the patch of view 1 - a that
+  shows the same image point (DenseCL/iBOT-style targets, but across views by geometry, so the
+  backbone needs no mask token). Returns the mean cross-entropy over valid patches.
+  """
+  t = jax.nn.softmax((jax.lax.stop_gradient(teacher) - center) / teacher_temp, axis=-1)
+  t = jnp.take_along_axis(t[::-1], index[..., None], axis=2)  # Other view, matched patch.
+  ce = -(t * jax.nn.log_softmax(student / student_temp, axis=-1)).sum(-1)
+  return (ce * valid).sum() / jnp.maximum(valid.sum(), 1.0)
+
+
+def teacher_momentum(step, steps, base):
+  """Cosine from base at step 0 to 1 at the last step (DINO's momentum schedule)."""
+  return 1.0 - (1.0 - base) * (math.cos(math.pi * step / max(1, steps)) + 1.0) / 2.0
+
+
+def teacher_temperature(step, steps, recipe: Recipe):
+  """Linear warm-up from warmup_teacher_temp to teacher_temp, then constant."""
+  warm = int(recipe.warmup_teacher_temp_frac * steps)
+  if step >= warm:
+    return recipe.teacher_temp
+  return recipe.warmup_teacher_temp + (recipe.teacher_temp - recipe.warmup_teacher_temp) * (
+    step / warm
+  )
+
+
+def ema(teacher, student, momentum):
+  """teacher <- momentum * teacher + (1 - momentum) * student, leaf by leaf."""
+  return jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s, teacher, student)
+
+
+# ---------------------------------------------------------------- multi-crop (numpy)
+
+
+def crop_sizes(image_size, patch, recipe: Recipe = RECIPE):
+  """(global, local) crop sides: the recipe's, clamped to the image, multiples of the patch."""
+  side = lambda px: max(patch, min(px, image_size) // patch * patch)
+  return side(recipe.global_size), side(recipe.local_size)
+
+
+def _crop_box(s, rng, scale):
+  """torchvision's RandomResizedCrop box (x0, y0, w, h) in an S x S image (ratio 3/4-4/3)."""
+  area = rng.uniform(*scale) * s * s
+  ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+  w = min(s, max(1, round(math.sqrt(area * ratio))))
+  h = min(s, max(1, round(math.sqrt(area / ratio))))
+  return int(rng.integers(0, s - w + 1)), int(rng.integers(0, s - h + 1)), w, h
+
+
+def _resized_crop(img, box, out):
+  """uint8 [S, S, 3] -> uint8 [out, out, 3] of box (x0, y0, w, h)."""
+  x0, y0, w, h = box
+  # PIL crops and resizes in one pass, antialiasing when it shrinks.
+  pil = Image.fromarray(img).resize((out, out), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
+  return np.asarray(pil)
+
+
+def match_patches(boxes, flips, grid):
+  """For each patch of global view a, the patch of view 1 - a at the same image point.
+
+  boxes: [2, B, 4] crop boxes (x0, y0, w, h) in image pixels; flips: bool [2, B] (view mirrored
+  after cropping); grid: patches per side of the (square) views. Returns (index int32 [2, B, N]
+  row-major patch of the other view under each patch centre, valid float32 [2, B, N] 1 where
+  that centre lies inside the other view).
+  """
+  c = (np.arange(grid) + 0.5) / grid  # Patch centres as fractions of the view.
+  u, v = np.meshgrid(c, c)  # [g, g]: x (column) and y (row) fractions.
+  boxes = boxes.astype(np.float64)[..., None, None]  # [2, B, 4, 1, 1]
+  u = np.where(flips[..., None, None], 1.0 - u, u)
+  x = boxes[:, :, 0] + u * boxes[:, :, 2]  # [2, B, g, g] image coordinates.
+  y = boxes[:, :, 1] + v * boxes[:, :, 3]
+  other = boxes[::-1]
+  uo = (x - other[:, :, 0]) / other[:, :, 2]
+  vo = (y - other[:, :, 1]) / other[:, :, 3]
+  valid = (uo >= 0) & (uo < 1) & (vo >= 0) & (vo < 1)
+  uo = np.where(flips[::-1][..., None, None], 1.0 - uo, uo)
+  col = np.clip(np.floor(uo * grid), 0, grid - 1)
+  row = np.clip(np.floor(vo * grid), 0, grid - 1)
+  n = (2, boxes.shape[1], grid * grid)
+  index = (row * grid + col).astype(np.int32).reshape(n)
+  return index, valid.astype(np.float32).reshape(n)
+
+
+def _gray(x):
+  """[..., 3] -> [..., 1] ITU-R 601 luma, as torchvision's rgb_to_grayscale."""
+  return (x @ np.float32([0.299, 0.587, 0.114]))[..., None]
+
+
+def _jitter(x, rng, recipe: Recipe):
+  """float32 0-1 crops [B, s, s, 3]: per-crop colour jitter and grayscale."""
+  b = x.shape[0]
+  j = recipe.jitter
+  on = (rng.random(b) < recipe.jitter_prob)[:, None, None, None]
+  bright, contrast, sat = (rng.uniform(1 - j, 1 + j, (b, 1, 1, 1)) for _ in range(3))
+  # torchvision's order and formulas: brightness scales, contrast blends with the mean grey
+  # level, saturation with the grey image.
+  y = x * bright
+  mean = _gray(y).mean(axis=(1, 2, 3), keepdims=True)
+  y = (y - mean) * contrast + mean
+  g = _gray(y)
+  y = (y - g) * sat + g
+  x = np.where(on, np.clip(y, 0.0, 1.0), x)
+  to_gray = (rng.random(b) < recipe.grayscale_prob)[:, None, None, None]
+  return np.where(to_gray, np.broadcast_to(_gray(x), x.shape), x).astype(np.float32)
+
+
+def multicrop(images, rng, *, patch, recipe: Recipe = RECIPE):
+  """uint8 images [B, S, S, 3] -> dict of augmented views, each crop independently cropped,
+  flipped, colour-jittered and maybe greyed:
+  global float32 0-1 [2, B, g, g, 3], local [num_local, B, l, l, 3], and index / valid
+  [2, B, (g / patch)^2] matching the global views' patches (`match_patches`)."""
+  b, s = images.shape[:2]
+  gs, ls = crop_sizes(s, patch, recipe)
+
+  def views(n, size, scale):
+    boxes = np.array([[_crop_box(s, rng, scale) for _ in range(b)] for _ in range(n)])
+    out = np.stack(
+      [[_resized_crop(im, box, size) for im, box in zip(images, bx)] for bx in boxes]
+    ).reshape(n * b, size, size, 3)
+    flips = rng.random(n * b) < 0.5
+    out[flips] = out[flips, :, ::-1]
+    out = _jitter(out.astype(np.float32) / 255.0, rng, recipe)
+    return out.reshape(n, b, size, size, 3), boxes, flips.reshape(n, b)
+
+  g, boxes, flips = views(2, gs, recipe.global_scale)
+  lo, _, _ = views(recipe.num_local, ls, recipe.local_scale)
+  index, valid = match_patches(boxes, flips, gs // patch)
+  return dict(globals=g, locals=lo, index=index, valid=valid)
+
+
+# ---------------------------------------------------------------- training
+
+
+def _decay_mask(params):
+  """Weight decay on matrices and embeddings only, not on biases or LayerNorms (as DINO)."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(*, lr, steps, recipe: Recipe = RECIPE):
+  warmup = max(1, int(recipe.warmup_frac * steps))
+  sched = optax.warmup_cosine_decay_schedule(
+    0.0, lr, warmup, max(steps, warmup + 1), end_value=recipe.min_lr
+  )
+  return optax.chain(
+    optax.clip_by_global_norm(recipe.clip_grad),
+    optax.adamw(sched, weight_decay=recipe.weight_decay, mask=_decay_mask),
+  )
+
+
+def init_state(model: Distiller, tx, rng, image_size):
+  """dict(student, teacher (a copy of the student), opt, center and center_patch [K] zeros)."""
+  params = jax.jit(model.init)(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+  params = params["params"]
+  k = model.recipe.out_dim
+  return dict(
+    student=params,
+    teacher=jax.tree.map(jnp.array, params),
+    opt=tx.init(params),
+    center=jnp.zeros((k,), jnp.float32),
+    # The patch scores' own centre, as iBOT's center2 (a distinct buffer: the state is donated).
+    center_patch=jnp.zeros((k,), jnp.float32),
+  )
+
+
+def make_step(model: Distiller, tx):
+  """The jitted update: step(state, crops, sched) -> (state, metrics).
+
+  crops: `multicrop`'s dict (globals float32 0-1 [2, B, g, g, 3], locals [L, B, l, l, 3],
+  index and valid [2, B, N]); sched: dict of float32 scalars teacher_temp, momentum (the EMA
+  momentum for this step) and freeze (1.0 while the last head layer is frozen). The state is
+  donated. The teacher is updated with the new student, after the optimizer step, as DINO does.
+  """
+  r = model.recipe
+
+  def scores(params, views, patches):
+    n, b = views.shape[:2]
+    out = model.apply(
+      {"params": params}, normalize(views.reshape(n * b, *views.shape[2:])), patches=patches
+    )
+    if not patches:
+      return out.reshape(n, b, -1)
+    return out[0].reshape(n, b, -1), out[1].reshape(n, b, *out[1].shape[1:])
+
+  def loss_fn(student, teacher, centers, crops, temp):
+    temps = dict(student_temp=r.student_temp, teacher_temp=temp)
+    dense = r.dense_weight > 0  # Static: without the patch term, no patch scores are computed.
+    t_cls = scores(teacher, crops["globals"], dense)
+    s_cls = scores(student, crops["globals"], dense)
+    t_patch, patch = None, jnp.zeros((), jnp.float32)
+    if dense:
+      (t_cls, t_patch), (s_cls, s_patch) = t_cls, s_cls
+      patch = dense_loss(s_patch, t_patch, centers[1], crops["index"], crops["valid"], **temps)
+    s_cls = jnp.concatenate([s_cls, scores(student, crops["locals"], False)])
+    cls = dino_loss(s_cls, t_cls, centers[0], **temps)
+    return cls + r.dense_weight * patch, (cls, patch, t_cls, t_patch)
+
+  def step(state, crops, sched):
+    centers = (state["center"], state["center_patch"])
+    (loss, (cls, dense, t_cls, t_patch)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state["student"], state["teacher"], centers, crops, sched["teacher_temp"]
+    )
+    updates, opt = tx.update(grads, state["opt"], state["student"])
+    # Frozen last layer: its update (Adam step and weight decay) is dropped, as DINO drops the
+    # gradient, so the prototypes do not chase a still-random backbone.
+    keep = 1.0 - sched["freeze"]
+    updates["head"]["last_layer"] = updates["head"]["last_layer"] * keep
+    student = optax.apply_updates(state["student"], updates)
+    new = dict(
+      student=student,
+      teacher=ema(state["teacher"], student, sched["momentum"]),
+      opt=opt,
+      center=update_center(state["center"], t_cls, r.center_momentum),
+      center_patch=state["center_patch"]
+      if t_patch is None
+      else update_center(
+        state["center_patch"], t_patch.reshape(2, -1, t_patch.shape[-1]), r.center_momentum
+      ),
+    )
+    metrics = dict(loss=loss, cls=cls, dense=dense, grad_norm=optax.global_norm(grads))
+    return new, metrics
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def schedule(step, steps, recipe: Recipe = RECIPE):
+  """The host-side per-step scalars make_step's update takes."""
+  return dict(
+    teacher_temp=np.float32(teacher_temperature(step, steps, recipe)),
+    momentum=np.float32(teacher_momentum(step, steps, recipe.teacher_momentum)),
+    freeze=np.float32(step < int(recipe.freeze_last_layer_frac * steps)),
+  )
+
+
+def pretrain_dino(cfg: DINOConfig, images, *, steps, batch_size, lr, seed, recipe: Recipe = RECIPE):
+  """DINO self-distillation on uint8 images [N, S, S, 3] (images only: no masks or labels).
+
+  Deterministic given seed: batches (sampled without replacement within each epoch) and
+  augmentations come from numpy generators seeded by (seed, step), the init from
+  PRNGKey(seed). Logs progress five times. Returns (teacher backbone params, the DINO
+  evaluates and releases its teacher; dict(final_loss, seconds)).
+  """
+  n, s = images.shape[:2]
+  if batch_size > n:
+    raise ValueError(f"DINO batch_size {batch_size} exceeds the {n} training images")
+  model = Distiller(cfg, recipe)
+  tx = make_optimizer(lr=lr, steps=steps, recipe=recipe)
+  state = init_state(model, tx, jax.random.PRNGKey(seed), s)
+  step_fn = make_step(model, tx)
+  per_epoch = n // batch_size
+  t0, loss = time.time(), float("nan")
+  order = None
+  for i in range(steps):
+    if i % per_epoch == 0:
+      order = np.random.default_rng([seed, 0, i // per_epoch]).permutation(n)
+    idx = order[(i % per_epoch) * batch_size :][:batch_size]
+    crops = multicrop(
+      images[idx], np.random.default_rng([seed, 1, i]), patch=cfg.patch_size, recipe=recipe
+    )
+    state, metrics = step_fn(state, crops, schedule(i, steps, recipe))
+    if (i + 1) % max(1, steps // 5) == 0 or i + 1 == steps:
+      loss = float(metrics["loss"])
+      if not np.isfinite(loss):
+        raise FloatingPointError(f"tiny DINO pretraining diverged at step {i + 1} (loss {loss})")
+      log.info(
+        "tiny DINO pretraining %d/%d loss %.4f (CLS %.4f, patches %.4f) %.0fs",
+        i + 1,
+        steps,
+        loss,
+        float(metrics["cls"]),
+        float(metrics["dense"]),
+        time.time() - t0,
+      )
+  teacher = jax.device_get(state["teacher"]["backbone"])
+  return teacher, dict(final_loss=loss, seconds=time.time() - t0)
+
+
+# ---------------------------------------------------------------- attention purity
+
+
+def patch_segments(masks, patch):
+  """uint8 masks [B, H, W] -> [B, N] the most frequent label of each patch (row-major)."""
+  b, hh, ww = masks.shape
+  h, w = hh // patch, ww // patch
+  m = masks[:, : h * patch, : w * patch].reshape(b, h, patch, w, patch).transpose(0, 1, 3, 2, 4)
+  m = m.reshape(b, h * w, patch * patch).astype(np.int64)
+  counts = (m[..., None] == np.arange(int(m.max()) + 1)).sum(axis=2)
+  return counts.argmax(axis=-1)
+
+
+def attention_purity(attn, segments, *, balanced=False):
+  """Mean share of each patch's patch-to-patch attention that lands in its own segment.
+
+  attn: [B, T, T] attention (heads and layers already averaged; token 0 is the CLS and is
+  dropped, then each row is renormalised); segments: int [B, N] labels (`patch_segments`).
+  balanced: average within each segment of an image first, then over its segments, so that a
+  small object counts as much as the background that covers most patches.
+  `uniform_purity` gives the chance level (uniform attention).
+  """
+  a = np.asarray(attn, np.float64)[:, 1:, 1:]
+  a = a / a.sum(axis=-1, keepdims=True)
+  same = segments[:, :, None] == segments[:, None, :]
+  share = (a * same).sum(axis=-1)  # [B, N]
+  if not balanced:
+    return float(share.mean())
+  per_image = [
+    np.mean([s[seg == k].mean() for k in np.unique(seg)]) for s, seg in zip(share, segments)
+  ]
+  return float(np.mean(per_image))
+
+
+def uniform_purity(segments, *, balanced=False):
+  """The purity of uniform attention: the chance level of `attention_purity`."""
+  t = segments.shape[1] + 1
+  return attention_purity(np.ones((len(segments), t, t)), segments, balanced=balanced)
+
+
+def dino_attention(model: DINO, params, images, *, batch=64):
+  """uint8 images [B, S, S, 3] -> float32 [L, B, T, T]: every layer's attention, heads
+  averaged."""
+  fn = jax.jit(lambda x: model.apply({"params": params}, normalize(x), method=model.attention_maps))
+  out = []
+  for i in range(0, len(images), batch):
+    a = fn(jnp.asarray(images[i : i + batch], jnp.float32) / 255.0)  # [L, B, heads, T, T]
+    out.append(np.asarray(a.mean(axis=2)))
+  return np.concatenate(out, axis=1)
