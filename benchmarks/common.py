@@ -12,6 +12,7 @@ import jax
 from configs import voc
 from ssr_jax import machine, testing
 from ssr_jax.clip.model import CONFIGS
+from ssr_jax.dino.model import CONFIGS as DINO_CONFIGS
 
 # Dense bf16 tensor-core peak per chip (NVIDIA datasheets, SXM parts); H200 has H100's compute.
 _PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
@@ -64,10 +65,14 @@ def bench_config(args):
 
 
 def random_setup(config, *, small: bool, seed: int = 0):
-  """(task, frozen, batch): random ViT-B/16 (small: testing.TINY_CLIP) weights and text
-  embeddings, and a VOC-like batch (2-3 classes per image, 32x32-pixel block superpixels)."""
+  """(task, frozen, batch): random ViT-B/16 and DINO ViT-S/16 (small: testing's tiny ones)
+  weights and text embeddings, and a VOC-like batch (2-3 classes per image, 32x32-pixel block
+  superpixels and colour regions)."""
   task, frozen = testing.random_build(
-    config, clip_cfg=None if small else CONFIGS["ViT-B/16"], seed=seed
+    config,
+    clip_cfg=None if small else CONFIGS["ViT-B/16"],
+    dino_cfg=None if small else DINO_CONFIGS["ViT-S/16"],
+    seed=seed,
   )
   batch = testing.fake_batch(
     config.train.batch_size, config.data.crop_size, config.data.num_classes - 1, seed=seed

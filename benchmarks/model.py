@@ -1,8 +1,9 @@
 """SSR loss-and-gradient cost per module: random ViT-B/16 weights, batch 4, crop 320 (VOC).
 
 `python -m benchmarks model [--small] [--dtype bfloat16]` times the jitted value_and_grad of
-the SSR loss for: the WeCLIP baseline without PAR, the
-WeCLIP baseline (no CMPA, no SGC), +CMPA, +SGC and full SSR, and prints each module's overhead.
+the SSR loss for the WeCLIP baseline without PAR and each row of --mode ablation
+(experiment.VARIANTS: baseline, +CMPA, +DINO attention, +SGC, SSR), and prints each module's
+overhead.
 """
 
 import jax
@@ -18,18 +19,15 @@ def add_args(p):
 
 
 def _variants(config):
-  def with_(cmpa, sgc, **cam):
-    c = experiment.variant_config(config, cmpa=cmpa, sgc=sgc)
+  def with_(name, **cam):
+    c = experiment.variant_config(config, **dict(experiment.VARIANTS)[name])
     c.model.cam.update(cam)
     return c
 
-  return {
-    "baseline, no PAR": with_(False, False, par_iters=0),
-    "baseline (WeCLIP)": with_(False, False),
-    "+CMPA": with_(True, False),
-    "+SGC": with_(False, True),
-    "SSR (CMPA+SGC)": with_(True, True),
-  }
+  base = "baseline (WeCLIP)"
+  rows = {"baseline, no PAR": with_(base, par_iters=0)}
+  rows.update({name: with_(name) for name, _ in experiment.VARIANTS})
+  return rows
 
 
 def run(args):
@@ -63,7 +61,10 @@ def run(args):
   base = times["baseline (WeCLIP)"]
   out["PAR overhead ms"] = round(1e3 * (base - times["baseline, no PAR"]), 3)
   out["CMPA overhead ms"] = round(1e3 * (times["+CMPA"] - base), 3)
-  out["SGC overhead ms"] = round(1e3 * (times["+SGC"] - base), 3)
-  out["SSR / baseline"] = round(times["SSR (CMPA+SGC)"] / base, 3)
+  out["DINO attention overhead ms"] = round(
+    1e3 * (times["+CMPA +DINO attention"] - times["+CMPA"]), 3
+  )
+  out["SGC overhead ms"] = round(1e3 * (times["+SGC (DINO + region mask)"] - base), 3)
+  out["SSR / baseline"] = round(times["SSR (CMPA + SGC)"] / base, 3)
   out["peak_memory_bytes"] = common.peak_memory_bytes()
   return out

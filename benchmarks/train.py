@@ -31,7 +31,8 @@ def add_args(p):
 
 def run(args):
   ssr = args.variant == "ssr"
-  config = experiment.variant_config(common.bench_config(args), cmpa=ssr, sgc=ssr)
+  name = "SSR (CMPA + SGC)" if ssr else "baseline (WeCLIP)"
+  config = experiment.variant_config(common.bench_config(args), **dict(experiment.VARIANTS)[name])
   config.model.cam.rfm_switch_step = args.steps // 2
   config.model.cmpa.cam_start_step = 0  # CAMs through the heads from the first step.
   task, frozen, batch = common.random_setup(config, small=args.small)

@@ -49,6 +49,10 @@ def get_config():
 
   c.model.cam = ml_collections.ConfigDict()
   c.model.cam.source = "cmpa"  # GradCAM logits through CMPA's heads (paper) or frozen CLIP's.
+  # Affinity = (1 - w) CLIP attention + w DINO attention, rows normalised (paper: 0.4 : 0.6, §3.1);
+  # after the RFM switch RFM's affinity takes CLIP's place. 0 = CLIP alone (no DINO needed).
+  c.model.cam.dino_weight = 0.6
+  c.model.cam.dino_layers = 4  # [inferred] DINO's last layers averaged (heads averaged).
   c.model.cam.num_attn_layers = 8  # Pre-RFM affinity: mean of the last 8 attention maps, §1.4.1.
   c.model.cam.rfm_layers = 6  # RFM candidate layers (VOC 6, COCO 10), §1.4.2.
   c.model.cam.rfm_switch_step = 9000  # Train step from which RFM affinity is used (§1.4 quirk).
@@ -90,12 +94,21 @@ def get_config():
   c.model.cmpa.decoder.warmup_steps = 0  # CMPA loss is zero before this step.
   c.model.cmpa.decoder.cam_fusion = False  # Add the text-driven map to GradCAM after RFM.
 
-  c.model.sgc = ml_collections.ConfigDict()  # §3, all [inferred].
+  # SGC (§3): target colour regions (K-means of the SLIC superpixels by colour, precomputed) per
+  # class; affinity columns outside them are zeroed before propagation.
+  c.model.sgc = ml_collections.ConfigDict()
   c.model.sgc.enabled = True
+  c.model.sgc.grouping = "clusters"  # clusters: the paper's colour regions; superpixels: [v1].
+  # [inferred] A region is a target of class c when the share of its activation from patches with
+  # cam_c >= high_threshold is >= ratio_threshold (both unstated; high = the box threshold).
+  c.model.sgc.high_threshold = 0.4  # VOC .4 / COCO .7, as the box threshold.
+  c.model.sgc.ratio_threshold = 0.5
+  c.model.sgc.replace_box = False  # [inferred] Column mask within WeCLIP's box mask, or instead.
+  c.model.sgc.hard = False  # Binarise the patch masks at 0.5 (else a patch's fraction inside).
+  # [v1] grouping "superpixels" only (§3.6):
   c.model.sgc.threshold = 0.4  # tau_sp: target superpixels, fraction of the max pooled CAM.
   c.model.sgc.receiver_mask = False  # Variant B: also mask receiving patches (dilated u_c).
   c.model.sgc.soft_alpha = 1.0  # Variant C: T *= alpha + (1-alpha)*[share a superpixel]; 1 = off.
-  c.model.sgc.hard = False  # Binarise the patch mask u_c at 0.5.
   c.model.sgc.max_superpixels = 512  # S_max: superpixel ids >= this are folded (keep > count).
 
   # ---------------------------------------------------------------- losses (§1.6)

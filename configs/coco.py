@@ -15,6 +15,7 @@ def get_config():
   c.model.cam.rfm_layers = 10
   c.model.cam.rfm_switch_step = 10000  # Effective switch of WeCLIP's iter_num quirk (§1.4).
   c.model.cam.box_threshold = 0.7
+  c.model.sgc.high_threshold = 0.7
   c.model.sgc.threshold = 0.7
   c.train.batch_size = 8  # WeCLIP+CEP reports 8 for COCO; the repo config says 4 (§1.1).
   c.train.num_steps = 80000

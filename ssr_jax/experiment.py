@@ -27,18 +27,24 @@ from ssr_jax.clip.preprocess import compute_dtype
 from ssr_jax.clip.prompts import text_classifier
 from ssr_jax.data import pipeline
 from ssr_jax.data.files import DataError
+from ssr_jax.dino import convert as dino_convert
 from ssr_jax.eval import run as eval_run
-from ssr_jax.model.ssr import build_task
+from ssr_jax.model.ssr import build_task, sgc_inputs
 from ssr_jax.train import loop as train_loop
 from ssr_jax.train.checkpoint import CheckpointMismatchError
 
-# (name, model.cmpa.enabled, model.sgc.enabled) of --mode ablation. Without CMPA the CAMs come
-# from frozen CLIP (model.cam.source "clip"); with it, from the configured source.
+# --mode ablation: (name, settings) rows, each trained and evaluated with the same seeds. The
+# paper's ladder (Tables 3-4: CMPA CAM -> + CLIP attention -> + DINO attention -> + SGC mask) with
+# the paper's values: cmpa on/off (off: frozen CLIP's CAMs), dino = CLIP : DINO weight of the
+# affinity, sgc = SGC's grouping or None (off). A last row, "as configured", runs the config
+# itself when it differs from all of these (the demo's [v1] SGC).
+PAPER_DINO_WEIGHT = 0.6
 VARIANTS = (
-  ("baseline", False, False),
-  ("+CMPA", True, False),
-  ("+SGC", False, True),
-  ("SSR (CMPA+SGC)", True, True),
+  ("baseline (WeCLIP)", dict(cmpa=False, dino=0.0, sgc=None)),
+  ("+CMPA", dict(cmpa=True, dino=0.0, sgc=None)),
+  ("+CMPA +DINO attention", dict(cmpa=True, dino=PAPER_DINO_WEIGHT, sgc=None)),
+  ("+SGC (DINO + region mask)", dict(cmpa=False, dino=PAPER_DINO_WEIGHT, sgc="clusters")),
+  ("SSR (CMPA + SGC)", dict(cmpa=True, dino=PAPER_DINO_WEIGHT, sgc="clusters")),
 )
 
 
@@ -46,8 +52,27 @@ class UserError(Exception):
   """A problem the user can fix (config, paths, data); printed without a traceback."""
 
 
+def load_dino(config):
+  """(DINO module, params, fingerprint) of config.dino.weights, or (None, None, "") when it is
+  empty or unused (model.cam.dino_weight = 0)."""
+  path = config.dino.weights
+  if not path or config.model.cam.dino_weight <= 0:
+    return None, None, ""
+  if not os.path.exists(path):
+    raise UserError(f"dino.weights={path!r} does not exist")
+  cache_dir = config.dino.cache_dir or None
+  try:
+    dino, params = dino_convert.load_dino(
+      path, dtype=compute_dtype(config.model.dtype), cache_dir=cache_dir
+    )
+  except ValueError as e:
+    raise UserError(f"dino.weights={path!r}: {e}") from e
+  return dino, params, dino_convert.weights_fingerprint(path, cache_dir=cache_dir)
+
+
 def load_frozen(config):
-  """(CLIP module, frozen pytree {clip, text_fg, text_bg}, weights fingerprint) for a config."""
+  """(CLIP module, DINO module or None, frozen pytree {clip, text_fg, text_bg[, dino]}, weights
+  fingerprint) for a config."""
   path = config.clip.weights
   if not path:
     raise UserError(
@@ -69,25 +94,35 @@ def load_frozen(config):
   text_fg = text_classifier(clip, params, list(m.class_names), templates, context_length=ctx)
   text_bg = text_classifier(clip, params, list(m.bg_names), templates, context_length=ctx)
   frozen = dict(clip=params, text_fg=jnp.asarray(text_fg), text_bg=jnp.asarray(text_bg))
-  return clip, frozen, weights_fingerprint(path, cache_dir=cache_dir)
+  fingerprint = weights_fingerprint(path, cache_dir=cache_dir)
+  dino, dino_params, dino_fingerprint = load_dino(config)
+  if dino is not None:
+    frozen["dino"] = dino_params
+    fingerprint = f"{fingerprint}+dino:{dino_fingerprint}"
+  return clip, dino, frozen, fingerprint
 
 
 def build(config):
-  """(SSRTask, frozen pytree, CLIP weights fingerprint)."""
-  clip, frozen, fingerprint = load_frozen(config)
-  task = build_task(
-    config.model,
-    config.loss,
-    clip=clip,
-    num_classes=config.data.num_classes,
-    ignore_label=config.data.ignore_label,
-  )
+  """(SSRTask, frozen pytree, frozen weights fingerprint)."""
+  clip, dino, frozen, fingerprint = load_frozen(config)
+  try:
+    task = build_task(
+      config.model,
+      config.loss,
+      clip=clip,
+      num_classes=config.data.num_classes,
+      ignore_label=config.data.ignore_label,
+      dino=dino,
+      num_regions=config.data.color_clusters,
+    )
+  except ValueError as e:
+    raise UserError(str(e)) from e
   return task, frozen, fingerprint
 
 
 def batches(config):
   """make_iterator(start_step) for train.loop.train: this process's training batches from a step
-  on (superpixels required exactly when SGC is on)."""
+  on (superpixels or colour clusters required exactly when SGC uses them)."""
 
   def make_iterator(start_step):
     return pipeline.make_train_iterator(
@@ -95,7 +130,7 @@ def batches(config):
       batch_size=config.train.batch_size,
       seed=config.seed,
       start_step=start_step,
-      superpixels=config.model.sgc.enabled,
+      **sgc_inputs(config.model.sgc.enabled, config.model.sgc.grouping),
     )
 
   return make_iterator
@@ -169,23 +204,39 @@ def evaluate(config, workdir) -> dict:
   return results
 
 
-def variant_config(config, *, cmpa: bool, sgc: bool):
-  """The config of one ablation row: CMPA and SGC on or off, all else (seeds) unchanged."""
+def variant_config(config, *, cmpa: bool, dino: float, sgc: str | None):
+  """The config of one ablation row (see VARIANTS), all else (seeds) unchanged."""
   cfg = config.copy_and_resolve_references()
   cfg.model.cmpa.enabled = cmpa
-  cfg.model.sgc.enabled = sgc
   if not cmpa:
     cfg.model.cam.source = "clip"
+  cfg.model.cam.dino_weight = dino
+  cfg.model.sgc.enabled = sgc is not None
+  if sgc is not None and sgc != cfg.model.sgc.grouping:
+    cfg.model.sgc.grouping = sgc
+    if sgc == "clusters":  # [v1]-only options off.
+      cfg.model.sgc.receiver_mask = False
+      cfg.model.sgc.soft_alpha = 1.0
   return cfg
+
+
+def ablation_rows(config) -> list:
+  """[(name, config)] of --mode ablation: VARIANTS, plus "as configured" when the config is none
+  of them."""
+  rows = [(name, variant_config(config, **kw)) for name, kw in VARIANTS]
+  own = config.copy_and_resolve_references()
+  if all(own.to_dict() != cfg.to_dict() for _, cfg in rows):
+    rows.append(("as configured", own))
+  return rows
 
 
 def ablation(config, workdir) -> list:
   """train_and_eval of each of VARIANTS with the same seeds; writes ablation.md and .json
   (one entry per variant: {"variant": name, split: {target: mIoU}} for each of eval.splits)."""
   rows = []
-  for name, use_cmpa, use_sgc in VARIANTS:
-    cfg = variant_config(config, cmpa=use_cmpa, sgc=use_sgc)
-    sub = os.path.join(workdir, "ablation", name.split()[0].replace("+", "plus_").lower())
+  for name, cfg in ablation_rows(config):
+    slug = "_".join(w.strip("()").replace("+", "plus_") for w in name.lower().split())
+    sub = os.path.join(workdir, "ablation", slug)
     train(cfg, sub)
     res = evaluate(cfg, sub)
     rows.append((name, {sp: {t: r["miou"] for t, r in rs.items()} for sp, rs in res.items()}))

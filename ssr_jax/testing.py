@@ -1,4 +1,5 @@
-"""Random stand-ins for tests and benchmarks: a tiny CLIP, random frozen weights, a fake batch.
+"""Random stand-ins for tests and benchmarks: a tiny CLIP and DINO, random frozen weights, a fake
+batch.
 
 Shipped with the package (as vit_jax's test_utils) so that tests, `benchmarks/` and downstream
 code build the same small models instead of each restating a CLIPConfig literal. Nothing here
@@ -13,6 +14,8 @@ import numpy as np
 
 from ssr_jax.clip.model import CLIP, CLIPConfig, cast_for_compute, init_params
 from ssr_jax.clip.preprocess import compute_dtype
+from ssr_jax.dino import model as dino_lib
+from ssr_jax.dino.model import DINO, DINOConfig
 from ssr_jax.model.ssr import build_task
 
 # 4 visual layers: enough for GradCAM's attention layers (model.cam.num_attn_layers = 3 in the
@@ -30,6 +33,9 @@ TINY_CLIP = CLIPConfig(
   text_layers=1,
   text_heads=2,
 )
+
+# The DINO SGC fuses with CLIP's attention: 4 layers (model.cam.dino_layers), same 32 px grid.
+TINY_DINO = DINOConfig(image_size=32, patch_size=8, width=24, layers=4, heads=4, mlp=48)
 
 
 def tiny_clip_config(**overrides) -> CLIPConfig:
@@ -61,7 +67,8 @@ def fake_batch(
 
   image uint8 [B, S, S, 3] random; labels float32 [B, C] multi-hot with 2-3 classes per image
   (fewer when C is smaller); superpixels int32 [B, S, S], square blocks of superpixel_size pixels
-  (about 100 in a 320 crop at 32); mask uint8 [B, S, S] zeros; index int32 [B].
+  (about 100 in a 320 crop at 32); clusters int32 [B, S, S], colour regions 0..4 (superpixel id
+  mod 5); mask uint8 [B, S, S] zeros; index int32 [B].
   """
   rng = np.random.default_rng(seed)
   b, s = batch_size, crop_size
@@ -75,20 +82,48 @@ def fake_batch(
     image=rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
     labels=labels,
     superpixels=np.ascontiguousarray(np.broadcast_to(sp, (b, s, s)).astype(np.int32)),
+    clusters=np.ascontiguousarray(np.broadcast_to(sp % 5, (b, s, s)).astype(np.int32)),
     mask=np.zeros((b, s, s), np.uint8),
     index=np.arange(b, dtype=np.int32),
   )
 
 
-def random_build(config, *, clip_cfg: CLIPConfig | None = None, seed: int = 0):
+def random_build(
+  config,
+  *,
+  clip_cfg: CLIPConfig | None = None,
+  dino_cfg: DINOConfig | None = None,
+  seed: int = 0,
+):
   """(task, frozen) as `experiment.build(config)` makes them, with random weights.
 
-  config: the full ConfigDict (model, loss, data.num_classes are read); clip_cfg: the CLIP
-  architecture (default TINY_CLIP); the compute dtype is config.model.dtype.
+  config: the full ConfigDict (model, loss, data.num_classes, data.color_clusters are read);
+  clip_cfg: the CLIP architecture (default TINY_CLIP); dino_cfg: the DINO's, built when
+  model.cam.dino_weight > 0 (default TINY_DINO with CLIP's patch size); the compute dtype is
+  config.model.dtype.
   """
-  clip = CLIP(clip_cfg or TINY_CLIP, dtype=compute_dtype(config.model.dtype))
+  dtype = compute_dtype(config.model.dtype)
+  clip = CLIP(clip_cfg or TINY_CLIP, dtype=dtype)
   frozen = random_frozen(
     clip, num_fg=config.data.num_classes - 1, num_bg=len(config.model.bg_names), seed=seed
   )
-  task = build_task(config.model, config.loss, clip=clip, num_classes=config.data.num_classes)
+  dino = None
+  if config.model.cam.dino_weight > 0:
+    cfg = dino_cfg or dataclasses.replace(TINY_DINO, patch_size=clip.cfg.patch_size)
+    dino, frozen["dino"] = random_dino(cfg, dtype=dtype, seed=seed)
+  task = build_task(
+    config.model,
+    config.loss,
+    clip=clip,
+    num_classes=config.data.num_classes,
+    dino=dino,
+    num_regions=config.data.color_clusters,
+  )
   return task, frozen
+
+
+def random_dino(cfg: DINOConfig = TINY_DINO, *, dtype=jnp.float32, seed: int = 0):
+  """(DINO module, params) of architecture cfg, random weights cast as load_dino casts them."""
+  dino = DINO(cfg, dtype=dtype)
+  params = dino_lib.init_params(dino, jax.random.PRNGKey(seed + 7))
+  return dino, cast_for_compute(params, dtype)

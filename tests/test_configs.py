@@ -12,6 +12,9 @@ import jax.numpy as jnp
 import pytest
 
 from ssr_jax.clip.model import CLIP, CONFIGS, init_params
+from ssr_jax.dino.model import CONFIGS as DINO_CONFIGS
+from ssr_jax.dino.model import DINO
+from ssr_jax.dino.model import init_params as dino_init
 from ssr_jax.model.ssr import build_task
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -27,7 +30,8 @@ def test_config_builds_and_traces(name):
   config = importlib.import_module(f"configs.{name}").get_config()
   assert config.is_locked
   c = config.data.crop_size
-  # The demo ships its own tiny CLIP; the others run ViT-B/16 (traced abstractly: no FLOPs).
+  # The demo ships its own tiny CLIP and DINO; the others run ViT-B/16 and DINO ViT-S/16 (traced
+  # abstractly: no FLOPs).
   clip = CLIP(CONFIGS["ViT-B/16"])
   clip_params = jax.eval_shape(lambda: init_params(clip, jax.random.PRNGKey(0), image_size=c))
   d, k = clip.cfg.embed_dim, config.data.num_classes - 1
@@ -36,12 +40,24 @@ def test_config_builds_and_traces(name):
     text_fg=jax.ShapeDtypeStruct((k, d), jnp.float32),
     text_bg=jax.ShapeDtypeStruct((len(config.model.bg_names), d), jnp.float32),
   )
-  task = build_task(config.model, config.loss, clip=clip, num_classes=config.data.num_classes)
+  dino = None
+  if config.model.cam.dino_weight > 0:  # The paper's DINO ViT-S/16, patch 16 like ViT-B/16.
+    dino = DINO(DINO_CONFIGS["ViT-S/16"])
+    frozen["dino"] = jax.eval_shape(lambda: dino_init(dino, jax.random.PRNGKey(0)))
+  task = build_task(
+    config.model,
+    config.loss,
+    clip=clip,
+    num_classes=config.data.num_classes,
+    dino=dino,
+    num_regions=config.data.color_clusters,
+  )
   b = 2
   batch = dict(
     image=jax.ShapeDtypeStruct((b, c, c, 3), jnp.uint8),
     labels=jax.ShapeDtypeStruct((b, k), jnp.float32),
     superpixels=jax.ShapeDtypeStruct((b, c, c), jnp.int32),
+    clusters=jax.ShapeDtypeStruct((b, c, c), jnp.int32),
   )
   params = jax.eval_shape(task.init, jax.random.PRNGKey(0), batch)
   step = jax.ShapeDtypeStruct((), jnp.int32)
@@ -84,5 +100,5 @@ def test_misspelled_override_is_one_line():
   assert r.returncode == 2
   assert r.stderr.splitlines() == [
     "error: --config.trian.batch_size: configs/voc.py has no field 'trian.batch_size'; "
-    "nearest: train.batch_size, eval.batch_size, demo.clip_batch_size"
+    "nearest: train.batch_size, eval.batch_size, demo.dino_batch_size"
   ]

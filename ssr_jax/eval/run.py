@@ -32,6 +32,7 @@ from ssr_jax.clip import preprocess
 from ssr_jax.data import pipeline, sources
 from ssr_jax.eval import crf, inference, metrics, png, visualize
 from ssr_jax.model import affinity
+from ssr_jax.model.ssr import sgc_inputs
 from ssr_jax.train import checkpoint, sharding
 
 TARGETS = ("seg", "cam", "clip_cam", "pseudo")
@@ -107,9 +108,11 @@ def _nearest(labels, size):
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="source")
-def _cam_outputs(task, variables, frozen, image, labels, superpixels, *, source=None):
+def _cam_outputs(task, variables, frozen, image, labels, superpixels, clusters, *, source=None):
   """CAM and pseudo-label maps of one image (compiled once per task, source and image shape)."""
-  batch = dict(image=image[None], labels=labels[None], superpixels=superpixels[None])
+  batch = dict(
+    image=image[None], labels=labels[None], superpixels=superpixels[None], clusters=clusters[None]
+  )
   out = task.cam_outputs(variables, frozen, batch, source=source)
   cams = out["cams"][0]  # [K, h, w]
   up = resize_lib.resize(jnp.moveaxis(cams, 0, -1), image.shape[:2], "bilinear")
@@ -131,9 +134,17 @@ def cam_outputs(task, frozen, variables, ex, *, source=None) -> dict:
   source: GradCAM logits of "cmpa" or "clip"; None = model.cam.source."""
   img, size = _multiple_of(ex["image"], task.clip.cfg.patch_size)
   sp = _nearest(ex["superpixels"], size).astype(np.int32)
+  cl = _nearest(ex["clusters"], size).astype(np.int32)
   labels = jnp.asarray(ex["labels"], jnp.float32)
   return _cam_outputs(
-    task, variables, frozen, jnp.asarray(img), labels, jnp.asarray(sp), source=source
+    task,
+    variables,
+    frozen,
+    jnp.asarray(img),
+    labels,
+    jnp.asarray(sp),
+    jnp.asarray(cl),
+    source=source,
   )
 
 
@@ -239,15 +250,19 @@ def _all_processes_sum(conf: np.ndarray, count: int) -> tuple[np.ndarray, int]:
   return np.asarray(gathered["conf"]).sum(0), int(np.asarray(gathered["count"]).sum())
 
 
-def eval_dataset(data_cfg, split, *, target, sgc: bool, max_images: int = 0):
-  """(this process's slice of `split`, class names of ids 0..C-1 from the dataset)."""
+def eval_dataset(data_cfg, split, *, target, sgc: dict, max_images: int = 0):
+  """(this process's slice of `split`, class names of ids 0..C-1 from the dataset).
+
+  sgc: {"superpixels": bool, "clusters": bool}, what SGC reads (model.ssr.sgc_inputs)."""
   index, processes = process()
+  pseudo = target == "pseudo"
   dataset = pipeline.make_eval_dataset(
     data_cfg,
     split,
-    # Only pseudo-labels with SGC need superpixels (required then); the seg/cam grids' pseudo
-    # panel is drawn without them (without SGC), so seg eval needs no val superpixels.
-    superpixels=sgc and target == "pseudo",
+    # Only pseudo-labels with SGC need superpixels / clusters (required then); the seg/cam grids'
+    # pseudo panel is drawn without them (without SGC), so seg eval needs none.
+    superpixels=sgc["superpixels"] and pseudo,
+    clusters=sgc["clusters"] and pseudo,
     max_images=max_images,
     process_index=index,
     process_count=processes,
@@ -302,9 +317,9 @@ def evaluate(
     raise ValueError(f"eval target {target!r}: use one of {TARGETS}")
   if ec.crf and target == "seg":
     crf.import_densecrf()  # Fail before the long loop if the optional package is missing.
-  dataset, names = eval_dataset(
-    dc, split, target=target, sgc=task.options.sgc.enabled, max_images=ec.max_images
-  )
+  sc = task.options.sgc
+  reads = sgc_inputs(sc.enabled, sc.grouping)
+  dataset, names = eval_dataset(dc, split, target=target, sgc=reads, max_images=ec.max_images)
   frozen, variables = to_local(frozen), to_local(variables)
   source = "clip" if target == "clip_cam" else None
   predict = dict(

@@ -42,6 +42,21 @@ def attention_affinity(attn, *, num_layers: int):
   return jnp.mean(a, axis=0)
 
 
+def fuse_affinities(w_clip, w_dino, *, dino_weight: float):
+  """SGC's fused affinity (§3.1, Eq. 9): (1 - dino_weight) * W_clip + dino_weight * W_dino,
+  each row-normalised first (CLIP's and DINO's patch-to-patch attention, or RFM's affinity, live
+  on different scales). The paper's CLIP : DINO = 0.4 : 0.6 is dino_weight = 0.6.
+
+  w_clip, w_dino: [B, N, N] non-negative. Returns [B, N, N] float32 (rows sum to 1).
+  """
+
+  def rows(w):
+    w = w.astype(_F32)
+    return w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1e-12)
+
+  return (1.0 - dino_weight) * rows(w_clip) + dino_weight * rows(w_dino)
+
+
 def feature_affinity(feats):
   """Decoder affinity S = sigmoid(F F^T) (§1.5, WeCLIP's attn_pred), differentiable.
 

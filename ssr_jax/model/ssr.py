@@ -19,6 +19,7 @@ import ml_collections
 from ssr_jax import resize as resize_lib
 from ssr_jax.clip.model import CLIP
 from ssr_jax.clip.preprocess import compute_dtype, normalize
+from ssr_jax.dino import model as dino_lib
 from ssr_jax.model import affinity, cam, cmpa, losses, sgc
 from ssr_jax.model import prototypes as protos_lib
 from ssr_jax.model.decoder import Decoder, ProjectionHead
@@ -28,6 +29,7 @@ CAM_SOURCES = ("cmpa", "clip")
 CMPA_SITES = ("clip", "decoder")
 POSITIVES = ("cluster", "class")
 CAM_POOLINGS = ("tokens", "pooled")
+SGC_GROUPINGS = ("clusters", "superpixels")
 
 
 def _from_config(cls, cfg, **extra):
@@ -46,6 +48,8 @@ class CamOptions:
   """config.model.cam: GradCAM and its refinement (§1.3-1.4); see configs/base.py."""
 
   source: str
+  dino_weight: float
+  dino_layers: int
   num_attn_layers: int
   rfm_layers: int
   rfm_switch_step: int
@@ -102,14 +106,20 @@ class CMPAOptions:
 
 @dataclasses.dataclass(frozen=True)
 class SGCOptions:
-  """config.model.sgc: superpixel-guided CAM refinement (§3)."""
+  """config.model.sgc: superpixel-guided CAM refinement (§3), plus the number of colour
+  regions per image (config.data.color_clusters)."""
 
   enabled: bool
+  grouping: str
+  high_threshold: float
+  ratio_threshold: float
+  replace_box: bool
   threshold: float
   receiver_mask: bool
   soft_alpha: float
   hard: bool
   max_superpixels: int
+  num_regions: int = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +145,9 @@ class SSROptions:
   loss: LossOptions
 
   @classmethod
-  def from_config(cls, model_cfg, loss_cfg, *, ignore_label: int = 255) -> "SSROptions":
+  def from_config(
+    cls, model_cfg, loss_cfg, *, ignore_label: int = 255, num_regions: int = 8
+  ) -> "SSROptions":
     return cls(
       normalization=str(model_cfg.normalization),
       max_classes=int(model_cfg.max_classes),
@@ -146,7 +158,7 @@ class SSROptions:
         model_cfg.cmpa,
         decoder=_from_config(DecoderCMPAOptions, model_cfg.cmpa.decoder),
       ),
-      sgc=_from_config(SGCOptions, model_cfg.sgc),
+      sgc=_from_config(SGCOptions, model_cfg.sgc, num_regions=int(num_regions)),
       loss=_from_config(LossOptions, loss_cfg, ignore_label=int(ignore_label)),
     )
 
@@ -164,6 +176,7 @@ class SSRTask:
   proj: ProjectionHead | None  # [v1] decoder-side CMPA projection (site "decoder").
   isa: AlignmentHead | None  # CMPA's image head (site "clip").
   tsa: AlignmentHead | None  # CMPA's text head.
+  dino: dino_lib.DINO | None  # Frozen DINO whose attention joins the affinity (§3.1).
   options: SSROptions
   num_classes: int  # Including background.
 
@@ -187,6 +200,15 @@ class SSRTask:
       attn=jax.lax.stop_gradient(out["attn"]),
       grid=out["grid"],
     )
+
+  def dino_attention(self, frozen, images):
+    """Frozen DINO's head-averaged attention of every layer [L, B, T, T] for uint8/float 0-255
+    images [B, H, W, 3] (ImageNet statistics, as DINO was trained), or None without DINO."""
+    if self.dino is None:
+      return None
+    x = dino_lib.normalize(images.astype(jnp.float32) / 255.0)
+    attn = self.dino.apply({"params": frozen["dino"]}, x, method=self.dino.attention_maps)
+    return jax.lax.stop_gradient(attn.mean(axis=2))
 
   def decode(self, params, hidden, *, train, rng=None):
     """hidden [L-1, B, T, W] -> (logits [B, N, C], feats [B, N, E])."""
@@ -281,13 +303,16 @@ class SSRTask:
 
   # ------------------------------------------------------------------ pseudo-labels (§1.4, §3)
   def pseudo_labels(
-    self, variables, frozen, feats_out, labels, superpixels, dec_feats, *, use_rfm, heads, z=None
+    self, variables, frozen, feats_out, batch, dec_feats, *, use_rfm, heads, z=None
   ):
     """Online pseudo-labels from frozen features and (detached) decoder features.
 
     Args:
       variables: the task's variables (the heads' params and batch_stats for heads CAMs).
-      feats_out: `clip_features` output; labels [B, C-1]; superpixels [B, H, W] int32 (-1 pad).
+      feats_out: `clip_features` output, plus "dino_attn" [L', B, T, T] (`dino_attention`) when
+        DINO joins the affinity.
+      batch: labels [B, C-1]; superpixels [B, H, W] int32 (-1 pad) for the v1 SGC; clusters
+        [B, H, W] int32 (-1 pad) colour regions for the paper's SGC.
       dec_feats: [B, N, E] decoder features F (RFM affinity); use_rfm: bool scalar (traced ok).
       heads: GradCAM through CMPA's heads (python or traced bool), see `gradcam`.
       z: optional [B, N, D] [v1] decoder-side CMPA features for the text-driven CAM fusion.
@@ -300,7 +325,7 @@ class SSRTask:
     b, hh, ww, _ = x.shape
     with jax.named_scope("gradcam"):
       cams, ids, valid, attn_last, tokens = self.gradcam(
-        variables, frozen, hidden, labels, grid, heads=heads
+        variables, frozen, hidden, batch["labels"], grid, heads=heads
       )
     attn = jnp.concatenate([feats_out["attn"], attn_last[None]], axis=0)  # [L, B, T, T]
 
@@ -315,11 +340,14 @@ class SSRTask:
       w_attn = affinity.attention_affinity(attn, num_layers=cc.num_attn_layers)
       w_rfm = affinity.rfm_affinity(attn, dec_feats, num_layers=cc.rfm_layers)
       w = jnp.where(use_rfm, w_rfm, w_attn)
+      if cc.dino_weight > 0:  # CLIP (or, after the switch, RFM) : DINO, §3.1.
+        w_dino = affinity.attention_affinity(feats_out["dino_attn"], num_layers=cc.dino_layers)
+        w = affinity.fuse_affinities(w, w_dino, dino_weight=cc.dino_weight)
       trans = affinity.transition_matrix(w, iters=cc.sinkhorn_iters)
     with jax.named_scope("box_masks"):
       src = affinity.box_masks(cams, threshold=cc.box_threshold)
     with jax.named_scope("sgc"):
-      trans, src, recv = self._sgc(cams, trans, src, superpixels, grid)
+      trans, src, recv = self._sgc(cams, trans, src, batch, grid)
     with jax.named_scope("refine"):
       probs = affinity.refine_cams(
         cams, trans, src, out_size=(hh, ww), valid=valid, bg_power=cc.bg_power, recv_masks=recv
@@ -338,14 +366,24 @@ class SSRTask:
     out = dict(cams=cams, ids=ids, valid=valid, probs=probs, labels=plabels, tokens=tokens)
     return jax.tree_util.tree_map(jax.lax.stop_gradient, out)
 
-  def _sgc(self, cams, trans, src, superpixels, grid):
-    """SGC (§3): superpixel-filtered source masks, optional receiver masks and smoothed
-    affinity. Returns (trans, src, recv or None); the inputs unchanged when SGC is off."""
+  def _sgc(self, cams, trans, src, batch, grid):
+    """SGC (§3). grouping "clusters" (the paper's): target colour regions per class, whose
+    patches are the affinity's only source columns, within the box mask (or replacing it).
+    grouping "superpixels" ([v1]): superpixel-filtered source masks, optional receiver masks and
+    smoothed affinity. Returns (trans, src, recv or None); the inputs unchanged when SGC is off."""
     sc = self.options.sgc
+    p = self.clip.cfg.patch_size
     recv = None
-    if sc.enabled:
+    if sc.enabled and sc.grouping == "clusters":
+      member = sgc.region_membership(batch["clusters"], patch_size=p, num_regions=sc.num_regions)
+      targets = sgc.target_regions(
+        cams, member, high_threshold=sc.high_threshold, ratio_threshold=sc.ratio_threshold
+      )
+      column = sgc.column_mask(targets, member, hard=sc.hard)
+      src = sgc.source_masks(src, column, replace_box=sc.replace_box)
+    elif sc.enabled:
       member = sgc.membership(
-        superpixels, patch_size=self.clip.cfg.patch_size, max_superpixels=sc.max_superpixels
+        batch["superpixels"], patch_size=p, max_superpixels=sc.max_superpixels
       )
       u = sgc.target_masks(cams, member, threshold=sc.threshold, hard=sc.hard)
       src = src * u
@@ -389,6 +427,8 @@ class SSRTask:
     # Named scopes label the profile (python -m benchmarks train --profile DIR).
     with jax.named_scope("clip"):
       f = self.clip_features(frozen, batch["image"])
+    with jax.named_scope("dino"):
+      f["dino_attn"] = self.dino_attention(frozen, batch["image"])
     b, hh, ww, _ = f["x"].shape
     h, w = f["grid"]
     with jax.named_scope("decoder"):
@@ -397,17 +437,7 @@ class SSRTask:
     use_rfm = step >= o.cam.rfm_switch_step
     # Untrained heads give meaningless CAMs: frozen CLIP's until cmpa.cam_start_step (§2.2).
     heads = (step >= o.cmpa.cam_start_step) if o.cam.source == "cmpa" else False
-    pl = self.pseudo_labels(
-      variables,
-      frozen,
-      f,
-      batch["labels"],
-      batch["superpixels"],
-      feats,
-      use_rfm=use_rfm,
-      heads=heads,
-      z=z,
-    )
+    pl = self.pseudo_labels(variables, frozen, f, batch, feats, use_rfm=use_rfm, heads=heads, z=z)
     labels = pl["labels"]
 
     with jax.named_scope("seg_aff_losses"):
@@ -574,19 +604,20 @@ class SSRTask:
       )
     params = variables["params"]
     f = self.clip_features(frozen, batch["image"])
+    f["dino_attn"] = self.dino_attention(frozen, batch["image"])
     _, feats = self.decode(params, f["hidden"], train=False)
     z = self.project(params, feats)
     return self.pseudo_labels(
-      variables,
-      frozen,
-      f,
-      batch["labels"],
-      batch["superpixels"],
-      feats,
-      use_rfm=jnp.array(True),
-      heads=source == "cmpa",
-      z=z,
+      variables, frozen, f, batch, feats, use_rfm=jnp.array(True), heads=source == "cmpa", z=z
     )
+
+
+def sgc_inputs(enabled: bool, grouping: str) -> dict:
+  """What SGC reads from the data (the input pipelines' flags): superpixels for the [v1]
+  grouping, colour clusters for the paper's."""
+  return dict(
+    superpixels=enabled and grouping == "superpixels", clusters=enabled and grouping == "clusters"
+  )
 
 
 def _choice(key, value, allowed):
@@ -601,10 +632,14 @@ def build_task(
   clip: CLIP,
   num_classes: int,
   ignore_label: int = 255,
+  dino: dino_lib.DINO | None = None,
+  num_regions: int = 8,
 ) -> SSRTask:
-  """SSRTask from config.model / config.loss and the (frozen) CLIP module.
+  """SSRTask from config.model / config.loss and the frozen CLIP (and DINO) modules.
 
-  ignore_label: config.data.ignore_label, skipped by the segmentation loss.
+  ignore_label: config.data.ignore_label, skipped by the segmentation loss. dino: the frozen
+  DINO whose attention joins the affinity (model.cam.dino_weight > 0). num_regions:
+  config.data.color_clusters, the colour regions per image of the paper's SGC.
   """
   dtype = compute_dtype(model_cfg.dtype)
   if len(model_cfg.class_names) != num_classes - 1:
@@ -612,7 +647,9 @@ def build_task(
       f"model.class_names has {len(model_cfg.class_names)} names but data.num_classes="
       f"{num_classes} (background included): set them consistently"
     )
-  options = SSROptions.from_config(model_cfg, loss_cfg, ignore_label=ignore_label)
+  options = SSROptions.from_config(
+    model_cfg, loss_cfg, ignore_label=ignore_label, num_regions=num_regions
+  )
   layers = clip.cfg.vision_layers
   for key in ("num_attn_layers", "rfm_layers"):
     if not 1 <= getattr(options.cam, key) <= layers:
@@ -622,6 +659,7 @@ def build_task(
   _choice("model.cmpa.site", co.site, CMPA_SITES)
   _choice("model.cmpa.positive", co.positive, POSITIVES)
   _choice("model.cmpa.cam_pooling", co.cam_pooling, CAM_POOLINGS)
+  _check_sgc_and_dino(options, clip, dino)
   if options.cam.source == "cmpa" and not co.heads:
     raise ValueError(
       f"model.cam.source='cmpa' computes CAMs through CMPA's heads, but model.cmpa.enabled="
@@ -648,4 +686,32 @@ def build_task(
     isa, tsa = (
       AlignmentHead(co.hidden, co.out_dim, momentum=co.bn_momentum, dtype=dtype) for _ in "it"
     )
-  return SSRTask(clip, decoder, proj, isa, tsa, options, num_classes)
+  return SSRTask(clip, decoder, proj, isa, tsa, dino, options, num_classes)
+
+
+def _check_sgc_and_dino(options, clip, dino):
+  """Start-up errors for SGC / DINO settings the step cannot run with (named config keys)."""
+  cc, sc = options.cam, options.sgc
+  _choice("model.sgc.grouping", sc.grouping, SGC_GROUPINGS)
+  if not 0.0 <= cc.dino_weight <= 1.0:
+    raise ValueError(f"model.cam.dino_weight={cc.dino_weight}: must be in [0, 1]")
+  if cc.dino_weight > 0 and dino is None:
+    raise ValueError(
+      f"model.cam.dino_weight={cc.dino_weight} fuses DINO attention into the affinity (the "
+      "paper's SGC) but no DINO is loaded: pass --config.dino.weights=/path/to/dino-vits16 (a "
+      "local Hugging Face directory or dino_deitsmall16_pretrain.pth), or set "
+      "--config.model.cam.dino_weight=0 for CLIP attention alone"
+    )
+  if dino is not None:
+    if dino.cfg.patch_size != clip.cfg.patch_size:
+      raise ValueError(
+        f"DINO patch size {dino.cfg.patch_size} differs from CLIP's {clip.cfg.patch_size}: their "
+        "attention maps must share the patch grid (use ViT-S/16 or ViT-B/16 with CLIP ViT-B/16)"
+      )
+    if not 1 <= cc.dino_layers <= dino.cfg.layers:
+      raise ValueError(f"model.cam.dino_layers={cc.dino_layers} must be in [1, {dino.cfg.layers}]")
+  if sc.enabled and sc.grouping == "clusters" and (sc.receiver_mask or sc.soft_alpha < 1.0):
+    raise ValueError(
+      "model.sgc.receiver_mask / soft_alpha are [v1] options of model.sgc.grouping='superpixels'; "
+      "with 'clusters' set receiver_mask=False and soft_alpha=1.0"
+    )

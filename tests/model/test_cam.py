@@ -127,6 +127,8 @@ def test_task_gradcam_matches_explicit_weclip_cam_branch():
   c.model.max_classes = 3
   c.model.cam.num_attn_layers = 2
   c.model.cam.rfm_layers = 2
+  c.model.cam.source = "clip"
+  c.model.cam.dino_weight = 0.0
   model = CLIP(CFG)
   params = init_params(model, jax.random.PRNGKey(0))
   task = build_task(c.model, c.loss, clip=model, num_classes=6)
@@ -134,9 +136,9 @@ def test_task_gradcam_matches_explicit_weclip_cam_branch():
   images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 40, 3))
   out = model.apply({"params": params}, images, 2, method=model.image_features)
   frozen = dict(clip=params, text_fg=t_fg, text_bg=t_bg)
-  cams, ids, valid, _ = jax.jit(task.gradcam, static_argnums=3)(
-    frozen, out["hidden"], labels, out["grid"]
-  )
+  cams, ids, valid, _, _ = jax.jit(
+    lambda v, f, h, lab: task.gradcam(v, f, h, lab, out["grid"], heads=False)
+  )(task.init(jax.random.PRNGKey(0), dict(image=images)), frozen, out["hidden"], labels)
   assert cams.shape == (2, 3, 4, 5)
 
   vis = params["visual"]

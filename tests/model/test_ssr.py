@@ -1,5 +1,6 @@
 """The composed SSR loss on a tiny CLIP: one compilation, finite values, frozen CLIP."""
 
+import dataclasses
 import functools
 
 import jax
@@ -14,13 +15,14 @@ from ssr_jax.clip.preprocess import normalize
 from ssr_jax.model import affinity, cam, cmpa, losses, sgc
 from ssr_jax.model.decoder import Decoder, ProjectionHead
 from ssr_jax.model.ssr import SSROptions, build_task
-from ssr_jax.testing import TINY_CLIP
+from ssr_jax.testing import TINY_CLIP, TINY_DINO, random_dino
 
 TINY = TINY_CLIP
 
 
-def _config(cmpa="clip", sgc=True, fusion=False, **cam):
-  """cmpa: "clip" (the paper's heads), "decoder" ([v1]) or None (off, frozen-CLIP CAMs)."""
+def _config(cmpa="clip", sgc=True, fusion=False, dino=False, grouping="superpixels", **cam):
+  """cmpa: "clip" (the paper's heads), "decoder" ([v1]) or None (off, frozen-CLIP CAMs); dino:
+  DINO attention in the affinity; grouping: SGC's "clusters" (paper) or "superpixels" ([v1])."""
   c = base.get_config()
   c.model.class_names = ("a", "b", "c")
   c.model.bg_names = ("x", "y")
@@ -44,9 +46,14 @@ def _config(cmpa="clip", sgc=True, fusion=False, **cam):
   c.model.cmpa.decoder.cam_fusion = fusion
   c.model.cmpa.decoder.pixel_weight = 0.5
   c.model.sgc.enabled = sgc
+  c.model.sgc.grouping = grouping
   c.model.sgc.max_superpixels = 16
-  c.model.sgc.receiver_mask = True
-  c.model.sgc.soft_alpha = 0.7
+  c.model.sgc.receiver_mask = grouping == "superpixels"
+  c.model.sgc.soft_alpha = 0.7 if grouping == "superpixels" else 1.0
+  c.model.sgc.ratio_threshold = 0.3
+  c.model.cam.dino_weight = 0.6 if dino else 0.0
+  c.model.cam.dino_layers = 2
+  c.data.color_clusters = 5
   c.model.cam.update(cam)
   return c
 
@@ -62,20 +69,33 @@ def _setup(ignore_label=255, **kw):
   )
   frozen["text_fg"] /= jnp.linalg.norm(frozen["text_fg"], axis=-1, keepdims=True)
   frozen["text_bg"] /= jnp.linalg.norm(frozen["text_bg"], axis=-1, keepdims=True)
-  task = build_task(c.model, c.loss, clip=clip, num_classes=4, ignore_label=ignore_label)
+  dino = None
+  if c.model.cam.dino_weight > 0:
+    dino, frozen["dino"] = random_dino(dataclasses.replace(TINY_DINO, patch_size=TINY.patch_size))
+  task = build_task(
+    c.model, c.loss, clip=clip, num_classes=4, ignore_label=ignore_label, dino=dino, num_regions=5
+  )
   rng = np.random.default_rng(0)
   batch = dict(
     image=rng.integers(0, 255, (2, 32, 40, 3), dtype=np.uint8),
     labels=np.array([[1, 0, 1], [0, 0, 0]], np.float32),  # Second image: no labels at all.
     superpixels=np.repeat(np.repeat(rng.integers(-1, 20, (2, 8, 10)), 4, 1), 4, 2),
+    clusters=np.repeat(np.repeat(rng.integers(-1, 5, (2, 8, 10)), 4, 1), 4, 2),
   )
   variables = task.init(k[3], batch)
   return task, frozen, batch, variables
 
 
-@pytest.mark.parametrize("cmpa,sgc", [("clip", True), ("decoder", True), (None, False)])
-def test_loss_compiles_once_and_is_finite(cmpa, sgc):
-  task, frozen, batch, variables = _setup(cmpa=cmpa, sgc=sgc)
+@pytest.mark.parametrize(
+  "cmpa,sgc,dino,grouping",
+  [
+    ("clip", True, True, "clusters"),
+    ("decoder", True, False, "superpixels"),
+    (None, False, False, "clusters"),
+  ],
+)
+def test_loss_compiles_once_and_is_finite(cmpa, sgc, dino, grouping):
+  task, frozen, batch, variables = _setup(cmpa=cmpa, sgc=sgc, dino=dino, grouping=grouping)
   traces = []
 
   @jax.jit
@@ -164,6 +184,7 @@ def _reference_loss(c, clip, frozen, params, batch, *, step, rng, ignore):
   """The loss composed by hand from the pure functions, following method §1.2-1.6, §2 (CMPA with
   the text-driven CAM fusion) and §3 (SGC) rather than SSRTask's code."""
   mc, cc, sc, co = c.model, c.model.cam, c.model.sgc, c.model.cmpa.decoder
+  p = TINY.patch_size
   enabled = c.model.cmpa.enabled
   x = normalize(batch["image"], mc.normalization)
   b, hh, ww, _ = x.shape
@@ -176,7 +197,13 @@ def _reference_loss(c, clip, frozen, params, batch, *, step, rng, ignore):
   logits, feats = dec.apply(
     {"params": params["decoder"]}, hidden[:, :, 1:], train=True, rngs={"dropout": rng}
   )
-  task = build_task(mc, c.loss, clip=clip, num_classes=4)  # Only for its GradCAM block wiring.
+  dino = (
+    random_dino(dataclasses.replace(TINY_DINO, patch_size=TINY.patch_size))[0]
+    if c.model.cam.dino_weight > 0
+    else None
+  )
+  # Only for its GradCAM block wiring and the DINO module.
+  task = build_task(mc, c.loss, clip=clip, num_classes=4, dino=dino, num_regions=5)
   cams, ids, valid, attn_last, _ = task.gradcam(
     {"params": params}, frozen, hidden, batch["labels"], grid, heads=False
   )
@@ -193,10 +220,24 @@ def _reference_loss(c, clip, frozen, params, batch, *, step, rng, ignore):
     wgt = affinity.rfm_affinity(attn, feats, num_layers=cc.rfm_layers)
   else:
     wgt = affinity.attention_affinity(attn, num_layers=cc.num_attn_layers)
+  if cc.dino_weight > 0:  # §3.1: rows normalised, CLIP (or RFM) : DINO = 0.4 : 0.6.
+    dino = task.dino
+    dx = (batch["image"].astype(np.float32) / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array(
+      [0.229, 0.224, 0.225]
+    )
+    da = dino.apply({"params": frozen["dino"]}, dx, method=dino.attention_maps)  # [L, B, H, T, T]
+    wd = da[-cc.dino_layers :, :, :, 1:, 1:].mean(axis=(0, 2))
+    wgt = 0.4 * wgt / wgt.sum(-1, keepdims=True) + 0.6 * wd / wd.sum(-1, keepdims=True)
   trans = affinity.transition_matrix(wgt, iters=cc.sinkhorn_iters)
   src = affinity.box_masks(cams, threshold=cc.box_threshold)
   recv = None
-  if sc.enabled:  # Before propagation: SGC filters the sources and smooths the transitions.
+  if sc.enabled and sc.grouping == "clusters":  # §3.2-3.3: columns outside target regions.
+    member = sgc.region_membership(batch["clusters"], patch_size=p, num_regions=5)
+    targets = sgc.target_regions(
+      cams, member, high_threshold=sc.high_threshold, ratio_threshold=sc.ratio_threshold
+    )
+    src = src * sgc.column_mask(targets, member)
+  elif sc.enabled:  # [v1]: SGC filters the sources and smooths the transitions.
     member = sgc.membership(
       batch["superpixels"], patch_size=TINY.patch_size, max_superpixels=sc.max_superpixels
     )
@@ -237,14 +278,23 @@ def _reference_loss(c, clip, frozen, params, batch, *, step, rng, ignore):
 
 # ignore_label=0 (background, in every image's pseudo-labels): a loss that ignored 255 instead
 # would differ. step 3 is past the RFM switch (decoder features in the affinity).
-# The last case adds [v1] decoder-side CMPA with the text-driven CAM fusion, which needs z in
-# the pseudo-labels. (CMPA as published: tests/model/test_cmpa_heads.py.)
+# The [v1] decoder-side CMPA case adds the text-driven CAM fusion, which needs z in the
+# pseudo-labels; the last case is the paper's SGC: DINO attention and colour-region columns,
+# before (step 0) and after (step 3) the RFM switch. (CMPA as published: test_cmpa_heads.py.)
 @pytest.mark.parametrize(
-  "sgc_on,ignore,step,cmpa_on",
-  [(False, 255, 0, None), (False, 0, 3, None), (True, 0, 3, None), (False, 255, 3, "decoder")],
+  "sgc_on,ignore,step,cmpa_on,paper_sgc",
+  [
+    (False, 255, 0, None, False),
+    (False, 0, 3, None, False),
+    (True, 0, 3, None, False),
+    (False, 255, 3, "decoder", False),
+    (True, 255, 0, None, True),
+    (True, 0, 3, None, True),
+  ],
 )
-def test_loss_matches_the_pure_functions(sgc_on, ignore, step, cmpa_on):
-  kw = dict(cmpa=cmpa_on, sgc=sgc_on, fusion=cmpa_on is not None)
+def test_loss_matches_the_pure_functions(sgc_on, ignore, step, cmpa_on, paper_sgc):
+  kw = dict(cmpa=cmpa_on, sgc=sgc_on, fusion=cmpa_on is not None, dino=paper_sgc)
+  kw["grouping"] = "clusters" if paper_sgc else "superpixels"
   task, frozen, batch, variables = _setup(ignore_label=ignore, **kw)
   c = _config(**kw)
   rng = jax.random.PRNGKey(5)

@@ -1,4 +1,5 @@
-"""CMPA's stateful parts in the real train loop, on a tiny random CLIP: the prototype bank and
+"""SSR as published (CMPA, DINO attention, colour-region SGC) in the real train loop, on a tiny
+random CLIP and DINO. CMPA's stateful parts: the prototype bank and
 the heads' BatchNorm statistics are in the checkpoint (resume across a refresh is bitwise
 exact), a refresh never recompiles the step, and 1 and 8 devices agree."""
 
@@ -19,7 +20,7 @@ BATCH, CROP, STEPS = 8, 32, 6
 
 
 def _train_config():
-  c = _config(cmpa="clip", sgc=True)
+  c = _config(cmpa="clip", sgc=True, dino=True, grouping="clusters")  # The paper's SSR.
   c.seed = 0
   c.model.cmpa.refresh_every = 2  # Refreshes at steps 2 and 4; heads' CAMs from step 2.
   c.model.cmpa.bank_size = 24  # Smaller than the samples of the run: the ring wraps.
