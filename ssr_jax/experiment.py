@@ -1,4 +1,4 @@
-"""What `launch.py --mode ...` runs: the one home of the wiring of CLIP, data, the SSR task,
+"""What `launch.py --mode ...` runs: the one home of the wiring of CLIP, DINO, data, the SSR task,
 training and evaluation.
 
 Modes mean the same for every dataset (VOC, COCO, the synthetic demo):
@@ -6,9 +6,10 @@ Modes mean the same for every dataset (VOC, COCO, the synthetic demo):
 - eval: restore the checkpoint's variables and evaluate each of eval.targets on each of
   eval.splits;
 - train_and_eval: both;
-- ablation: train_and_eval of baseline / +CMPA / +SGC / SSR with the same seeds, one table.
+- ablation: train_and_eval of each row of VARIANTS (the paper's ladder) with the same seeds,
+  one table.
 For data.name == "synthetic", `demo.prepare` first generates the data and points clip.weights
-at the tiny CLIP. Nothing below this module calls back into it. This module and the train/eval
+and dino.weights at the tiny CLIP and DINO. Nothing below this module calls back into it. This module and the train/eval
 drivers see the whole ConfigDict; everything below them gets sub-configs or plain values.
 """
 

@@ -114,6 +114,8 @@ def main(argv=None):
     return 1
   if args.clip_weights:
     config.clip.weights = args.clip_weights
+  # The decoder alone predicts: no affinity, so no DINO to load (its path may not exist here).
+  config.model.cam.dino_weight = 0.0
   task, frozen, _ = experiment.build(config)
   variables, step = eval_run.restore_variables(args.workdir, task, step=args.step)
 

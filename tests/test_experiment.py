@@ -1,10 +1,17 @@
 """--mode ablation's rows and its table / JSON (training and evaluation stubbed: the rows' configs
 and the file layout are what is checked here; a real run is in the README)."""
 
+import dataclasses
+import functools
 import json
+
+import pytest
 
 from configs import demo, voc
 from ssr_jax import experiment
+from ssr_jax.clip.model import CLIP
+from ssr_jax.model.ssr import build_task
+from ssr_jax.testing import TINY_CLIP, TINY_DINO, random_dino
 
 
 def test_ablation_rows_are_the_papers_ladder_plus_the_demos_own_setting():
@@ -48,3 +55,18 @@ def test_ablation_writes_one_entry_per_variant_and_split(tmp_path, monkeypatch, 
     assert e["val"] == {t: 0.1 * (i + 1) for t in ("clip_cam", "cam", "pseudo", "seg")}
   table = (tmp_path / "ablation.md").read_text()
   assert "| SSR (CMPA + SGC) | train |" in table and "| as configured | val |" in table
+
+
+def test_the_papers_affinity_without_dino_weights_stops_at_start_up_naming_the_flag():
+  config = voc.get_config()
+  config.model.cam.num_attn_layers = config.model.cam.rfm_layers = 2  # The tiny CLIP's depth.
+  clip = CLIP(TINY_CLIP)
+  build = functools.partial(build_task, config.model, config.loss, clip=clip, num_classes=21)
+  with pytest.raises(ValueError, match=r"--config\.dino\.weights=.*dino_weight=0"):
+    build()
+  config.model.cam.dino_weight = 0.0  # CLIP attention alone: no DINO needed.
+  assert build().dino is None
+  config.model.cam.dino_weight = 0.6
+  wrong_patch, _ = random_dino(dataclasses.replace(TINY_DINO, patch_size=16))
+  with pytest.raises(ValueError, match="patch size 16 differs from CLIP's 8"):
+    build_task(config.model, config.loss, clip=clip, num_classes=21, dino=wrong_patch)
