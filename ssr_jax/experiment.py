@@ -9,8 +9,9 @@ Modes mean the same for every dataset (VOC, COCO, the synthetic demo):
 - ablation: train_and_eval of each row of VARIANTS (the paper's ladder) with the same seeds,
   one table.
 For data.name == "synthetic", `demo.prepare` first generates the data and points clip.weights
-and dino.weights at the tiny CLIP and DINO. Nothing below this module calls back into it. This module and the train/eval
-drivers see the whole ConfigDict; everything below them gets sub-configs or plain values.
+and dino.weights at the tiny CLIP and DINO. Nothing below this module calls back into it. This
+module and the train/eval drivers see the whole ConfigDict; everything below them gets
+sub-configs or plain values.
 """
 
 import json
