@@ -1,9 +1,11 @@
 """Converted-weights .npz files (CLIP and DINO): flat float32 arrays plus one JSON metadata
-entry, written atomically, and a digest of the arrays for files trained in-process."""
+entry, written atomically, a digest of the arrays for files trained in-process, and the cache
+rules both converters share (where a cache goes, when it is valid, how it is read)."""
 
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,3 +48,80 @@ def read_metadata(path) -> dict:
   """The JSON metadata of a converted .npz without reading its arrays ({} if it has none)."""
   with np.load(path, allow_pickle=False) as z:
     return json.loads(str(z[META_KEY])) if META_KEY in z.files else {}
+
+
+# ---------------------------------------------------------------- caches of converted weights
+
+
+def stamp(path) -> dict:
+  """Name, size and modification time of a source file: its cache is valid while they match."""
+  path = Path(path)
+  st = path.stat()
+  return {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def cache_path(weights: Path, cache_dir, *, prefix: str = "") -> Path:
+  """Where a source's converted .npz goes: beside it (<name>.ssr_jax.npz), or in cache_dir under
+  a name keyed on the absolute source path (one cache dir can serve many sources)."""
+  if cache_dir:
+    tag = hashlib.sha1(str(weights.resolve()).encode()).hexdigest()[:12]
+    return Path(cache_dir).expanduser() / f"{prefix}{weights.name}-{tag}.npz"
+  return weights.with_name(weights.name + ".ssr_jax.npz")
+
+
+def read(path, *, version: int, what: str, kind: str | None = None) -> tuple[dict, dict]:
+  """(metadata, flat arrays) of a converted .npz; ValueError naming the file when it is not an
+  ssr_jax `what` cache (of `kind`, when given) or was written by another cache version."""
+  with np.load(path, allow_pickle=False) as z:
+    meta = json.loads(str(z[META_KEY])) if META_KEY in z.files else None
+    if meta is None or (kind is not None and meta.get("kind") != kind):
+      entry = f"{kind} {META_KEY}" if kind else META_KEY
+      raise ValueError(f"{path}: not an ssr_jax {what} cache (no {entry} entry)")
+    if meta.get("version") != version:
+      raise ValueError(
+        f"{path}: cache version {meta.get('version')} != {version}; "
+        "convert the original weights again"
+      )
+    return meta, {k: z[k] for k in z.files if k != META_KEY}
+
+
+def write_cache(cache: Path, meta: dict, flat: dict, *, what: str) -> None:
+  """`write`, warning instead of failing where the cache location is not writable."""
+  try:
+    write(cache, meta, flat)
+  except OSError as e:
+    warnings.warn(
+      f"could not write the {what} cache {cache} ({e}); set cache_dir to a writable directory "
+      "to avoid converting on every load",
+      stacklevel=3,
+    )
+
+
+def check_against_spec(sd: dict, spec: dict, path, *, what: str, ignored=()) -> None:
+  """Raises one ValueError naming the file and every unknown, missing and mis-shaped key of a
+  source state dict `sd` against a converter's spec {source key: (ours, shape, transform)}."""
+  unknown = sorted(k for k in sd if k not in spec and k not in ignored)
+  missing = sorted(k for k in spec if k not in sd)
+  bad = sorted(
+    f"{k}: expected {spec[k][1]}, got {tuple(sd[k].shape)}"
+    for k in spec
+    if k in sd and tuple(sd[k].shape) != spec[k][1]
+  )
+  if unknown or missing or bad:
+    lines = [f"{path}: weights do not match the {what} config"]
+    lines += [f"  unknown key {k}" for k in unknown]
+    lines += [f"  missing key {k}" for k in missing]
+    lines += [f"  wrong shape {k}" for k in bad]
+    raise ValueError("\n".join(lines))
+
+
+def valid_cache(cache: Path, **expected) -> bool:
+  """Whether `cache` exists, reads, and its metadata has every `expected` value (the cache
+  version, the source files' stamps...): otherwise the source is converted again."""
+  if not cache.is_file():
+    return False
+  try:
+    meta = read_metadata(cache)
+  except (OSError, ValueError):
+    return False
+  return all(meta.get(k) == v for k, v in expected.items())

@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import re
-import warnings
 from pathlib import Path
 
 import jax
@@ -83,12 +82,6 @@ def _resolve(path) -> _Source:
   return _Source("openai", p)
 
 
-def _stamp(files) -> list[dict]:
-  return [
-    {"name": f.name, "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files
-  ]
-
-
 def sha256_file(path) -> str:
   """Hex sha256 of a file's bytes."""
   h = hashlib.sha256()
@@ -98,12 +91,13 @@ def sha256_file(path) -> str:
   return h.hexdigest()
 
 
+def _stamp(files) -> list[dict]:
+  return [weights_npz.stamp(f) for f in files]
+
+
 def _cache_path(src: _Source, cache_dir) -> Path:
-  if cache_dir:
-    # One cache dir can serve many sources: key the name on the absolute source path.
-    tag = hashlib.sha1(str(src.weights.resolve()).encode()).hexdigest()[:12]
-    return Path(cache_dir).expanduser() / f"{src.weights.parent.name}_{src.weights.name}-{tag}.npz"
-  return src.weights.with_name(src.weights.name + ".ssr_jax.npz")
+  # The parent's name tells a cache dir's files apart (HF weights are all model.safetensors).
+  return weights_npz.cache_path(src.weights, cache_dir, prefix=f"{src.weights.parent.name}_")
 
 
 # ---------------------------------------------------------------- configs
@@ -307,19 +301,7 @@ def _openai_spec(c: CLIPConfig) -> dict:
 
 def _apply_spec(sd: dict, spec: dict, ignored: set, path: Path) -> dict[str, np.ndarray]:
   """Validates sd against spec (all problems in one error) and returns our flat float32 dict."""
-  unknown = sorted(k for k in sd if k not in spec and k not in ignored)
-  missing = sorted(k for k in spec if k not in sd)
-  bad = sorted(
-    f"{k}: expected {spec[k][1]}, got {tuple(sd[k].shape)}"
-    for k in spec
-    if k in sd and tuple(sd[k].shape) != spec[k][1]
-  )
-  if unknown or missing or bad:
-    lines = [f"{path}: weights do not match the CLIP config"]
-    lines += [f"  unknown key {k}" for k in unknown]
-    lines += [f"  missing key {k}" for k in missing]
-    lines += [f"  wrong shape {k}" for k in bad]
-    raise ValueError("\n".join(lines))
+  weights_npz.check_against_spec(sd, spec, path, what="CLIP", ignored=ignored)
   out, qkv = {}, {}
   for k, (dst, _, fn) in spec.items():
     a = np.asarray(sd[k], np.float32)
@@ -412,16 +394,7 @@ def _convert(src: _Source) -> tuple[CLIPConfig, dict[str, np.ndarray]]:
 
 
 def _read_npz(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
-  with np.load(path, allow_pickle=False) as z:
-    if _META_KEY not in z.files:
-      raise ValueError(f"{path}: not an ssr_jax CLIP cache (no {_META_KEY} entry)")
-    meta = json.loads(str(z[_META_KEY]))
-    if meta.get("version") != _CACHE_VERSION:
-      raise ValueError(
-        f"{path}: cache version {meta.get('version')} != {_CACHE_VERSION}; "
-        "convert the original weights again"
-      )
-    return meta, {k: z[k] for k in z.files if k != _META_KEY}
+  return weights_npz.read(path, version=_CACHE_VERSION, what="CLIP")
 
 
 def read_metadata(path) -> dict:
@@ -431,24 +404,7 @@ def read_metadata(path) -> dict:
 
 
 def _valid_cache(src: _Source, cache: Path) -> bool:
-  if not cache.is_file():
-    return False
-  try:
-    meta = read_metadata(cache)
-  except (OSError, ValueError):
-    return False
-  return meta.get("version") == _CACHE_VERSION and meta.get("sources") == _stamp(src.files)
-
-
-def _write_cache(cache: Path, meta: dict, flat: dict):
-  try:
-    weights_npz.write(cache, meta, flat)
-  except OSError as e:
-    warnings.warn(
-      f"could not write the CLIP cache {cache} ({e}); set cache_dir to a writable "
-      "directory to avoid converting on every load",
-      stacklevel=3,
-    )
+  return weights_npz.valid_cache(cache, version=_CACHE_VERSION, sources=_stamp(src.files))
 
 
 def load_converted(path, *, cache_dir=None) -> tuple[CLIPConfig, dict[str, np.ndarray], dict]:
@@ -473,7 +429,7 @@ def load_converted(path, *, cache_dir=None) -> tuple[CLIPConfig, dict[str, np.nd
     sha256=sha256_file(src.weights),
     source_path=str(src.weights.resolve()),
   )
-  _write_cache(cache, meta, flat)
+  weights_npz.write_cache(cache, meta, flat, what="CLIP")
   return cfg, flat, meta
 
 

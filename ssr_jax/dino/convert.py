@@ -18,11 +18,9 @@ file and lists all of them.
 """
 
 import dataclasses
-import hashlib
 import json
 import math
 import re
-import warnings
 from pathlib import Path
 
 import jax
@@ -79,17 +77,8 @@ def _resolve(path) -> _Source:
   return _Source("torch", p)
 
 
-def _stamp(path: Path) -> dict:
-  st = path.stat()
-  return {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
 def _cache_path(src: _Source, cache_dir) -> Path:
-  if cache_dir:
-    # One cache dir can serve many sources: key the name on the absolute source path.
-    tag = hashlib.sha1(str(src.weights.resolve()).encode()).hexdigest()[:12]
-    return Path(cache_dir).expanduser() / f"{src.weights.name}-{tag}.npz"
-  return src.weights.with_name(src.weights.name + ".ssr_jax.npz")
+  return weights_npz.cache_path(src.weights, cache_dir)
 
 
 # ---------------------------------------------------------------- configs
@@ -241,19 +230,7 @@ def _dino_spec(c: DINOConfig) -> dict:
 
 def _apply_spec(sd: dict, spec: dict, path: Path) -> dict[str, np.ndarray]:
   """Validates sd against spec (all problems in one error) and returns our flat float32 dict."""
-  unknown = sorted(k for k in sd if k not in spec)
-  missing = sorted(k for k in spec if k not in sd)
-  bad = sorted(
-    f"{k}: expected {spec[k][1]}, got {tuple(sd[k].shape)}"
-    for k in spec
-    if k in sd and tuple(sd[k].shape) != spec[k][1]
-  )
-  if unknown or missing or bad:
-    lines = [f"{path}: weights do not match the DINO config"]
-    lines += [f"  unknown key {k}" for k in unknown]
-    lines += [f"  missing key {k}" for k in missing]
-    lines += [f"  wrong shape {k}" for k in bad]
-    raise ValueError("\n".join(lines))
+  weights_npz.check_against_spec(sd, spec, path, what="DINO")
   out, qkv = {}, {}
   for k, (dst, _, fn) in spec.items():
     a = np.asarray(sd[k], np.float32)
@@ -321,16 +298,7 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_npz(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
-  with np.load(path, allow_pickle=False) as z:
-    meta = json.loads(str(z[_META_KEY])) if _META_KEY in z.files else {}
-    if meta.get("kind") != _CACHE_KIND:
-      raise ValueError(f"{path}: not an ssr_jax DINO cache (no {_CACHE_KIND} {_META_KEY} entry)")
-    if meta.get("version") != _CACHE_VERSION:
-      raise ValueError(
-        f"{path}: cache version {meta.get('version')} != {_CACHE_VERSION}; "
-        "convert the original weights again"
-      )
-    return meta, {k: z[k] for k in z.files if k != _META_KEY}
+  return weights_npz.read(path, version=_CACHE_VERSION, what="DINO", kind=_CACHE_KIND)
 
 
 def read_metadata(path) -> dict:
@@ -340,28 +308,9 @@ def read_metadata(path) -> dict:
 
 
 def _valid_cache(src: _Source, cache: Path) -> bool:
-  if not cache.is_file():
-    return False
-  try:
-    meta = read_metadata(cache)
-  except (OSError, ValueError):
-    return False
-  return (
-    meta.get("kind") == _CACHE_KIND
-    and meta.get("version") == _CACHE_VERSION
-    and meta.get("source") == _stamp(src.weights)
+  return weights_npz.valid_cache(
+    cache, kind=_CACHE_KIND, version=_CACHE_VERSION, source=weights_npz.stamp(src.weights)
   )
-
-
-def _write_cache(cache: Path, meta: dict, flat: dict):
-  try:
-    weights_npz.write(cache, meta, flat)
-  except OSError as e:
-    warnings.warn(
-      f"could not write the DINO cache {cache} ({e}); set cache_dir to a writable directory "
-      "to avoid converting on every load",
-      stacklevel=3,
-    )
 
 
 def load_converted(
@@ -394,11 +343,11 @@ def load_converted(
         kind=_CACHE_KIND,
         version=_CACHE_VERSION,
         config=dataclasses.asdict(cfg),
-        source=_stamp(src.weights),
+        source=weights_npz.stamp(src.weights),
         sha256=sha256_file(src.weights),
         source_path=str(src.weights.resolve()),
       )
-      _write_cache(cache, meta, flat)
+      weights_npz.write_cache(cache, meta, flat, what="DINO")
   cfg = DINOConfig(**meta["config"])
   if heads is not None and heads != cfg.heads:
     # The head count is not in the weights: a cache converted with another guess is still valid.

@@ -1,7 +1,6 @@
 """Weight loading: parity with transformers' PyTorch/Flax CLIP, OpenAI .pt, cache, errors."""
 
 import hashlib
-import json
 import os
 import shutil
 
@@ -12,6 +11,7 @@ from clip_oracle import random_ids, tiny_hf_config
 from flax import traverse_util
 
 from ssr_jax.clip import CLIP, convert, load_clip, weights_fingerprint
+from tests.hf_files import edited_copy
 
 torch = pytest.importorskip("torch")
 
@@ -238,26 +238,11 @@ def test_dir_without_weights(tmp_path):
     load_clip(tmp_path / "missing")
 
 
-def _edited_copy(hf_dir, dst, *, config_edit=None, weights_edit=None):
-  from safetensors.numpy import load_file, save_file
-
-  shutil.copytree(hf_dir, dst)
-  if config_edit:
-    cfg = json.loads((dst / "config.json").read_text())
-    config_edit(cfg)
-    (dst / "config.json").write_text(json.dumps(cfg))
-  if weights_edit:
-    sd = load_file(str(dst / "model.safetensors"))
-    weights_edit(sd)
-    save_file(sd, str(dst / "model.safetensors"))
-  return dst
-
-
 def test_config_weights_mismatch(hf_tiny, tmp_path):
   def more_layers(cfg):
     cfg["vision_config"]["num_hidden_layers"] = 4  # The weights have 3.
 
-  d = _edited_copy(hf_tiny[0], tmp_path / "m", config_edit=more_layers)
+  d = edited_copy(hf_tiny[0], tmp_path / "m", config_edit=more_layers)
   with pytest.raises(ValueError) as e:
     load_clip(d)
   msg = str(e.value)
@@ -272,7 +257,7 @@ def test_unknown_and_misshaped_keys(hf_tiny, tmp_path):
     sd["vision_model.extra.weight"] = np.zeros(3, np.float32)
     sd["text_projection.weight"] = np.zeros((31, 128), np.float32)
 
-  d = _edited_copy(hf_tiny[0], tmp_path / "u", weights_edit=edit)
+  d = edited_copy(hf_tiny[0], tmp_path / "u", weights_edit=edit)
   with pytest.raises(ValueError) as e:
     load_clip(d)
   msg = str(e.value)
@@ -284,7 +269,7 @@ def test_unsupported_activation(hf_tiny, tmp_path):
   def gelu(cfg):
     cfg["text_config"]["hidden_act"] = "gelu"
 
-  d = _edited_copy(hf_tiny[0], tmp_path / "g", config_edit=gelu)
+  d = edited_copy(hf_tiny[0], tmp_path / "g", config_edit=gelu)
   with pytest.raises(ValueError, match=r"text_config.hidden_act='gelu'"):
     load_clip(d)
 

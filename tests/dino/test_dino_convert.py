@@ -15,6 +15,7 @@ from flax import traverse_util
 
 from ssr_jax.dino import DINO, load_dino, normalize, weights_fingerprint
 from ssr_jax.dino import convert as dino_convert
+from tests.hf_files import edited_copy
 
 torch = pytest.importorskip("torch")
 
@@ -162,28 +163,13 @@ def test_pth_bad_keys(hf_vit, tmp_path):
   assert not list(tmp_path.glob("*.npz"))  # Nothing cached from a failed conversion.
 
 
-def _edited_copy(hf_dir, dst, *, config_edit=None, weights_edit=None):
-  from safetensors.numpy import load_file, save_file
-
-  shutil.copytree(hf_dir, dst)
-  if config_edit:
-    cfg = json.loads((dst / "config.json").read_text())
-    config_edit(cfg)
-    (dst / "config.json").write_text(json.dumps(cfg))
-  if weights_edit:
-    sd = load_file(str(dst / "model.safetensors"))
-    weights_edit(sd)
-    save_file(sd, str(dst / "model.safetensors"))
-  return dst
-
-
 def test_missing_unknown_and_misshaped_keys(hf_vit, tmp_path):
   def edit(sd):
     del sd["encoder.layer.2.attention.attention.key.bias"]
     sd["encoder.layer.0.intermediate.dense.weight"] = np.zeros((128, 64), np.float32)
     sd["classifier.weight"] = np.zeros((10, 64), np.float32)
 
-  d = _edited_copy(hf_vit[0], tmp_path / "u", weights_edit=edit)
+  d = edited_copy(hf_vit[0], tmp_path / "u", weights_edit=edit)
   with pytest.raises(ValueError) as e:
     load_dino(d)
   msg = str(e.value)
@@ -199,7 +185,7 @@ def test_config_weights_mismatch(hf_vit, tmp_path):
   def more_layers(cfg):
     cfg["num_hidden_layers"] = 4  # The weights have 3.
 
-  d = _edited_copy(hf_vit[0], tmp_path / "m", config_edit=more_layers)
+  d = edited_copy(hf_vit[0], tmp_path / "m", config_edit=more_layers)
   with pytest.raises(ValueError) as e:
     load_dino(d)
   missing = [line for line in str(e.value).splitlines() if "missing key" in line]
@@ -217,7 +203,7 @@ def test_config_weights_mismatch(hf_vit, tmp_path):
   ],
 )
 def test_unsupported_config(hf_vit, tmp_path, edit, match):
-  d = _edited_copy(hf_vit[0], tmp_path / "c", config_edit=lambda c: c.update(edit))
+  d = edited_copy(hf_vit[0], tmp_path / "c", config_edit=lambda c: c.update(edit))
   with pytest.raises(ValueError, match=f"config.json: unsupported DINO/ViT config: {match}"):
     load_dino(d)
 
