@@ -54,8 +54,8 @@ def get_config():
   # column mask; `--mode ablation` measures both). Variant C halves the affinity between patches
   # that share no superpixel: the tiny CLIP's attention spreads CAMs onto other objects and the
   # background, which that cuts. Val mIoU pseudo / seg, with CMPA, shipped tiny CLIP and DINO,
-  # seed 0: variant C 0.558 / 0.617; the paper's SGC 0.461 / 0.469 (its mask alone 0.445 /
-  # 0.472, DINO attention alone 0.440 / 0.454, neither 0.432 / 0.453).
+  # seed 0: variant C 0.558 / 0.617; the paper's SGC 0.421 / 0.453 (its mask alone 0.445 /
+  # 0.472, DINO attention alone 0.448 / 0.449, neither 0.432 / 0.453).
   c.model.sgc.grouping = "superpixels"
   c.model.sgc.soft_alpha = 0.5
   c.model.cam.dino_weight = 0.0
