@@ -104,19 +104,25 @@ def load_frozen(config):
   return clip, dino, frozen, fingerprint
 
 
+def make_task(config, *, clip, dino=None):
+  """The SSRTask of a config for frozen CLIP (and DINO) modules: the one place that reads the
+  task's settings from config.model, config.loss and config.data."""
+  return build_task(
+    config.model,
+    config.loss,
+    clip=clip,
+    num_classes=config.data.num_classes,
+    ignore_label=config.data.ignore_label,
+    dino=dino,
+    num_regions=config.data.color_clusters,
+  )
+
+
 def build(config):
   """(SSRTask, frozen pytree, frozen weights fingerprint)."""
   clip, dino, frozen, fingerprint = load_frozen(config)
   try:
-    task = build_task(
-      config.model,
-      config.loss,
-      clip=clip,
-      num_classes=config.data.num_classes,
-      ignore_label=config.data.ignore_label,
-      dino=dino,
-      num_regions=config.data.color_clusters,
-    )
+    task = make_task(config, clip=clip, dino=dino)
   except ValueError as e:
     raise UserError(str(e)) from e
   return task, frozen, fingerprint

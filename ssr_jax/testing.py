@@ -12,11 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssr_jax import experiment
 from ssr_jax.clip.model import CLIP, CLIPConfig, cast_for_compute, init_params
 from ssr_jax.clip.preprocess import compute_dtype
 from ssr_jax.dino import model as dino_lib
 from ssr_jax.dino.model import DINO, DINOConfig
-from ssr_jax.model.ssr import build_task
 
 # 4 visual layers: enough for GradCAM's attention layers (model.cam.num_attn_layers = 3 in the
 # small benchmarks) and RFM. 32 px / patch 8 = a 4x4 position grid, interpolated to other sizes.
@@ -111,15 +111,7 @@ def random_build(
   if config.model.cam.dino_weight > 0:
     cfg = dino_cfg or dataclasses.replace(TINY_DINO, patch_size=clip.cfg.patch_size)
     dino, frozen["dino"] = random_dino(cfg, dtype=dtype, seed=seed)
-  task = build_task(
-    config.model,
-    config.loss,
-    clip=clip,
-    num_classes=config.data.num_classes,
-    dino=dino,
-    num_regions=config.data.color_clusters,
-  )
-  return task, frozen
+  return experiment.make_task(config, clip=clip, dino=dino), frozen
 
 
 def random_dino(cfg: DINOConfig = TINY_DINO, *, dtype=jnp.float32, seed: int = 0):

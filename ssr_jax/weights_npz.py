@@ -125,3 +125,16 @@ def valid_cache(cache: Path, **expected) -> bool:
   except (OSError, ValueError):
     return False
   return all(meta.get(k) == v for k, v in expected.items())
+
+
+def import_torch(path, *, what: str):
+  """torch, imported only where a torch checkpoint is converted; an ImportError naming the file
+  and the way out (`what`: e.g. "an OpenAI .pt checkpoint") when it is not installed."""
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(
+      f"{path}: reading {what} needs torch (pip install torch==2.13.0, the CPU wheel), or "
+      "convert it once elsewhere and pass the resulting .npz"
+    ) from e
+  return torch

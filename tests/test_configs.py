@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from ssr_jax import experiment
 from ssr_jax.clip.model import CLIP, CONFIGS, init_params
 from ssr_jax.dino.model import CONFIGS as DINO_CONFIGS
 from ssr_jax.dino.model import DINO
 from ssr_jax.dino.model import init_params as dino_init
-from ssr_jax.model.ssr import build_task
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NAMES = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
@@ -44,14 +44,7 @@ def test_config_builds_and_traces(name):
   if config.model.cam.dino_weight > 0:  # The paper's DINO ViT-S/16, patch 16 like ViT-B/16.
     dino = DINO(DINO_CONFIGS["ViT-S/16"])
     frozen["dino"] = jax.eval_shape(lambda: dino_init(dino, jax.random.PRNGKey(0)))
-  task = build_task(
-    config.model,
-    config.loss,
-    clip=clip,
-    num_classes=config.data.num_classes,
-    dino=dino,
-    num_regions=config.data.color_clusters,
-  )
+  task = experiment.make_task(config, clip=clip, dino=dino)
   b = 2
   batch = dict(
     image=jax.ShapeDtypeStruct((b, c, c, 3), jnp.uint8),

@@ -351,13 +351,7 @@ def _read_hf_flax(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_openai(path: Path) -> dict[str, np.ndarray]:
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError(
-      f"{path}: reading an OpenAI .pt checkpoint needs torch (pip install torch==2.13.0, the "
-      "CPU wheel), or convert it once elsewhere and pass the resulting .npz"
-    ) from e
+  torch = weights_npz.import_torch(path, what="an OpenAI .pt checkpoint")
   try:  # OpenAI's released files are TorchScript archives; open_clip-style ones plain pickles.
     sd = torch.jit.load(str(path), map_location="cpu").state_dict()
   except RuntimeError:

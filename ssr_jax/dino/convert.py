@@ -272,13 +272,7 @@ def _read_hf(src: _Source) -> tuple[DINOConfig, dict[str, np.ndarray]]:
 
 
 def _read_torch(path: Path) -> dict[str, np.ndarray]:
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError(
-      f"{path}: reading a DINO .pth checkpoint needs torch (pip install torch==2.13.0, the CPU "
-      "wheel), or convert it once elsewhere and pass the resulting .npz"
-    ) from e
+  torch = weights_npz.import_torch(path, what="a DINO .pth checkpoint")
   try:  # weights_only: tensors and plain containers only, never arbitrary unpickling.
     sd = torch.load(str(path), map_location="cpu", weights_only=True)
   except Exception as e:

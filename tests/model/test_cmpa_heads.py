@@ -132,6 +132,14 @@ def test_bank_push_is_a_ring_of_the_valid_samples_and_refresh_is_kmeans():
   assert int(out["refreshes"]) == 1
 
 
+def _pseudo_labels(task, variables, frozen, batch, *, heads):
+  """The step's pseudo-labels (CAMs, tokens) with the attention affinity (zero decoder
+  features: RFM off)."""
+  f = task.clip_features(frozen, batch["image"])
+  dec = jnp.zeros((batch["image"].shape[0], f["grid"][0] * f["grid"][1], 16))
+  return task.pseudo_labels(variables, frozen, f, batch, dec, use_rfm=False, heads=heads)
+
+
 def test_prototype_loss_step_matches_numpy():
   """L_proto of one step after a refresh (cluster positives, symmetric term), the updated
   running statistics and the pushed bank samples, against numpy from the CAMs and tokens."""
@@ -148,16 +156,7 @@ def test_prototype_loss_step_matches_numpy():
   )
   variables = {**_randomize_stats(variables), "bank": bank}
   step = 3  # Heads' CAMs (from step 2), no refresh at this step (refresh_every 2).
-  f = task.clip_features(frozen, batch["image"])
-  pl = task.pseudo_labels(
-    variables,
-    frozen,
-    f,
-    batch,
-    jnp.zeros((2, f["grid"][0] * f["grid"][1], 16)),
-    use_rfm=False,
-    heads=True,
-  )
+  pl = _pseudo_labels(task, variables, frozen, batch, heads=True)
   loss, metrics, coll = jax.jit(task._prototype_terms, static_argnums=3)(
     variables, frozen, pl, step
   )
@@ -220,16 +219,7 @@ def test_prototype_loss_step_matches_numpy():
 
 def test_before_the_first_refresh_prototypes_are_the_text_features_and_positives_classes():
   task, frozen, batch, variables = _setup(cmpa="clip", sgc=False)
-  f = task.clip_features(frozen, batch["image"])
-  pl = task.pseudo_labels(
-    variables,
-    frozen,
-    f,
-    batch,
-    jnp.zeros((2, f["grid"][0] * f["grid"][1], 16)),
-    use_rfm=False,
-    heads=False,
-  )
+  pl = _pseudo_labels(task, variables, frozen, batch, heads=False)
   loss, _, coll = task._prototype_terms(variables, frozen, pl, 1)
   p = variables["params"]
   texts = jnp.concatenate([frozen["text_fg"], frozen["text_bg"]])
