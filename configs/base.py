@@ -127,6 +127,10 @@ def get_config():
   c.data.num_classes = 21  # Including background.
   c.data.labels_file = ""  # "id v1 v2 ..." image labels (mask values); "" = from the dataset/masks.
   c.data.ignore_label = 255
+  c.data.source = (
+    "files"  # files: data.root's folders; tfds: a build (python -m ssr_jax.data.tfds_build).
+  )
+  c.data.tfds_data_dir = ""  # The builds' folder for source tfds: local path or gs://bucket/...
   c.data.pipeline = "auto"  # tf, numpy, or auto (tf when TensorFlow imports, else numpy).
   c.data.crop_size = 320
   c.data.scale_range = (0.5, 2.0)

@@ -24,6 +24,7 @@ the skipped ones, and host p of P takes positions [p * B, (p + 1) * B) of each g
 import collections
 import dataclasses
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -89,14 +90,87 @@ def host_positions(step: int, batch_size: int, process_index: int, process_count
   return range(start, start + per_host)
 
 
+class Encoded(NamedTuple):
+  """One example's encoded bytes, as stored in the folders and, unchanged, in a TFDS build."""
+
+  image: bytes
+  mask: bytes
+  superpixels: bytes | None  # None = not read.
+  clusters: bytes | None
+  names: tuple[str, str, str, str]  # Where each came from, for errors.
+  remedy: str = ""  # What to do about a bad one ("" = the folder source's advice).
+
+
 @dataclasses.dataclass(frozen=True)
-class TrainSource:
-  """Everything an executor reads: the split, its superpixel and colour-cluster files,
-  augmentation and order."""
+class FileRef:
+  """Example files of the folder source (data.source = "files")."""
+
+  image: str
+  mask: str
+  superpixels: str | None = None
+  clusters: str | None = None
+
+  def fetch(self) -> Encoded:
+    maybe = lambda p, kind: None if p is None else files.read_kind(p, kind)
+    return Encoded(
+      files.read_kind(self.image, "image"),
+      files.read_kind(self.mask, "mask"),
+      maybe(self.superpixels, "superpixel"),
+      maybe(self.clusters, "colour-cluster"),
+      (
+        f"image {self.image}",
+        f"mask {self.mask}",
+        f"superpixel file {self.superpixels}",
+        f"colour-cluster file {self.clusters}",
+      ),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class FileStore:
+  """Split index -> FileRef: the split's files and, when read, its superpixel/cluster maps."""
 
   split: Split
-  superpixel_paths: tuple[str, ...] | None  # Per split index; None = not read.
-  cluster_paths: tuple[str, ...] | None  # Colour-cluster maps per split index; None = not read.
+  superpixel_paths: tuple[str, ...] | None = None  # Per split index; None = not read.
+  cluster_paths: tuple[str, ...] | None = None
+
+  def ref(self, index: int) -> FileRef:
+    s, sp, cl = self.split, self.superpixel_paths, self.cluster_paths
+    return FileRef(
+      s.image_paths[index],
+      s.mask_paths[index],
+      None if sp is None else sp[index],
+      None if cl is None else cl[index],
+    )
+
+
+def decode_example(enc: Encoded, num_classes: int):
+  """Decodes one example at original size and checks that its maps match the image.
+
+  Returns (image uint8 [H, W, 3], mask uint8 [H, W], superpixels int32 [H, W] or None when not
+  read, colour clusters int32 [H, W] or None when not read).
+  """
+  names, fix = enc.names, enc.remedy
+  image = files.decode_image(enc.image, names[0], fix)
+  mask = files.decode_mask(enc.mask, num_classes, names[1], fix)
+  _check_size(mask, image, names[1], names[0])
+  sp = cl = None
+  if enc.superpixels is not None:
+    sp = files.decode_superpixels(enc.superpixels, names[2], fix)
+    _check_size(sp, image, names[2], names[0])
+  if enc.clusters is not None:
+    cl = files.decode_clusters(enc.clusters, names[3], fix)
+    _check_size(cl, image, names[3], names[0])
+  return image, mask, sp, cl
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSource:
+  """Everything an executor reads: the split, where its examples' bytes come from (a FileStore
+  or a records.RecordStore), augmentation and order."""
+
+  split: Split
+  store: object  # .ref(split index) -> a FileRef or records.RecordRef (picklable, .fetch()).
   augment: AugmentOptions
   order: Order
   positions: Callable[[int], range]  # Global step -> this host's stream positions.
@@ -105,14 +179,6 @@ class TrainSource:
     """float64 [augment.NUM_DRAWS] uniforms of stream position g."""
     return augment.draws(self.order.seed, position)
 
-  def example_files(self, index: int) -> tuple:
-    """(image path, mask path, superpixel path or None, cluster path or None, num_classes)
-    of split index i."""
-    s = self.split
-    sp_path = None if self.superpixel_paths is None else self.superpixel_paths[index]
-    cl_path = None if self.cluster_paths is None else self.cluster_paths[index]
-    return s.image_paths[index], s.mask_paths[index], sp_path, cl_path, s.num_classes
-
 
 def load_example(source: TrainSource, position: int):
   """Decodes, validates and augments the example at stream position g (numpy).
@@ -120,45 +186,26 @@ def load_example(source: TrainSource, position: int):
   Returns (image uint8 [S, S, 3], mask uint8 [S, S], superpixels int32 [S, S], clusters int32
   [S, S]).
   """
-  index = source.order(position)
-  return load_files(*source.example_files(index), source.draws(position), source.augment)
+  ref = source.store.ref(source.order(position))
+  return load_ref(ref, source.split.num_classes, source.draws(position), source.augment)
 
 
-def load_files(image_path, mask_path, sp_path, cl_path, num_classes, u, opts: AugmentOptions):
-  """load_example on explicit paths (small, picklable arguments for worker processes).
+def load_ref(ref, num_classes, u, opts: AugmentOptions):
+  """load_example on an example reference (small, picklable arguments for worker processes).
 
-  Without sp_path (cl_path) the superpixels (clusters) are the valid-region layout: 0 inside the
-  image, -1 on padding.
+  Without superpixels (clusters) the maps are the valid-region layout: 0 inside the image, -1
+  on padding.
   """
-  image, mask, sp, cl = read_example(image_path, mask_path, sp_path, cl_path, num_classes)
+  image, mask, sp, cl = decode_example(ref.fetch(), num_classes)
   p = opts.plan(image.shape[0], image.shape[1], u)
   img, m, spo = augment.apply(image, mask, sp, p, ignore_label=opts.ignore_label)
   return img, m, spo, augment.resample_regions(cl, p)
 
 
-def read_example(image_path, mask_path, sp_path, cl_path, num_classes):
-  """Decodes one example at original size and checks that its maps match the image.
-
-  Returns (image uint8 [H, W, 3], mask uint8 [H, W], superpixels int32 [H, W] or None when
-  sp_path is None, colour clusters int32 [H, W] or None when cl_path is None).
-  """
-  image = files.read_image(image_path)
-  mask = files.read_mask(mask_path, num_classes)
-  _check_size(mask, image, mask_path, image_path)
-  sp = cl = None
-  if sp_path is not None:
-    sp = files.read_superpixels(sp_path)
-    _check_size(sp, image, sp_path, image_path)
-  if cl_path is not None:
-    cl = files.read_clusters(cl_path)
-    _check_size(cl, image, cl_path, image_path)
-  return image, mask, sp, cl
-
-
-def _check_size(label, image, label_path, image_path):
+def _check_size(label, image, label_name, image_name):
   if label.shape != image.shape[:2]:
     raise DataError(
-      f"{label_path} is {label.shape[0]}x{label.shape[1]} but image {image_path} is "
+      f"{label_name} is {label.shape[0]}x{label.shape[1]} but {image_name} is "
       f"{image.shape[0]}x{image.shape[1]} (H x W); they must match"
     )
 

@@ -31,16 +31,26 @@ def read_bytes(path) -> bytes:
   return epath.Path(path).read_bytes()
 
 
-def _read(path, what: str, missing: str = "") -> bytes:
+_MISSING_HINT = {
+  "superpixel": "; precompute them with python -m ssr_jax.data.superpixels --config <your config>",
+  "colour-cluster": (
+    "; precompute it with python -m ssr_jax.data.superpixels --config <your config> (it adds "
+    "missing clusters)"
+  ),
+}
+
+
+def read_kind(path, kind: str) -> bytes:
+  """read_bytes of an image, mask, superpixel or colour-cluster file; DataError if missing."""
   try:
     return read_bytes(path)
   except FileNotFoundError:
-    raise DataError(f"{what} file not found: {path}{missing}") from None
+    raise DataError(f"{kind} file not found: {path}{_MISSING_HINT.get(kind, '')}") from None
 
 
 def read_image(path) -> np.ndarray:
   """Decodes an image file to uint8 [H, W, 3] RGB; raises DataError naming a bad file."""
-  return decode_image(_read(path, "image"), f"image {path}")
+  return decode_image(read_kind(path, "image"), f"image {path}")
 
 
 def decode_image(data: bytes, name: str, remedy: str = "") -> np.ndarray:
@@ -60,7 +70,7 @@ def decode_image(data: bytes, name: str, remedy: str = "") -> np.ndarray:
 
 def read_mask(path, num_classes: int) -> np.ndarray:
   """Decodes a label PNG to uint8 [H, W] and checks values are in 0..num_classes-1 or 255."""
-  return decode_mask(_read(path, "mask"), num_classes, f"mask {path}")
+  return decode_mask(read_kind(path, "mask"), num_classes, f"mask {path}")
 
 
 def decode_mask(data: bytes, num_classes: int, name: str, remedy: str = "") -> np.ndarray:
@@ -94,17 +104,14 @@ def check_mask_values(mask: np.ndarray, num_classes: int, name: str) -> None:
     )
 
 
-_SP_REMEDY = "delete it and rerun python -m ssr_jax.data.superpixels (it skips valid files)"
-
-
 def read_superpixels(path) -> np.ndarray:
   """Decodes a uint16 superpixel PNG to int32 [H, W]; raises DataError naming a bad file."""
-  missing = "; precompute them with python -m ssr_jax.data.superpixels --config <your config>"
-  return decode_superpixels(_read(path, "superpixel", missing), f"superpixel file {path}")
+  return decode_superpixels(read_kind(path, "superpixel"), f"superpixel file {path}")
 
 
-def decode_superpixels(data: bytes, name: str, remedy: str = _SP_REMEDY) -> np.ndarray:
+def decode_superpixels(data: bytes, name: str, remedy: str = "") -> np.ndarray:
   """uint16 superpixel PNG bytes -> int32 [H, W]."""
+  remedy = remedy or "delete it and rerun python -m ssr_jax.data.superpixels (it skips valid files)"
   try:
     with Image.open(io.BytesIO(data)) as im:
       im.load()
@@ -115,22 +122,18 @@ def decode_superpixels(data: bytes, name: str, remedy: str = _SP_REMEDY) -> np.n
 
 def read_clusters(path) -> np.ndarray:
   """Decodes a uint8 colour-cluster PNG to int32 [H, W]; raises DataError naming a bad file."""
-  missing = (
-    "; precompute it with python -m ssr_jax.data.superpixels --config <your config> (it adds "
-    "missing clusters)"
-  )
-  return decode_clusters(_read(path, "colour-cluster", missing), f"colour-cluster file {path}")
+  return decode_clusters(read_kind(path, "colour-cluster"), f"colour-cluster file {path}")
 
 
 def decode_clusters(data: bytes, name: str, remedy: str = "") -> np.ndarray:
   """uint8 colour-cluster PNG bytes -> int32 [H, W]."""
-  remedy = remedy or "delete it and rerun python -m ssr_jax.data.superpixels"
+  remedy = remedy or "delete it and rerun python -m ssr_jax.data.superpixels (it skips valid files)"
   try:
     with Image.open(io.BytesIO(data)) as im:
       im.load()
       mode, m = im.mode, np.asarray(im)
   except (OSError, SyntaxError, ValueError) as e:
-    raise DataError(f"cannot decode {name} ({e}); {remedy} (it skips valid files)") from None
+    raise DataError(f"cannot decode {name} ({e}); {remedy}") from None
   if mode != "L":
     raise DataError(f"{name} has PIL mode {mode!r}, not L (uint8); {remedy}")
   return m.astype(np.int32)

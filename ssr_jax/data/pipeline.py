@@ -31,16 +31,15 @@ import multiprocessing
 import numpy as np
 
 from ssr_jax.data import parallel, sources
-from ssr_jax.data import superpixels as sp_lib
 from ssr_jax.data.dataset import Split
 from ssr_jax.data.examples import (
   AugmentOptions,
   Order,
   TrainSource,
   assemble,
+  decode_example,
   host_positions,
-  load_files,
-  read_example,
+  load_ref,
 )
 
 log = logging.getLogger(__name__)
@@ -105,8 +104,8 @@ def _numpy_batches(source: TrainSource, start_step, *, workers, prefetch, worker
     futs = []
     for g in source.positions(step):
       i = source.order(g)
-      args = (*source.example_files(i), source.draws(g), source.augment)
-      futs.append((i, pool.submit(load_files, *args)))
+      args = (source.store.ref(i), source.split.num_classes, source.draws(g), source.augment)
+      futs.append((i, pool.submit(load_ref, *args)))
     pending.append(futs)
 
   try:
@@ -154,13 +153,12 @@ def make_train_iterator(
   if batch_size % process_count:
     raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
   name = resolve_pipeline(pipeline or data_cfg.pipeline)
-  split = sources.get_dataset(data_cfg).split(
-    data_cfg.train_split, drop_unlabeled=True, workers=data_cfg.num_workers
+  split, store = sources.open_split(
+    data_cfg, data_cfg.train_split, superpixels=superpixels, clusters=clusters, drop_unlabeled=True
   )
   source = TrainSource(
     split=split,
-    superpixel_paths=sp_lib.split_paths(data_cfg, split) if superpixels else None,
-    cluster_paths=sp_lib.cluster_paths(data_cfg, split) if clusters else None,
+    store=store,
     augment=AugmentOptions.from_config(data_cfg),
     order=Order(seed, len(split)),
     positions=functools.partial(
@@ -180,8 +178,9 @@ def make_train_iterator(
       source, start_step, workers=workers, prefetch=prefetch, worker_type=data_cfg.worker_type
     )
   log.info(
-    "train input: %s pipeline, %s split (%d images), %d per host, from step %d",
+    "train input: %s pipeline from %s, %s split (%d images), %d per host, from step %d",
     name,
+    data_cfg.source,
     data_cfg.train_split,
     len(split),
     batch_size // process_count,
@@ -203,10 +202,9 @@ class EvalDataset:
   thread pool and keeps order.
   """
 
-  def __init__(self, split: Split, sp_paths, *, indices, workers: int = 4, cluster_paths=None):
+  def __init__(self, split: Split, store, *, indices, workers: int = 4):
     self.split = split
-    self._sp_paths = sp_paths
-    self._cl_paths = cluster_paths
+    self._store = store
     self.indices = tuple(int(i) for i in indices)
     self._workers = max(1, workers)
 
@@ -217,11 +215,7 @@ class EvalDataset:
     if not 0 <= i < len(self.indices):
       raise IndexError(i)
     s, k = self.split, self.indices[i]
-    sp_path = None if self._sp_paths is None else self._sp_paths[k]
-    cl_path = None if self._cl_paths is None else self._cl_paths[k]
-    image, mask, sp, cl = read_example(
-      s.image_paths[k], s.mask_paths[k], sp_path, cl_path, s.num_classes
-    )
+    image, mask, sp, cl = decode_example(self._store.ref(k).fetch(), s.num_classes)
     return {
       "image": image,
       "mask": mask,
@@ -262,12 +256,8 @@ def make_eval_dataset(
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
-  s = sources.get_dataset(data_cfg).split(split, workers=data_cfg.num_workers)
+  s, store = sources.open_split(data_cfg, split, superpixels=superpixels, clusters=clusters)
   n = len(s) if max_images <= 0 else min(max_images, len(s))
   return EvalDataset(
-    s,
-    sp_lib.split_paths(data_cfg, s) if superpixels else None,
-    indices=range(process_index, n, process_count),
-    workers=data_cfg.num_workers,
-    cluster_paths=sp_lib.cluster_paths(data_cfg, s) if clusters else None,
+    s, store, indices=range(process_index, n, process_count), workers=data_cfg.num_workers
   )

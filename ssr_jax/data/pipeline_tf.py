@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from ssr_jax.data import augment, files  # noqa: E402
-from ssr_jax.data.examples import TrainSource, assemble, load_example  # noqa: E402
+from ssr_jax.data.examples import FileStore, TrainSource, assemble, load_example  # noqa: E402
 
 tf.config.set_visible_devices([], "GPU")
 
@@ -106,17 +106,39 @@ def _jitter(img, jitter, valid):
   return tf.cast(tf.round(x) * vf[..., None], tf.uint8)  # tf.round is half-to-even, as rint.
 
 
-def _example_fn(split, sp_paths, cl_paths, opts):
-  image_paths = tf.constant(split.image_paths)
-  mask_paths = tf.constant(split.mask_paths)
-  sp_table = tf.constant(sp_paths) if sp_paths is not None else None
-  cl_table = tf.constant(cl_paths) if cl_paths is not None else None
-  c = split.num_classes
+def _reader(store):
+  """index -> (image, mask, superpixel or None, cluster or None) encoded bytes as tf.string.
+
+  Folders are read by TF's file ops (local or gs://), TFDS records by random access.
+  """
+  if isinstance(store, FileStore):
+    tables = [store.split.image_paths, store.split.mask_paths]
+    tables += [store.superpixel_paths, store.cluster_paths]
+    tables = [None if t is None else tf.constant(t) for t in tables]
+    return lambda i: [None if t is None else tf.io.read_file(tf.gather(t, i)) for t in tables]
+
+  def fetch(i):
+    enc = store.ref(int(i)).fetch()
+    return enc.image, enc.mask, enc.superpixels or b"", enc.clusters or b""
+
+  def read(i):
+    out = tf.numpy_function(fetch, [i], [tf.string] * 4, stateful=False)
+    out = [tf.ensure_shape(x, []) for x in out]
+    return out[:2] + [out[2] if store.superpixels else None, out[3] if store.clusters else None]
+
+  return read
+
+
+def _example_fn(source: TrainSource):
+  read = _reader(source.store)
+  opts = source.augment
+  c = source.split.num_classes
   s = opts.crop_size
 
   def fn(index, u):
-    image = _decode_image(tf.io.read_file(tf.gather(image_paths, index)))
-    mask = _decode_mask(tf.io.read_file(tf.gather(mask_paths, index)))
+    image_b, mask_b, sp_b, cl_b = read(index)
+    image = _decode_image(image_b)
+    mask = _decode_mask(mask_b)
     hw = tf.shape(image)[:2]
     checks = [
       tf.debugging.assert_equal(tf.shape(mask), hw, message="mask size != image size"),
@@ -126,12 +148,12 @@ def _example_fn(split, sp_paths, cl_paths, opts):
         message="mask value out of range",
       ),
     ]
-    if sp_table is not None:
-      sp = tf.io.decode_png(tf.io.read_file(tf.gather(sp_table, index)), 1, tf.uint16)[..., 0]
+    if sp_b is not None:
+      sp = tf.io.decode_png(sp_b, 1, tf.uint16)[..., 0]
       sp = tf.cast(sp, tf.int32)
       checks.append(tf.debugging.assert_equal(tf.shape(sp), hw, message="superpixel size"))
-    if cl_table is not None:
-      cl = tf.io.decode_png(tf.io.read_file(tf.gather(cl_table, index)), 1, tf.uint8)[..., 0]
+    if cl_b is not None:
+      cl = tf.io.decode_png(cl_b, 1, tf.uint8)[..., 0]
       cl = tf.cast(cl, tf.int32)
       checks.append(tf.debugging.assert_equal(tf.shape(cl), hw, message="cluster size"))
     with tf.control_dependencies(checks):
@@ -174,8 +196,8 @@ def _example_fn(split, sp_paths, cl_paths, opts):
 
     m = nearest(mask, opts.ignore_label)
     layout = tf.ensure_shape(tf.where(valid, 0, -1), [s, s])  # Maps not read (augment.py).
-    spo = nearest(sp, -1) if sp_table is not None else layout
-    clo = nearest(cl, -1) if cl_table is not None else layout
+    spo = nearest(sp, -1) if sp_b is not None else layout
+    clo = nearest(cl, -1) if cl_b is not None else layout
     return img, m, spo, clo, index
 
   return fn
@@ -200,7 +222,7 @@ def batches(source: TrainSource, start_step: int, *, workers: int, prefetch: int
     ),
   )
   ds = ds.map(
-    _example_fn(source.split, source.superpixel_paths, source.cluster_paths, source.augment),
+    _example_fn(source),
     num_parallel_calls=max(1, workers),
     deterministic=True,
   )

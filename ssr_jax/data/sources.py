@@ -1,4 +1,6 @@
-"""The dataset registry: data.name -> its reader (voc, coco, synthetic), opened at data.root."""
+"""Where a split's examples come from: the dataset registry (data.name -> its folder reader: voc,
+coco, synthetic, opened at data.root) and data.source ("files": those folders; "tfds": a TFDS
+build in data.tfds_data_dir, records.py)."""
 
 from ssr_jax.data import coco, synthetic, voc
 from ssr_jax.data.dataset import Dataset
@@ -17,3 +19,34 @@ def get_dataset(data_cfg) -> Dataset:
       f"has {ds.num_classes} classes (including background); fix the config"
     )
   return ds
+
+
+SOURCES = ("files", "tfds")
+
+
+def open_split(
+  data_cfg, split: str, *, superpixels: bool, clusters: bool = False, drop_unlabeled: bool = False
+):
+  """(Split, store) of a split from data.source; store.ref(split index) fetches an example.
+
+  superpixels / clusters: whether the maps are read (checked to exist here: a DataError names
+  what is missing and the command that makes it).
+  """
+  from ssr_jax.data import examples, records
+  from ssr_jax.data import superpixels as sp_lib
+
+  if data_cfg.source == "tfds":
+    return records.open_split(
+      data_cfg, split, superpixels=superpixels, clusters=clusters, drop_unlabeled=drop_unlabeled
+    )
+  if data_cfg.source != "files":
+    raise ValueError(f"unknown data.source {data_cfg.source!r}; use one of {SOURCES}")
+  s = get_dataset(data_cfg).split(
+    split, drop_unlabeled=drop_unlabeled, workers=data_cfg.num_workers
+  )
+  store = examples.FileStore(
+    s,
+    sp_lib.split_paths(data_cfg, s) if superpixels else None,
+    sp_lib.cluster_paths(data_cfg, s) if clusters else None,
+  )
+  return s, store
