@@ -1,10 +1,13 @@
-"""Input-pipeline throughput: training images/s of the tf and numpy pipelines.
+"""Input-pipeline throughput: training images/s of the tf and numpy pipelines, reading the
+folders (data.source=files) or their TFDS build (data.source=tfds).
 
-`python -m benchmarks input [--small] [--images 64] [--batch 4] [--crop 320] [--steps 40]`.
+`python -m benchmarks input [--small] [--images 64] [--batch 4] [--crop 320] [--steps 40]
+[--sources files,tfds] [--pipelines numpy,numpy-process,tf]`.
 Writes VOC-like data to a temporary folder (500x375 JPEGs rendered by the synthetic generator,
-class-index PNG masks, skimage superpixel PNGs, in the VOC layout with a custom split list),
-then times full training batches (decode, Pillow-exact rescale, flip, pad, crop, superpixels)
-after a short warm-up. The numbers depend on data.num_workers (threads / parallel calls).
+class-index PNG masks, superpixel and colour-cluster PNGs, in the VOC layout with a custom split
+list), builds its TFDS version (timed), then times full training batches (read, decode,
+Pillow-exact rescale, flip, pad, crop, superpixels and clusters) after a short warm-up, per
+source and pipeline. The numbers depend on data.num_workers (threads / parallel calls).
 """
 
 import os
@@ -15,7 +18,7 @@ from PIL import Image
 
 from benchmarks.superpixels import voc_like_images
 from configs import base
-from ssr_jax.data import files, pipeline, superpixels
+from ssr_jax.data import files, pipeline, superpixels, tfds_build
 
 
 def add_args(p):
@@ -29,6 +32,7 @@ def add_args(p):
     default="numpy,numpy-process,tf",
     help="numpy (threads), numpy-process (data.worker_type=process), tf",
   )
+  p.add_argument("--sources", default="files,tfds", help="data.source values to compare")
 
 
 def write_voc_like(root: str, num: int, *, height: int = 375, width: int = 500) -> str:
@@ -70,38 +74,53 @@ def run(args) -> dict:
   with tempfile.TemporaryDirectory() as root:
     split = write_voc_like(root, num, height=h, width=w)
     data_cfg = _config(root, split, args)
+    data_cfg.tfds_data_dir = os.path.join(root, "tfds")
     superpixels.precompute(data_cfg, split, progress=False)
-    for name in args.pipelines.split(","):
-      kind = "numpy" if name == "numpy-process" else name
-      try:
-        kind = pipeline.resolve_pipeline(kind)
-        if kind == "tf":
-          import tensorflow  # noqa: F401
-      except ImportError as e:
-        out[name] = f"unavailable: {e}"
-        continue
-      data_cfg.worker_type = "process" if name == "numpy-process" else "thread"
-      it = pipeline.make_train_iterator(
-        data_cfg,
-        batch_size=args.batch,
-        seed=0,
-        process_index=0,
-        process_count=1,
-        pipeline=kind,
-        superpixels=True,
-      )
+    sources = args.sources.split(",")
+    if "tfds" in sources:
       t0 = time.perf_counter()
-      for _ in range(3):  # Warm-up (graph building, worker start).
-        next(it)
-      warm = time.perf_counter() - t0
-      t0 = time.perf_counter()
-      for _ in range(steps):
-        next(it)
-      dt = time.perf_counter() - t0
-      it.close()
-      out[name] = {
-        "images_per_s": steps * args.batch / dt,
-        "ms_per_batch": 1e3 * dt / steps,
-        "warmup_s": warm,
-      }
+      tfds_build.build(data_cfg, [split], superpixels=True, progress=False)
+      out["tfds_build_s"] = time.perf_counter() - t0
+    for source in sources:
+      data_cfg.source = source
+      out[source] = _time_pipelines(data_cfg, args, steps)
+  return out
+
+
+def _time_pipelines(data_cfg, args, steps) -> dict:
+  out = {}
+  for name in args.pipelines.split(","):
+    kind = "numpy" if name == "numpy-process" else name
+    try:
+      kind = pipeline.resolve_pipeline(kind)
+      if kind == "tf":
+        import tensorflow  # noqa: F401
+    except ImportError as e:
+      out[name] = f"unavailable: {e}"
+      continue
+    data_cfg.worker_type = "process" if name == "numpy-process" else "thread"
+    it = pipeline.make_train_iterator(
+      data_cfg,
+      batch_size=args.batch,
+      seed=0,
+      process_index=0,
+      process_count=1,
+      pipeline=kind,
+      superpixels=True,
+      clusters=True,
+    )
+    t0 = time.perf_counter()
+    for _ in range(3):  # Warm-up (graph building, worker start).
+      next(it)
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      next(it)
+    dt = time.perf_counter() - t0
+    it.close()
+    out[name] = {
+      "images_per_s": steps * args.batch / dt,
+      "ms_per_batch": 1e3 * dt / steps,
+      "warmup_s": warm,
+    }
   return out

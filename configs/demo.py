@@ -17,6 +17,7 @@ def get_config():
   c = base.get_config()
   c.seed = 0
   c.data.name = "synthetic"
+  c.data.source = "tfds"  # Built in <workdir>/tfds from the generated folders (demo.prepare).
   c.data.train_split = "train"
   c.data.val_split = "val"
   c.data.num_classes = SPEC.num_classes

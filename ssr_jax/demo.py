@@ -59,13 +59,16 @@ class DemoError(Exception):
 
 
 def prepare(config, workdir):
-  """A copy of config with data.root (synthetic data + superpixels), clip.weights and
-  dino.weights filled in (those already set are kept).
+  """A copy of config with data.root (synthetic data + superpixels), data.tfds_data_dir (their
+  TFDS build, read when data.source is "tfds"), clip.weights and dino.weights filled in (those
+  already set are kept).
 
   Process 0 writes the shared files; the other processes wait for them.
   """
   config = config.copy_and_resolve_references()
   config.data.root = config.data.root or os.path.join(workdir, "data")
+  if config.data.source == "tfds":
+    config.data.tfds_data_dir = config.data.tfds_data_dir or os.path.join(workdir, "tfds")
   if jax.process_index() == 0:
     _write_data(config)
   multihost_utils.sync_global_devices("ssr_jax.demo data")
@@ -95,8 +98,13 @@ def _write_data(config):
   synthetic.write_dataset(
     config.data.root, num_train=sc.num_train, num_val=sc.num_val, size=sc.image_size, seed=sc.seed
   )
-  for split in (config.data.train_split, config.data.val_split):
+  splits = (config.data.train_split, config.data.val_split)
+  for split in splits:
     superpixels.precompute(config.data, split, workers=os.cpu_count() or 1, progress=False)
+  if config.data.source == "tfds":  # Resumable: a rerun only checks the complete shards.
+    from ssr_jax.data import tfds_build  # Late: tensorflow_datasets only for this source.
+
+    tfds_build.build(config.data, splits, superpixels=True, progress=False)
   log.info("synthetic data ready under %s (%.1fs)", config.data.root, time.time() - t0)
 
 

@@ -90,6 +90,12 @@ def _metadata(build: str) -> dict:
     ) from None
 
 
+def class_names(data_cfg) -> tuple[str, ...]:
+  """Foreground class names stored in the build this config reads."""
+  build = build_dir(data_cfg, maps=False)
+  return tuple(_metadata(str(build))["class_names"])
+
+
 def open_split(
   data_cfg, split: str, *, superpixels: bool, clusters: bool, drop_unlabeled: bool = False
 ):

@@ -50,3 +50,12 @@ def open_split(
     sp_lib.cluster_paths(data_cfg, s) if clusters else None,
   )
   return s, store
+
+
+def class_names(data_cfg) -> tuple[str, ...]:
+  """Foreground class names (mask value c+1 for name c) of data.source's dataset."""
+  if data_cfg.source == "tfds":
+    from ssr_jax.data import records
+
+    return records.class_names(data_cfg)
+  return get_dataset(data_cfg).class_names

@@ -161,11 +161,13 @@ class SplitPlan:
   labels: np.ndarray  # float32 [N, C-1]
   files: tuple[examples.FileRef, ...]
   num_classes: int
+  class_names: tuple[str, ...]  # Foreground names (mask value c+1 for class_names[c]).
 
 
 def plan_split(data_cfg, split: str, spec: BuildSpec) -> SplitPlan:
   """The folder source's files of a split (checked as training checks them)."""
-  s = sources.get_dataset(data_cfg).split(split, workers=data_cfg.num_workers)
+  ds = sources.get_dataset(data_cfg)
+  s = ds.split(split, workers=data_cfg.num_workers)
   sp = sp_lib.split_paths(data_cfg, s) if spec.superpixels else None
   cl = sp_lib.cluster_paths(data_cfg, s) if spec.superpixels else None
   refs = tuple(
@@ -177,7 +179,7 @@ def plan_split(data_cfg, split: str, spec: BuildSpec) -> SplitPlan:
     )
     for k in range(len(s))
   )
-  return SplitPlan(split_name(split), s.ids, s.labels, refs, s.num_classes)
+  return SplitPlan(split_name(split), s.ids, s.labels, refs, s.num_classes, ds.class_names)
 
 
 def encode_record(plan: SplitPlan, k: int) -> tuple[dict, str | None]:
@@ -194,10 +196,12 @@ def encode_record(plan: SplitPlan, k: int) -> tuple[dict, str | None]:
 
 
 def index_metadata(spec: BuildSpec, plans: dict) -> dict:
-  """metadata.json: per split, the ids and labels (as mask values) in record order."""
+  """metadata.json: class names and, per split, the ids and labels (as mask values) in record
+  order."""
   return {
     "dataset": spec.dataset,
     "num_classes": spec.num_classes,
+    "class_names": list(next(iter(plans.values())).class_names),
     "superpixels": spec.superpixels,
     "splits": {
       name: {

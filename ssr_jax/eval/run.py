@@ -89,9 +89,9 @@ def to_local(tree):
   return jax.tree.map(leaf, tree)
 
 
-def class_names(dataset) -> list[str]:
-  """Names of label ids 0..C-1 for tables (background first) of a data.dataset.Dataset."""
-  return ["background"] + [n.split(",")[0] for n in dataset.class_names]
+def class_names(fg_names) -> list[str]:
+  """Names of label ids 0..C-1 for tables (background first) from a dataset's foreground names."""
+  return ["background"] + [n.split(",")[0] for n in fg_names]
 
 
 def _multiple_of(image, multiple):
@@ -267,7 +267,7 @@ def eval_dataset(data_cfg, split, *, target, sgc: dict, max_images: int = 0):
     process_index=index,
     process_count=processes,
   )
-  return dataset, class_names(sources.get_dataset(data_cfg))
+  return dataset, class_names(sources.class_names(data_cfg))
 
 
 def _protocol(eval_cfg, data_cfg, target) -> dict:

@@ -133,3 +133,26 @@ def test_missing_inputs(tmp_path):
     coco.convert_split(str(tmp_path), str(tmp_path / "o"), "train", workers=1, progress=False)
   with pytest.raises(files.DataError, match="python -m ssr_jax.data.coco"):
     sources.get_dataset(data_config(name="coco", root=str(tmp_path), num_classes=81))
+
+
+def test_tfds_build_of_converted_coco(coco_root, tmp_path):
+  """The converted folder's TFDS build: same eval items, labels from the labels file, names."""
+  from ssr_jax.data import pipeline, tfds_build
+
+  root, _, _ = coco_root
+  out = tmp_path / "out"
+  coco.convert_split(str(root), str(out), "train", workers=1, progress=False)
+  cfg = data_config(name="coco", root=str(out), num_classes=81, crop_size=16, num_workers=1)
+  cfg.tfds_data_dir = str(tmp_path / "tfds")
+  tfds_build.build(cfg, ["train"], superpixels=False, workers=1)
+  tcfg = cfg.copy_and_resolve_references()
+  tcfg.source = "tfds"
+  assert (
+    sources.class_names(tcfg) == sources.class_names(cfg) and len(sources.class_names(tcfg)) == 80
+  )
+  a = pipeline.make_eval_dataset(cfg, "train", superpixels=False)[0]
+  b = pipeline.make_eval_dataset(tcfg, "train", superpixels=False)[0]
+  assert a["id"] == b["id"] == "COCO_train2014_000000000001"
+  for k in ("image", "mask", "labels"):
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert b["labels"].sum() == 2
