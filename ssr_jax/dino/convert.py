@@ -337,9 +337,7 @@ def load_converted(
         config=dataclasses.asdict(cfg),
         source=weights_npz.stamp(src.weights),
         sha256=sha256_file(src.weights),
-        source_path=str(
-          src.weights if weights_npz.is_remote(src.weights) else src.weights.resolve()
-        ),
+        source_path=weights_npz.absolute(src.weights),
       )
       weights_npz.write_cache(cache, meta, flat, what="DINO")
   cfg = DINOConfig(**meta["config"])
