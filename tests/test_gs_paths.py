@@ -4,8 +4,9 @@ The stand-in is fsspec's MemoryFileSystem registered for the gs/gcs protocols, w
 directory semantics of an object store (no directories: `mkdir` does nothing and a folder exists
 only while an object lies under it), and `etils.epath` switched to its fsspec backend for gs://
 (EPATH_USE_TF=0; with TensorFlow installed it would otherwise pick tf.io.gfile's GCS client).
-Every byte the code writes to gs:// lands in the bucket's dict and every read comes from there,
-so each test compares what it reads back (or what the bucket holds) with a local run.
+Objects are written whole, never appended to (as on GCS). Every byte the code writes to gs://
+lands in the bucket's dict and every read comes from there, so each test compares what it reads
+back (or what the bucket holds) with a local run.
 
 Not covered here: Orbax checkpoints. Orbax writes arrays through TensorStore, whose own GCS
 driver talks to the network and never sees an fsspec stand-in; `checkpoint.checkpoint_dir`
@@ -48,6 +49,11 @@ class _Bucket(MemoryFileSystem):
       path = path.removeprefix(prefix)
     path = path.rstrip("/")
     return "/" + path.lstrip("/") if path else ""
+
+  def _open(self, path, mode="rb", *args, **kwargs):
+    if "a" in mode or "+" in mode:  # Objects are written whole (as gcsfs and GCS's API).
+      raise NotImplementedError(f"object stores cannot open {path} in mode {mode!r}")
+    return super()._open(path, mode, *args, **kwargs)
 
   def mkdir(self, path, create_parents=True, **kwargs):
     pass  # An object store has no directories.
@@ -304,3 +310,63 @@ def test_eval_outputs_predictions_and_scoring_on_gs(bucket, tmp_path):
   np.testing.assert_array_equal(predict.read_rgb(listed[0]), img)
   with pytest.raises(OSError, match="gs://bucket/photos/none.png: cannot read image"):
     predict.read_rgb(f"{BUCKET}/photos/none.png")
+
+
+def test_evaluation_from_gs_data_into_gs_workdir(bucket, tmp_path):
+  """eval.run.evaluate end to end: a tiny random model, data and superpixels read from gs://,
+  metrics, visualisations and prediction PNGs written to a gs:// workdir, equal to a local run."""
+  import argparse
+
+  import jax
+
+  from benchmarks.common import bench_config, random_setup
+  from configs import base
+  from ssr_jax.eval import run as eval_run
+
+  def setup(root):
+    synthetic.write_dataset(root, num_train=2, num_val=3, size=64, seed=0)
+    config = bench_config(argparse.Namespace(small=True, batch=2, crop=64, dtype="float32"))
+    data = base.get_config().data
+    data.update(
+      name="synthetic",
+      root=root,
+      train_split="train",
+      val_split="val",
+      num_classes=7,
+      crop_size=64,
+      num_workers=1,
+      worker_type="thread",
+    )
+    config.data = data
+    config.model.class_names = synthetic.SPEC.class_names
+    config.eval.long_side = 64
+    config.eval.num_vis = 1
+    superpixels.precompute(config.data, "val", workers=1, progress=False)
+    return config
+
+  results = {}
+  for where, root, workdir in (
+    ("gs", f"{BUCKET}/data", f"{BUCKET}/run"),
+    ("local", str(tmp_path / "data"), str(tmp_path / "run")),
+  ):
+    config = setup(root)
+    task, frozen, batch = random_setup(config, small=True)
+    variables = task.init(jax.random.PRNGKey(0), batch)
+    kw = dict(task=task, frozen=frozen, variables=variables, step=0, split="val")
+    results[where] = eval_run.evaluate(config, workdir, target="seg", **kw)
+  drop = ("seconds", "images")
+  assert {k: v for k, v in results["gs"].items() if k not in drop} == {
+    k: v for k, v in results["local"].items() if k not in drop
+  }
+  written, local = _objects(bucket, "run"), _local_files(tmp_path / "run")
+  assert written.keys() == local.keys()
+  for k in written:  # Bit-identical, but for the timings in the metrics files.
+    if k.endswith(".json"):
+      a, b = json.loads(written[k]), json.loads(local[k])
+      assert a.pop("seconds") > 0 and b.pop("seconds") > 0 and a == b, k
+    else:
+      assert written[k] == local[k], k
+  assert sorted(k for k in written if k.startswith("eval/val_seg/pred/")) == [
+    f"eval/val_seg/pred/val_0000{i}.png" for i in range(3)
+  ]
+  assert json.loads(written["eval/metrics.json"])["num_images"] == 3
