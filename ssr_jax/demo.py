@@ -35,6 +35,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from absl import app, flags
+from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
@@ -66,9 +67,9 @@ def prepare(config, workdir):
   Process 0 writes the shared files; the other processes wait for them.
   """
   config = config.copy_and_resolve_references()
-  config.data.root = config.data.root or os.path.join(workdir, "data")
+  config.data.root = config.data.root or str(epath.Path(workdir) / "data")
   if config.data.source == "tfds":
-    config.data.tfds_data_dir = config.data.tfds_data_dir or os.path.join(workdir, "tfds")
+    config.data.tfds_data_dir = config.data.tfds_data_dir or str(epath.Path(workdir) / "tfds")
   if jax.process_index() == 0:
     _write_data(config)
   multihost_utils.sync_global_devices("ssr_jax.demo data")
@@ -85,7 +86,7 @@ def _weights(kind, config, workdir) -> str:
   if not getattr(config.demo, kind.flag):
     check_shipped(kind, config, kind.shipped)
     return str(kind.shipped)
-  path = os.path.join(workdir, kind.subdir, kind.shipped.name)
+  path = str(epath.Path(workdir) / kind.subdir / kind.shipped.name)
   if jax.process_index() == 0 and _settings_of(kind, path) != _as_stored(kind.settings(config)):
     kind.pretrain(config, path)  # None yet, or one made with other settings.
   multihost_utils.sync_global_devices(f"ssr_jax.demo {kind.subdir}")
@@ -203,7 +204,7 @@ def pretrain_tiny_clip(config, path) -> dict:
     f"synthetic image-caption pairs in {seconds:.0f}s ({machine.cpu_line()}), loss {loss:.3f}, "
     f"zero-shot accuracy on val (top-1 class present) {acc:.3f}"
   )
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
   convert.save_converted(path, model.cfg, params, meta=dict(demo_pretraining=info), compress=True)
   return info
 
@@ -274,7 +275,7 @@ def pretrain_tiny_dino(config, path, *, clip_path=None) -> dict:
     for name, p in table.items():
       layers = " ".join(f"{v:.3f}" for v in p["layers"])
       print(f"  {kind:>8} {name:>7}: {layers}  mean {p['mean']:.3f}")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
   dino_convert.save_converted(path, cfg, params, meta=dict(demo_pretraining=info), compress=True)
   return info
 
@@ -297,7 +298,7 @@ def attention_purities(config, cfg: DINOConfig, params, clip_path) -> dict:
     "random": dino_pretrain.dino_attention(model, random, val["image"]),
     "dino": dino_pretrain.dino_attention(model, params, val["image"]),
   }
-  if Path(clip_path).is_file():
+  if epath.Path(clip_path).is_file():
     clip, clip_params = convert.load_clip(clip_path)
     if clip.cfg.patch_size == cfg.patch_size:  # Same grid, so the same segments per patch.
       norm = config.model.normalization
@@ -367,16 +368,16 @@ def _as_stored(settings: dict) -> dict:
 
 def _settings_of(kind, path):
   """The pretraining settings stored in kind's file at path (None if there is no such file)."""
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     return None
   return kind.read_metadata(path)["extra"]["demo_pretraining"]["settings"]
 
 
 def check_shipped(kind, config, path) -> None:
   """Raises DemoError unless path matches its sha256 sidecar and the config's pretraining."""
-  sidecar = Path(str(path) + ".sha256")
+  sidecar = epath.Path(str(path) + ".sha256")
   flag = f"--config.demo.{kind.flag}=True"
-  if not Path(path).is_file() or not sidecar.is_file():
+  if not epath.Path(path).is_file() or not sidecar.is_file():
     raise DemoError(
       f"the shipped {kind.name} {path} (or its .sha256) is missing: reinstall ssr_jax, or pass "
       f"{flag} to pretrain one in the workdir"
@@ -416,7 +417,7 @@ def _main(argv):
   if not kinds:
     raise app.UsageError("nothing to do: pass --write_shipped_clip and/or --write_shipped_dino")
   config = _CONFIG.value.copy_and_resolve_references()
-  config.data.root = config.data.root or os.path.join(_WORKDIR.value, "data")
+  config.data.root = config.data.root or str(epath.Path(_WORKDIR.value) / "data")
   _write_data(config)
   for kind in kinds:  # The CLIP first: the DINO's report compares with the shipped one.
     kind.pretrain(config, kind.shipped)

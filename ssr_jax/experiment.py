@@ -15,12 +15,12 @@ sub-configs or plain values.
 """
 
 import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 from absl import logging
+from etils import epath
 
 from ssr_jax import demo, machine
 from ssr_jax.clip import load_clip
@@ -60,7 +60,7 @@ def load_dino(config):
   path = config.dino.weights
   if not path or config.model.cam.dino_weight <= 0:
     return None, None, ""
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise UserError(f"dino.weights={path!r} does not exist")
   cache_dir = config.dino.cache_dir or None
   try:
@@ -82,7 +82,7 @@ def load_frozen(config):
       "local Hugging Face CLIP directory with config.json + model.safetensors, or OpenAI's "
       "ViT-B-16.pt). Nothing is downloaded at run time."
     )
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise UserError(f"clip.weights={path!r} does not exist")
   cache_dir = config.clip.cache_dir or None
   clip, params = load_clip(
@@ -208,7 +208,7 @@ def evaluate(config, workdir) -> dict:
     for split, res in results.items():
       figures = "  ".join(f"{t} {r['miou']:.3f}" for t, r in res.items())
       print(f"mIoU on {split}: {figures}")
-    print(f"metrics, predictions and visualisations: {os.path.join(workdir, 'eval')}")
+    print(f"metrics, predictions and visualisations: {epath.Path(workdir) / 'eval'}")
   return results
 
 
@@ -244,7 +244,7 @@ def ablation(config, workdir) -> list:
   rows = []
   for name, cfg in ablation_rows(config):
     slug = "_".join(w.strip("()").replace("+", "plus_") for w in name.lower().split())
-    sub = os.path.join(workdir, "ablation", slug)
+    sub = str(epath.Path(workdir) / "ablation" / slug)
     train(cfg, sub)
     res = evaluate(cfg, sub)
     rows.append((name, {sp: {t: r["miou"] for t, r in rs.items()} for sp, rs in res.items()}))
@@ -260,10 +260,9 @@ def ablation(config, workdir) -> list:
       lines.append(f"| {n} | {sp} | " + " | ".join(f"{r[t]:.3f}" for t in targets) + " |")
   text = "\n".join(lines) + "\n"
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "ablation.md"), "w") as f:
-      f.write(text)
-    with open(os.path.join(workdir, "ablation.json"), "w") as f:
-      json.dump([{"variant": n, **per_split} for n, per_split in rows], f, indent=1)
+    (epath.Path(workdir) / "ablation.md").write_text(text)
+    table = [{"variant": n, **per_split} for n, per_split in rows]
+    (epath.Path(workdir) / "ablation.json").write_text(json.dumps(table, indent=1))
     print(text)
   return rows
 
@@ -284,7 +283,7 @@ def run(mode, config, workdir):
 
 def _run(mode, config, workdir):
   t0 = time.time()
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   logging.info("mode=%s workdir=%s devices=%s", mode, workdir, jax.devices())
   if config.data.name == "synthetic":
     config = demo.prepare(config, workdir)

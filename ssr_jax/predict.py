@@ -8,6 +8,7 @@ name and skipped; the exit status is 1 if any failed.
 """
 
 import argparse
+import io
 import os
 import sys
 
@@ -16,10 +17,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from ssr_jax import experiment  # noqa: E402
-from ssr_jax.eval import inference, png  # noqa: E402
+from ssr_jax.data import files  # noqa: E402
+from ssr_jax.eval import inference, png, visualize  # noqa: E402
 from ssr_jax.eval import run as eval_run  # noqa: E402
 from ssr_jax.train.checkpoint import Checkpointer  # noqa: E402
 
@@ -30,8 +33,9 @@ def list_images(paths):
   """Files named directly, plus the images inside named directories (sorted)."""
   out = []
   for p in paths:
-    if os.path.isdir(p):
-      out += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTS))
+    if epath.Path(p).is_dir():
+      found = (f for f in epath.Path(p).iterdir() if f.name.lower().endswith(IMAGE_EXTS))
+      out += sorted(str(f) for f in found)
     else:
       out.append(p)
   return out
@@ -40,7 +44,7 @@ def list_images(paths):
 def read_rgb(path):
   """uint8 [H, W, 3]; raises OSError/ValueError with the path for unreadable files."""
   try:
-    with Image.open(path) as im:
+    with Image.open(io.BytesIO(files.read_bytes(path))) as im:
       im.load()
       return np.asarray(im.convert("RGB"))
   except (OSError, UnidentifiedImageError, ValueError) as e:
@@ -127,13 +131,12 @@ def main(argv=None):
     except OSError as e:
       print(f"skipped: {e}", file=sys.stderr)
       failed.append(p)
-  os.makedirs(args.out, exist_ok=True)
+  out = epath.Path(args.out)  # Local or gs://.
+  out.mkdir(parents=True, exist_ok=True)
   for i, pred in segment(task, frozen, variables, images, config.eval):
-    stem = os.path.splitext(os.path.basename(names[i]))[0]
-    png.save_label_png(os.path.join(args.out, f"{stem}.png"), pred.astype(np.uint8))
-    Image.fromarray(png.overlay(images[i], pred)).save(
-      os.path.join(args.out, f"{stem}_overlay.png")
-    )
+    stem = epath.Path(names[i]).stem
+    png.save_label_png(out / f"{stem}.png", pred.astype(np.uint8))
+    visualize.save_image(out / f"{stem}_overlay.png", png.overlay(images[i], pred))
   print(
     f"checkpoint step {step}: wrote {len(images)} predictions to {args.out}; {len(failed)} failed"
   )

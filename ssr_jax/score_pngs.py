@@ -17,9 +17,9 @@ import argparse
 import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
+from etils.epath import Path  # Local or gs:// folders.
 
 from ssr_jax.data import coco, voc
 from ssr_jax.eval.metrics import confusion_matrix, format_table, scores
@@ -69,6 +69,7 @@ def _evaluate_one(pred_path: Path, gt_path: Path, num_classes: int, ignore):
 def evaluate_dirs(pred_dir: Path, gt_dir: Path, *, num_classes: int, ignore=(255,), workers=4):
   """(confusion matrix int64 [C, C], number of images, list of error lines)."""
   errors = []
+  pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
   for name, d in (("--pred", pred_dir), ("--gt", gt_dir)):
     if not d.is_dir():
       errors.append(f"{name} folder {d} does not exist")

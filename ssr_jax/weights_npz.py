@@ -3,12 +3,13 @@ entry, written atomically, a digest of the arrays for files trained in-process, 
 rules both converters share (where a cache goes, when it is valid, how it is read)."""
 
 import hashlib
+import io
 import json
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
 META_KEY = "__meta__"
@@ -31,23 +32,71 @@ def digest(flat: dict[str, np.ndarray]) -> str:
   return h.hexdigest()
 
 
+def is_remote(path) -> bool:
+  """Whether a path names an object store (gs://...) rather than a local file."""
+  return "://" in str(path)
+
+
+def absolute(path) -> str:
+  """A source's absolute name: the resolved local path, or the gs:// URI as given."""
+  return str(path) if is_remote(path) else os.path.realpath(path)
+
+
 def write(path, meta: dict, flat: dict, *, compress: bool = False):
-  """Writes flat arrays + meta (JSON under META_KEY) to path. compress: zip-deflate (files that
-  ship with the package)."""
-  path = Path(path)
+  """Writes flat arrays + meta (JSON under META_KEY) to path, local or gs:// (`etils.epath`).
+  compress: zip-deflate (files that ship with the package)."""
+  path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
+  arrays = {**flat, META_KEY: np.asarray(json.dumps(meta))}
+  save = np.savez_compressed if compress else np.savez
+  if is_remote(path):  # An object is published only once its upload completes.
+    buf = io.BytesIO()  # zipfile seeks back while writing, which upload streams cannot do.
+    save(buf, **arrays)
+    path.write_bytes(buf.getvalue())
+    return
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
   with open(tmp, "wb") as f:
-    (np.savez_compressed if compress else np.savez)(
-      f, **flat, **{META_KEY: np.asarray(json.dumps(meta))}
-    )
+    save(f, **arrays)
   os.replace(tmp, path)  # Atomic: concurrent readers never see a half-written file.
+
+
+def _open_npz(path):
+  """np.load of an .npz through `etils.epath` (local or gs://); use inside the returned file's
+  `with` block."""
+  return epath.Path(path).open("rb")
 
 
 def read_metadata(path) -> dict:
   """The JSON metadata of a converted .npz without reading its arrays ({} if it has none)."""
-  with np.load(path, allow_pickle=False) as z:
+  with _open_npz(path) as f, np.load(f, allow_pickle=False) as z:
     return json.loads(str(z[META_KEY])) if META_KEY in z.files else {}
+
+
+def read_safetensors(path) -> dict[str, np.ndarray]:
+  """A safetensors file's arrays (safetensors.numpy): read in place locally, from its bytes for
+  a gs:// object (safetensors' load_file needs a local file name)."""
+  from safetensors.numpy import load, load_file
+
+  if is_remote(path):
+    return load(epath.Path(path).read_bytes())
+  return load_file(os.fspath(path))
+
+
+def torch_source(path):
+  """What torch.load / torch.jit.load take for a weights file: the local file name, or the
+  bytes of a gs:// object in a fresh BytesIO (call again for a second attempt)."""
+  if is_remote(path):
+    return io.BytesIO(epath.Path(path).read_bytes())
+  return os.fspath(path)
+
+
+def sha256_file(path) -> str:
+  """Hex sha256 of a file's bytes (local or gs://)."""
+  h = hashlib.sha256()
+  with epath.Path(path).open("rb") as f:
+    for chunk in iter(lambda: f.read(1 << 24), b""):
+      h.update(chunk)
+  return h.hexdigest()
 
 
 # ---------------------------------------------------------------- caches of converted weights
@@ -55,24 +104,28 @@ def read_metadata(path) -> dict:
 
 def stamp(path) -> dict:
   """Name, size and modification time of a source file: its cache is valid while they match."""
-  path = Path(path)
-  st = path.stat()
+  path = epath.Path(path)
+  if is_remote(path):  # Object stores report whole seconds.
+    st = path.stat()
+    return {"name": path.name, "size": st.length, "mtime": st.mtime}
+  st = os.stat(path)
   return {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def cache_path(weights: Path, cache_dir, *, prefix: str = "") -> Path:
+def cache_path(weights, cache_dir, *, prefix: str = "") -> epath.Path:
   """Where a source's converted .npz goes: beside it (<name>.ssr_jax.npz), or in cache_dir under
   a name keyed on the absolute source path (one cache dir can serve many sources)."""
+  weights = epath.Path(weights)
   if cache_dir:
-    tag = hashlib.sha1(str(weights.resolve()).encode()).hexdigest()[:12]
-    return Path(cache_dir).expanduser() / f"{prefix}{weights.name}-{tag}.npz"
+    tag = hashlib.sha1(absolute(weights).encode()).hexdigest()[:12]
+    return epath.Path(cache_dir).expanduser() / f"{prefix}{weights.name}-{tag}.npz"
   return weights.with_name(weights.name + ".ssr_jax.npz")
 
 
 def read(path, *, version: int, what: str, kind: str | None = None) -> tuple[dict, dict]:
   """(metadata, flat arrays) of a converted .npz; ValueError naming the file when it is not an
   ssr_jax `what` cache (of `kind`, when given) or was written by another cache version."""
-  with np.load(path, allow_pickle=False) as z:
+  with _open_npz(path) as f, np.load(f, allow_pickle=False) as z:
     meta = json.loads(str(z[META_KEY])) if META_KEY in z.files else None
     if meta is None or (kind is not None and meta.get("kind") != kind):
       entry = f"{kind} {META_KEY}" if kind else META_KEY
@@ -85,7 +138,7 @@ def read(path, *, version: int, what: str, kind: str | None = None) -> tuple[dic
     return meta, {k: z[k] for k in z.files if k != META_KEY}
 
 
-def write_cache(cache: Path, meta: dict, flat: dict, *, what: str) -> None:
+def write_cache(cache, meta: dict, flat: dict, *, what: str) -> None:
   """`write`, warning instead of failing where the cache location is not writable."""
   try:
     write(cache, meta, flat)
@@ -115,10 +168,10 @@ def check_against_spec(sd: dict, spec: dict, path, *, what: str, ignored=()) -> 
     raise ValueError("\n".join(lines))
 
 
-def valid_cache(cache: Path, **expected) -> bool:
+def valid_cache(cache, **expected) -> bool:
   """Whether `cache` exists, reads, and its metadata has every `expected` value (the cache
   version, the source files' stamps...): otherwise the source is converted again."""
-  if not cache.is_file():
+  if not epath.Path(cache).is_file():
     return False
   try:
     meta = read_metadata(cache)

@@ -18,15 +18,14 @@ weights file), beside the weights or in `cache_dir`. A cache whose source change
 """
 
 import dataclasses
-import hashlib
 import json
 import math
 import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils.epath import Path
 from flax import traverse_util
 
 from ssr_jax import weights_npz
@@ -82,13 +81,7 @@ def _resolve(path) -> _Source:
   return _Source("openai", p)
 
 
-def sha256_file(path) -> str:
-  """Hex sha256 of a file's bytes."""
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 24), b""):
-      h.update(chunk)
-  return h.hexdigest()
+sha256_file = weights_npz.sha256_file  # Hex sha256 of a file's bytes (local or gs://).
 
 
 def _stamp(files) -> list[dict]:
@@ -353,10 +346,10 @@ def _read_hf_flax(path: Path) -> dict[str, np.ndarray]:
 def _read_openai(path: Path) -> dict[str, np.ndarray]:
   torch = weights_npz.import_torch(path, what="an OpenAI .pt checkpoint")
   try:  # OpenAI's released files are TorchScript archives; open_clip-style ones plain pickles.
-    sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+    sd = torch.jit.load(weights_npz.torch_source(path), map_location="cpu").state_dict()
   except RuntimeError:
     try:
-      sd = torch.load(str(path), map_location="cpu", weights_only=True)
+      sd = torch.load(weights_npz.torch_source(path), map_location="cpu", weights_only=True)
     except Exception as e:
       raise ValueError(f"{path}: neither a TorchScript archive nor a torch state dict") from e
   if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
@@ -374,9 +367,7 @@ def _convert(src: _Source) -> tuple[CLIPConfig, dict[str, np.ndarray]]:
   else:
     cfg = _config_from_hf(src.config)
     if src.kind == "hf_safetensors":
-      from safetensors.numpy import load_file
-
-      sd = load_file(str(src.weights))
+      sd = weights_npz.read_safetensors(src.weights)
     else:
       sd = _read_hf_flax(src.weights)
     flat = _apply_spec(sd, _hf_spec(cfg), _HF_IGNORED, src.weights)
@@ -421,7 +412,7 @@ def load_converted(path, *, cache_dir=None) -> tuple[CLIPConfig, dict[str, np.nd
     config=dataclasses.asdict(cfg),
     sources=_stamp(src.files),
     sha256=sha256_file(src.weights),
-    source_path=str(src.weights.resolve()),
+    source_path=weights_npz.absolute(src.weights),
   )
   weights_npz.write_cache(cache, meta, flat, what="CLIP")
   return cfg, flat, meta

@@ -17,6 +17,7 @@ import os
 import sys
 
 import numpy as np
+from etils import epath
 
 from ssr_jax.data import dataset, files, sources
 from ssr_jax.data import superpixels as sp_lib
@@ -83,12 +84,12 @@ def check_split(data_cfg, split: str, *, workers: int = 0, progress: bool = Fals
     return report
   sp_dir = sp_lib.directory(data_cfg, ds.root)
   sp_paths = cl_paths = [None] * len(sf.ids)
-  if os.path.isdir(sp_dir):
+  if epath.Path(sp_dir).is_dir():
     report.superpixel_dir = sp_dir
-    sp_paths = [os.path.join(sp_dir, f"{i}.png") for i in sf.ids]
+    sp_paths = [str(epath.Path(sp_dir) / f"{i}.png") for i in sf.ids]
     cl_dir = sp_lib.cluster_directory(data_cfg, ds.root)
-    if os.path.isdir(cl_dir):
-      cl_paths = [os.path.join(cl_dir, f"{i}.png") for i in sf.ids]
+    if epath.Path(cl_dir).is_dir():
+      cl_paths = [str(epath.Path(cl_dir) / f"{i}.png") for i in sf.ids]
   bar = None
   if progress:
     from tqdm import tqdm

@@ -22,12 +22,14 @@ written (atomically) are kept, only their labels are re-read.
 """
 
 import argparse
+import concurrent.futures
 import json
 import logging
 import os
 import sys
 
 import numpy as np
+from etils import epath
 
 from ssr_jax.data import dataset, files, parallel
 from ssr_jax.data.files import DataError
@@ -141,21 +143,22 @@ def _split_name(split: str) -> str:
 
 def open_dataset(root: str, *, labels_file: str = "") -> dataset.Dataset:
   """The converted COCO dataset at root (the --out folder of the conversion)."""
-  if not root or not os.path.isfile(os.path.join(root, "classes.txt")):
+  if not root or not (epath.Path(root) / "classes.txt").is_file():
     raise DataError(f"{root or 'data.root (empty)'} is not a converted COCO folder.\n{MANUAL}")
-  with open(os.path.join(root, "classes.txt")) as f:
-    names = tuple(line.strip() for line in f if line.strip())
+  top = epath.Path(root)
+  text = (top / "classes.txt").read_text()
+  names = tuple(line.strip() for line in text.splitlines() if line.strip())
   if len(names) != NUM_CLASSES - 1:
     raise DataError(f"{root}/classes.txt lists {len(names)} classes, expected 80; reconvert")
 
   def resolve(split):
     name = _split_name(split)
     year = YEAR_DIRS[name]
-    path = os.path.join(root, "ImageSets", f"{name}.txt")
+    path = str(top / "ImageSets" / f"{name}.txt")
     ids = dataset.read_list(path)
-    images = [os.path.join(root, "JPEGImages", year, f"{i}.jpg") for i in ids]
-    masks = [os.path.join(root, "SegmentationClass", year, f"{i}.png") for i in ids]
-    labels = labels_file or os.path.join(root, "ImageLabels", f"{name}.txt")
+    images = [str(top / "JPEGImages" / year / f"{i}.jpg") for i in ids]
+    masks = [str(top / "SegmentationClass" / year / f"{i}.png") for i in ids]
+    labels = labels_file or str(top / "ImageLabels" / f"{name}.txt")
     return dataset.SplitFiles(ids, images, masks, path, labels)
 
   return dataset.Dataset(
@@ -205,7 +208,7 @@ def render_mask(annotations, height: int, width: int, values: dict[int, int]) ->
 def _convert_one(task):
   """Writes one mask (unless a valid one exists); returns (id, labels as mask values)."""
   image_id, out_path, height, width, annotations, values = task
-  if os.path.isfile(out_path):
+  if epath.Path(out_path).is_file():
     try:
       mask = files.read_mask(out_path, NUM_CLASSES)
       if mask.shape == (height, width):
@@ -225,14 +228,14 @@ def _present(mask):
 def convert_split(root: str, out: str, split: str, *, workers: int = 0, progress=True) -> int:
   """Converts one split (train or val); returns the number of images with labels."""
   year = YEAR_DIRS[split]
-  ann_path = os.path.join(root, "annotations", f"instances_{year}.json")
-  if not os.path.isfile(ann_path):
+  ann_path = epath.Path(root) / "annotations" / f"instances_{year}.json"
+  if not ann_path.is_file():
     raise DataError(f"annotation file not found: {ann_path}\n{MANUAL}")
-  image_dir = os.path.join(root, year)
-  if not os.path.isdir(image_dir):
+  image_dir = epath.Path(root) / year
+  if not image_dir.is_dir():
     raise DataError(f"image folder not found: {image_dir}\n{MANUAL}")
   log.info("reading %s", ann_path)
-  with open(ann_path) as f:
+  with ann_path.open() as f:
     coco = json.load(f)
   values = category_values(coco["categories"])
   names = [c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
@@ -240,17 +243,14 @@ def convert_split(root: str, out: str, split: str, *, workers: int = 0, progress
   for ann in coco["annotations"]:
     by_image.setdefault(ann["image_id"], []).append(ann)
 
-  os.makedirs(os.path.join(out, "JPEGImages"), exist_ok=True)
-  link = os.path.join(out, "JPEGImages", year)
-  if not os.path.lexists(link):
-    os.symlink(os.path.abspath(image_dir), link)
-  mask_dir = os.path.join(out, "SegmentationClass", year)
-  os.makedirs(mask_dir, exist_ok=True)
+  _link_images(image_dir, epath.Path(out) / "JPEGImages" / year, coco["images"], workers)
+  mask_dir = epath.Path(out) / "SegmentationClass" / year
+  mask_dir.mkdir(parents=True, exist_ok=True)
   tasks = []
   for img in sorted(coco["images"], key=lambda i: i["file_name"]):
     stem = os.path.splitext(img["file_name"])[0]
     anns = by_image.get(img["id"], [])
-    out_path = os.path.join(mask_dir, f"{stem}.png")
+    out_path = str(mask_dir / f"{stem}.png")
     tasks.append((stem, out_path, img["height"], img["width"], anns, values))
   del coco, by_image
 
@@ -264,12 +264,12 @@ def convert_split(root: str, out: str, split: str, *, workers: int = 0, progress
   bar.close()
 
   ids = [t[0] for t in tasks if labels[t[0]]]
-  _write_lines(os.path.join(out, "ImageSets", f"{split}.txt"), ids)
+  _write_lines(epath.Path(out) / "ImageSets" / f"{split}.txt", ids)
   _write_lines(
-    os.path.join(out, "ImageLabels", f"{split}.txt"),
+    epath.Path(out) / "ImageLabels" / f"{split}.txt",
     [" ".join([i] + [str(v) for v in labels[i]]) for i in ids],
   )
-  _write_lines(os.path.join(out, "classes.txt"), names)
+  _write_lines(epath.Path(out) / "classes.txt", names)
   if split in EXPECTED and len(ids) != EXPECTED[split]:
     log.warning(
       "COCO %s: %d labelled images (WeCLIP's list has %d)", split, len(ids), EXPECTED[split]
@@ -278,12 +278,26 @@ def convert_split(root: str, out: str, split: str, *, workers: int = 0, progress
   return len(ids)
 
 
+def _link_images(image_dir, link, images, workers: int) -> None:
+  """Makes out/JPEGImages/<year> show the COCO images: a symlink to the image folder when both
+  are local, else (gs:// on either side) a copy of each image that is not there yet."""
+  if "://" not in f"{image_dir}{link}":
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not os.path.lexists(link):
+      os.symlink(os.path.abspath(image_dir), link)
+    return
+
+  def copy(name):
+    dst = link / name
+    if not dst.is_file():
+      files.write_bytes(dst, (image_dir / name).read_bytes())
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers or 16)) as pool:
+    list(pool.map(copy, (img["file_name"] for img in images)))
+
+
 def _write_lines(path, lines):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.writelines(f"{line}\n" for line in lines)
-  os.replace(tmp, path)
+  files.write_bytes(path, "".join(f"{line}\n" for line in lines).encode())  # Atomic; gs:// too.
 
 
 class _NoBar:

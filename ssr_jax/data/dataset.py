@@ -11,10 +11,10 @@ masks, which also validates every mask's values and size against its image.
 import concurrent.futures
 import dataclasses
 import logging
-import os
 from collections.abc import Callable
 
 import numpy as np
+from etils import epath
 
 from ssr_jax.data import files
 from ssr_jax.data.files import DataError
@@ -42,7 +42,8 @@ class Split:
 
   def superpixel_paths(self, directory: str) -> tuple[str, ...]:
     """Where the precomputed superpixel PNG of each image lives under `directory`."""
-    return tuple(os.path.join(directory, f"{i}.png") for i in self.ids)
+    d = epath.Path(directory)
+    return tuple(str(d / f"{i}.png") for i in self.ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +101,15 @@ class Dataset:
     return split
 
 
+def _is_file(path) -> bool:
+  return epath.Path(path).is_file()
+
+
 def _check_exist(images, masks, split, list_file, manual):
-  missing = [p for p in images if not os.path.isfile(p)]
-  missing += [p for p in masks if not os.path.isfile(p)]
+  paths = [*images, *masks]
+  # Threads: on gs:// every check is a round trip to the object store.
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    missing = [p for p, ok in zip(paths, pool.map(_is_file, paths)) if not ok]
   if missing:
     listed = "\n  ".join(missing[:MAX_LISTED])
     where = list_file if split == list_file else f"split {split!r} ({list_file})"
@@ -170,7 +177,7 @@ def read_labels_file(path: str, ids, num_classes: int) -> np.ndarray:
   """float32 [N, C-1] labels for `ids` from lines "id v1 v2 ..." (v = mask values 1..C-1)."""
   table = {}
   try:
-    with open(path) as f:
+    with epath.Path(path).open() as f:
       for lineno, line in enumerate(f, 1):
         parts = line.split()
         if not parts:
@@ -197,18 +204,16 @@ def read_labels_file(path: str, ids, num_classes: int) -> np.ndarray:
 
 def write_labels_file(path: str, ids, labels: np.ndarray) -> None:
   """Writes labels [N, C-1] as lines "id v1 v2 ..." (mask values), readable by read_labels_file."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    for i, lab in zip(ids, labels):
-      f.write(" ".join([i] + [str(int(c) + 1) for c in np.flatnonzero(lab)]) + "\n")
-  os.replace(tmp, path)
+  lines = [
+    " ".join([i] + [str(int(c) + 1) for c in np.flatnonzero(lab)]) + "\n"
+    for i, lab in zip(ids, labels)
+  ]
+  files.write_bytes(path, "".join(lines).encode())  # Atomic, local or gs://.
 
 
 def read_list(path: str) -> list[str]:
   """Ids from a split list file (one per line; extra columns ignored)."""
   try:
-    with open(path) as f:
-      return [line.split()[0] for line in f if line.strip()]
+    return [line.split()[0] for line in epath.Path(path).read_text().splitlines() if line.strip()]
   except FileNotFoundError:
     raise DataError(f"split list not found: {path}") from None

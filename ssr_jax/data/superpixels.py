@@ -36,11 +36,12 @@ clusters that do not follow their stored superpixels (stale) are remade.
 image's size (clusters: ids below K, constant on each stored superpixel), and lists problems.
 """
 
-import os
+import concurrent.futures
 import sys
 from typing import NamedTuple
 
 import numpy as np
+from etils import epath
 
 from ssr_jax.data import files, parallel, sources
 from ssr_jax.data.dataset import Split
@@ -208,7 +209,7 @@ def color_clusters(
 
 
 def default_dir(root: str, backend: str, n_segments: int) -> str:
-  return os.path.join(root, f"Superpixels_{backend}_{n_segments}")
+  return str(epath.Path(root) / f"Superpixels_{backend}_{n_segments}")
 
 
 def directory(data_cfg, root: str) -> str:
@@ -228,9 +229,9 @@ def cluster_folder(num_clusters: int, position_weight: float) -> str:
 
 def cluster_directory(data_cfg, root: str) -> str:
   """Where a dataset's colour-cluster maps live: beside its superpixels (module docstring)."""
-  return os.path.join(
-    directory(data_cfg, root),
-    cluster_folder(data_cfg.color_clusters, data_cfg.cluster_position_weight),
+  return str(
+    epath.Path(directory(data_cfg, root))
+    / cluster_folder(data_cfg.color_clusters, data_cfg.cluster_position_weight)
   )
 
 
@@ -288,9 +289,9 @@ def cluster_paths(data_cfg, split: Split) -> tuple[str, ...]:
 
 def _require(data_cfg, d: str, split: str, ids) -> None:
   fix = f"create them with:\n  {command(data_cfg, split)}"
-  if not os.path.isdir(d):
+  if not epath.Path(d).is_dir():
     raise DataError(f"superpixel folder {d} does not exist (SGC needs it); {fix}")
-  missing = [p for p in (os.path.join(d, f"{i}.png") for i in ids) if not os.path.isfile(p)]
+  missing = _missing(d, ids)
   if missing:
     raise DataError(
       f"{len(missing)} of {len(ids)} superpixel files for split {split!r} are missing, "
@@ -303,19 +304,26 @@ def _require_clusters(data_cfg, d: str, cd: str, split: str, ids) -> None:
     f"create them with (it keeps the valid superpixels and adds the clusters):\n  "
     f"{command(data_cfg, split)}"
   )
-  if not os.path.isdir(cd):
+  if not epath.Path(cd).is_dir():
     raise DataError(
-      f"superpixel folder {d} has no colour clusters {os.path.basename(cd)}/ (data."
+      f"superpixel folder {d} has no colour clusters {epath.Path(cd).name}/ (data."
       f"color_clusters={data_cfg.color_clusters}, data.cluster_position_weight="
       f"{data_cfg.cluster_position_weight:g}; folders made before colour clusters existed have "
       f"none) and SGC's target regions need them; {fix}"
     )
-  missing = [p for p in (os.path.join(cd, f"{i}.png") for i in ids) if not os.path.isfile(p)]
+  missing = _missing(cd, ids)
   if missing:
     raise DataError(
       f"{len(missing)} of {len(ids)} colour-cluster files for split {split!r} are missing, "
       f"e.g. {missing[0]}; {fix}"
     )
+
+
+def _missing(d: str, ids) -> list[str]:
+  """The files <d>/<id>.png that do not exist (checked in threads: gs:// is a round trip each)."""
+  paths = [str(epath.Path(d) / f"{i}.png") for i in ids]
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    return [p for p, ok in zip(paths, pool.map(lambda p: epath.Path(p).is_file(), paths)) if not ok]
 
 
 class _Task(NamedTuple):
@@ -335,7 +343,7 @@ class _Task(NamedTuple):
 
 def _load(path, read, hw, limit=None):
   """(map, None) if the file decodes, has size hw (and ids < limit), else (None, problem)."""
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     return None, f"missing: {path}"
   try:
     m = read(path)
@@ -399,8 +407,8 @@ def precompute(
   tasks = [
     _Task(
       image_path=img,
-      sp_path=os.path.join(d, f"{i}.png"),
-      cluster_path=os.path.join(cd, f"{i}.png"),
+      sp_path=str(epath.Path(d) / f"{i}.png"),
+      cluster_path=str(epath.Path(cd) / f"{i}.png"),
       backend=data_cfg.superpixel_backend,
       n_segments=data_cfg.n_segments,
       compactness=data_cfg.compactness,
@@ -446,7 +454,7 @@ def main(argv):
   for p in out["problems"][:50]:
     print(p, file=sys.stderr)
   print(
-    f"{out['dir']} (colour clusters in {os.path.basename(out['cluster_dir'])}/): "
+    f"{out['dir']} (colour clusters in {epath.Path(out['cluster_dir']).name}/): "
     f"{out['total']} images, {out['written']} written, {len(out['problems'])} problem(s)"
   )
   if out["problems"]:

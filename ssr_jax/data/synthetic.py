@@ -27,10 +27,11 @@ CLI: `python -m ssr_jax.data.synthetic --out ROOT [--num-train 512 --num-val 128
 
 import argparse
 import dataclasses
+import io
 import json
-import os
 
 import numpy as np
+from etils import epath
 from PIL import Image
 from skimage import draw
 
@@ -430,24 +431,21 @@ def _spec_dict(num_train, num_val, size, seed):
 
 def _write(root: str, *, num_train: int, num_val: int, size: int, seed: int) -> None:
   """Generates the train and val splits under root (layout in the module docstring)."""
+  root = epath.Path(root)  # Local or gs://.
   for split, num in (("train", num_train), ("val", num_val)):
     data = generate(num, size=size, seed=seed, stream=STREAMS[split])
     ids = data["id"]
     for i, img, m in zip(ids, data["image"], data["mask"]):
-      os.makedirs(os.path.join(root, "JPEGImages"), exist_ok=True)
-      Image.fromarray(img).save(os.path.join(root, "JPEGImages", f"{i}.png"))
-      files.write_png(os.path.join(root, "SegmentationClass", f"{i}.png"), m)
-    os.makedirs(os.path.join(root, "ImageSets"), exist_ok=True)
-    with open(os.path.join(root, "ImageSets", f"{split}.txt"), "w") as f:
-      f.writelines(f"{i}\n" for i in ids)
-    dataset.write_labels_file(
-      os.path.join(root, "ImageLabels", f"{split}.txt"), ids, data["labels"]
-    )
-    os.makedirs(os.path.join(root, "Captions"), exist_ok=True)
-    with open(os.path.join(root, "Captions", f"{split}.txt"), "w") as f:
-      f.writelines(f"{i}\t{c}\n" for i, c in zip(ids, data["caption"]))
-  with open(os.path.join(root, "spec.json"), "w") as f:  # Last: marks the folder complete.
-    json.dump(_spec_dict(num_train, num_val, size, seed), f, indent=1)
+      buf = io.BytesIO()
+      Image.fromarray(img).save(buf, format="PNG")
+      files.write_bytes(root / "JPEGImages" / f"{i}.png", buf.getvalue())
+      files.write_png(root / "SegmentationClass" / f"{i}.png", m)
+    files.write_bytes(root / "ImageSets" / f"{split}.txt", "".join(f"{i}\n" for i in ids).encode())
+    dataset.write_labels_file(str(root / "ImageLabels" / f"{split}.txt"), ids, data["labels"])
+    captions = "".join(f"{i}\t{c}\n" for i, c in zip(ids, data["caption"]))
+    files.write_bytes(root / "Captions" / f"{split}.txt", captions.encode())
+  spec = json.dumps(_spec_dict(num_train, num_val, size, seed), indent=1)
+  files.write_bytes(root / "spec.json", spec.encode())  # Last: marks the folder complete.
 
 
 def write_dataset(root: str, *, num_train: int, num_val: int, size: int, seed: int) -> bool:
@@ -455,12 +453,11 @@ def write_dataset(root: str, *, num_train: int, num_val: int, size: int, seed: i
 
   Returns True if it wrote. spec.json is written last, so an interrupted write is redone.
   """
-  path = os.path.join(root, "spec.json")
-  if os.path.isfile(path):
-    with open(path) as f:
-      if json.load(f) == _spec_dict(num_train, num_val, size, seed):
-        return False
-    os.remove(path)
+  path = epath.Path(root) / "spec.json"
+  if path.is_file():
+    if json.loads(path.read_text()) == _spec_dict(num_train, num_val, size, seed):
+      return False
+    path.unlink()
   _write(root, num_train=num_train, num_val=num_val, size=size, seed=seed)
   return True
 
@@ -481,9 +478,8 @@ def read_split(root: str, split: str) -> dict:
 
 def read_captions(root: str, split: str) -> dict[str, str]:
   """id -> caption of a written split."""
-  path = os.path.join(root, "Captions", f"{split}.txt")
-  with open(path) as f:
-    return dict(line.rstrip("\n").split("\t", 1) for line in f if line.strip())
+  text = (epath.Path(root) / "Captions" / f"{split}.txt").read_text()
+  return dict(line.split("\t", 1) for line in text.splitlines() if line.strip())
 
 
 MANUAL = """\
@@ -494,20 +490,20 @@ SegmentationClass/, ImageSets/{train,val}.txt, ImageLabels/, Captions/)."""
 
 def open_dataset(root: str, *, labels_file: str = "") -> dataset.Dataset:
   """The synthetic dataset written under root."""
-  path = os.path.join(root, "spec.json") if root else ""
-  if not path or not os.path.isfile(path):
+  path = epath.Path(root) / "spec.json" if root else None
+  if path is None or not path.is_file():
     raise DataError(f"no synthetic dataset at {root or 'data.root (empty)'}.\n{MANUAL}")
-  with open(path) as f:
-    spec = json.load(f)
+  spec = json.loads(path.read_text())
+  top = epath.Path(root)
 
   def resolve(split):
     if split not in STREAMS:
       raise DataError(f"synthetic splits are {sorted(STREAMS)}, not {split!r}")
-    lst = os.path.join(root, "ImageSets", f"{split}.txt")
+    lst = str(top / "ImageSets" / f"{split}.txt")
     ids = dataset.read_list(lst)
-    images = [os.path.join(root, "JPEGImages", f"{i}.png") for i in ids]
-    masks = [os.path.join(root, "SegmentationClass", f"{i}.png") for i in ids]
-    labels = labels_file or os.path.join(root, "ImageLabels", f"{split}.txt")
+    images = [str(top / "JPEGImages" / f"{i}.png") for i in ids]
+    masks = [str(top / "SegmentationClass" / f"{i}.png") for i in ids]
+    labels = labels_file or str(top / "ImageLabels" / f"{split}.txt")
     return dataset.SplitFiles(ids, images, masks, lst, labels)
 
   return dataset.Dataset(

@@ -8,6 +8,8 @@ are checked. Both input pipelines read the files listed by `open_dataset(...).sp
 
 import os
 
+from etils import epath
+
 from ssr_jax.data import dataset
 from ssr_jax.data.files import DataError
 
@@ -54,10 +56,10 @@ def resolve_root(root: str) -> str:
   """The VOC2012 folder, given it or the VOCdevkit folder above it."""
   if not root:
     raise DataError(f"data.root is empty; set it to your VOC folder.\n{MANUAL}")
-  for cand in (root, os.path.join(root, "VOC2012")):
-    if os.path.isdir(os.path.join(cand, "JPEGImages")):
+  for cand in (root, str(epath.Path(root) / "VOC2012")):
+    if (epath.Path(cand) / "JPEGImages").is_dir():
       return cand
-  raise DataError(f"no JPEGImages/ under {root} or {os.path.join(root, 'VOC2012')}.\n{MANUAL}")
+  raise DataError(f"no JPEGImages/ under {root} or {epath.Path(root) / 'VOC2012'}.\n{MANUAL}")
 
 
 def split_file(split: str) -> str:
@@ -65,7 +67,7 @@ def split_file(split: str) -> str:
   if split.endswith(".txt") or os.sep in split:
     return split
   path = os.path.join(SPLIT_DIR, f"{split}.txt")
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise DataError(
       f"unknown VOC split {split!r}; use one of {sorted(SPLIT_SIZES)} or a path to a list file"
     )
@@ -75,9 +77,10 @@ def split_file(split: str) -> str:
 def open_dataset(root: str, *, labels_file: str = "") -> dataset.Dataset:
   """The VOC dataset at root (VOCdevkit/ or VOCdevkit/VOC2012/)."""
   voc = resolve_root(root)
-  mask_dir = os.path.join(voc, "SegmentationClassAug")
-  if not os.path.isdir(mask_dir):
-    mask_dir = os.path.join(voc, "SegmentationClass")
+  top = epath.Path(voc)
+  mask_dir = top / "SegmentationClassAug"
+  if not mask_dir.is_dir():
+    mask_dir = top / "SegmentationClass"
 
   def resolve(split):
     path = split_file(split)
@@ -85,8 +88,8 @@ def open_dataset(root: str, *, labels_file: str = "") -> dataset.Dataset:
     want = SPLIT_SIZES.get(split)
     if want is not None and len(ids) != want:
       raise DataError(f"{path} lists {len(ids)} ids, expected {want} for VOC {split}")
-    images = [os.path.join(voc, "JPEGImages", f"{i}.jpg") for i in ids]
-    masks = [os.path.join(mask_dir, f"{i}.png") for i in ids]
+    images = [str(top / "JPEGImages" / f"{i}.jpg") for i in ids]
+    masks = [str(mask_dir / f"{i}.png") for i in ids]
     return dataset.SplitFiles(ids, images, masks, path, labels_file)
 
   return dataset.Dataset(

@@ -21,11 +21,11 @@ import dataclasses
 import json
 import math
 import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils.epath import Path
 from flax import traverse_util
 
 from ssr_jax import weights_npz
@@ -258,11 +258,9 @@ def _check_against_model(flat: dict, cfg: DINOConfig, path: Path):
 
 
 def _read_hf(src: _Source) -> tuple[DINOConfig, dict[str, np.ndarray]]:
-  from safetensors.numpy import load_file
-
   cfg = _config_from_hf(src.config)
   try:
-    sd = load_file(str(src.weights))
+    sd = weights_npz.read_safetensors(src.weights)
   except Exception as e:  # safetensors raises its own error types for damaged files.
     raise ValueError(f"{src.weights}: not a readable safetensors file ({e})") from e
   # ViTModel saves bare keys; models wrapping one (ViTForImageClassification...) prefix `vit.`.
@@ -274,7 +272,7 @@ def _read_hf(src: _Source) -> tuple[DINOConfig, dict[str, np.ndarray]]:
 def _read_torch(path: Path) -> dict[str, np.ndarray]:
   torch = weights_npz.import_torch(path, what="a DINO .pth checkpoint")
   try:  # weights_only: tensors and plain containers only, never arbitrary unpickling.
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    sd = torch.load(weights_npz.torch_source(path), map_location="cpu", weights_only=True)
   except Exception as e:
     raise ValueError(f"{path}: not a torch state dict readable with weights_only=True ({e})") from e
   if isinstance(sd, dict) and isinstance(sd.get("teacher"), dict):
@@ -339,7 +337,7 @@ def load_converted(
         config=dataclasses.asdict(cfg),
         source=weights_npz.stamp(src.weights),
         sha256=sha256_file(src.weights),
-        source_path=str(src.weights.resolve()),
+        source_path=weights_npz.absolute(src.weights),
       )
       weights_npz.write_cache(cache, meta, flat, what="DINO")
   cfg = DINOConfig(**meta["config"])

@@ -6,10 +6,12 @@ a "P" image made by `Image.fromarray(a, mode="P")` without a palette (environmen
 so we build a grayscale image and attach the palette with `putpalette`, which keeps the indices.
 """
 
-from pathlib import Path
+import io
 
 import numpy as np
 from PIL import Image
+
+from ssr_jax.data import files
 
 
 def voc_palette(n: int = 256) -> np.ndarray:
@@ -47,8 +49,9 @@ def save_label_png(path, labels, palette=VOC_PALETTE) -> None:
   if palette is not None:
     pal = np.asarray(palette, np.uint8).reshape(-1, 3)
     im.putpalette(pal.ravel().tolist())  # "L" -> "P", indices unchanged.
-  Path(path).parent.mkdir(parents=True, exist_ok=True)
-  im.save(path, format="PNG")
+  buf = io.BytesIO()
+  im.save(buf, format="PNG")
+  files.write_bytes(path, buf.getvalue())  # Parent folders created; local or gs://.
 
 
 def load_label_png(path) -> np.ndarray:
@@ -56,7 +59,7 @@ def load_label_png(path) -> np.ndarray:
 
   Raises ValueError for colour (RGB) PNGs: their colours are not class ids.
   """
-  with Image.open(path) as im:
+  with Image.open(io.BytesIO(files.read_bytes(path))) as im:
     mode = im.mode
     if mode in ("P", "L"):
       return np.array(im, dtype=np.uint8)  # "P" gives palette indices, i.e. the ids.

@@ -17,7 +17,6 @@ matrices are summed across processes and process 0 writes metrics.json and the g
 import functools
 import json
 import logging as pylogging
-import os
 import time
 from collections.abc import Iterable, Iterator
 
@@ -25,11 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from ssr_jax import resize as resize_lib
 from ssr_jax.clip import preprocess
-from ssr_jax.data import pipeline, sources
+from ssr_jax.data import files, pipeline, sources
 from ssr_jax.eval import crf, inference, metrics, png, visualize
 from ssr_jax.model import affinity
 from ssr_jax.model.ssr import sgc_inputs
@@ -284,13 +284,12 @@ def _protocol(eval_cfg, data_cfg, target) -> dict:
 
 def _write(res, vis_images, workdir, split, target) -> None:
   """metrics.json (+ a per-run copy) and the grids under eval/<split>_<target>/vis/."""
-  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+  eval_dir = epath.Path(workdir) / "eval"
   for name in ("metrics.json", f"metrics_{split}_{target}.json"):
-    with open(os.path.join(workdir, "eval", name), "w") as f:
-      json.dump(res, f, indent=2)
-  out_dir = os.path.join(workdir, "eval", f"{split}_{target}")
+    files.write_bytes(eval_dir / name, json.dumps(res, indent=2).encode())
+  out_dir = eval_dir / f"{split}_{target}"
   for key, g in vis_images.items():
-    visualize.save_image(os.path.join(out_dir, "vis", f"{key.split('/', 1)[1]}.png"), g)
+    visualize.save_image(out_dir / "vis" / f"{key.split('/', 1)[1]}.png", g)
   logging.info("wrote %s", out_dir)
 
 
@@ -330,7 +329,7 @@ def evaluate(
   )[target]
   args = (task, frozen, variables, dataset) + ((ec,) if target == "seg" else ())
   lead = process()[0] == 0
-  pred_dir = os.path.join(workdir, "eval", f"{split}_{target}", "pred")
+  pred_dir = epath.Path(workdir) / "eval" / f"{split}_{target}" / "pred"
   acc = metrics.ConfusionAccumulator(dc.num_classes, ignore=dc.ignore_label)
   vis_images, count, t0 = {}, 0, time.time()
   drawn = set(dataset.indices[: ec.num_vis])  # The first num_vis of this process's slice.
@@ -339,7 +338,7 @@ def evaluate(
     if ex.get("mask") is not None:
       acc.add(pred, ex["mask"])
     if write_outputs and ec.save_png:
-      png.save_label_png(os.path.join(pred_dir, f"{ex['id']}.png"), pred.astype(np.uint8))
+      png.save_label_png(pred_dir / f"{ex['id']}.png", pred.astype(np.uint8))
     if lead and ex["index"] in drawn:
       vis_images[f"{split}_{target}/{ex['id']}"] = vis_grid(
         task, frozen, variables, ex, pred, names, source=source

@@ -10,12 +10,13 @@ showing as cream.
 """
 
 import functools
+import io
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ssr_jax.data import files
 from ssr_jax.eval.inference import resize_np
 from ssr_jax.eval.png import VOC_PALETTE, colorize
 
@@ -183,8 +184,9 @@ def grid(
 
 def save_image(path, image) -> None:
   """Writes a uint8 [H, W, 3] image (e.g. a `grid`) as an RGB PNG (parent folders created)."""
-  Path(path).parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(np.asarray(image)).save(path, format="PNG")
+  buf = io.BytesIO()
+  Image.fromarray(np.asarray(image)).save(buf, format="PNG")
+  files.write_bytes(path, buf.getvalue())  # Parent folders created; local or gs://.
 
 
 def save_grid(path, image, cams, pseudo, pred, gt=None, class_names=None) -> None:

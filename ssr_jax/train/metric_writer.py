@@ -3,6 +3,9 @@
   workdir/train_metrics.jsonl   one object per logged train step: step, loss, each term, lr, ...
   workdir/eval_metrics.jsonl    one object per evaluation: step, miou, ...
   workdir/tensorboard/          tensorboardX events: train/<name>, eval/<name> scalars, images
+The workdir may be local or remote (gs://, through `etils.epath`). Object stores cannot append:
+there the JSON files are rewritten whole at each record, and TensorBoard events are written to a
+local temporary folder and uploaded to workdir/tensorboard/ at each record, flush and close.
 On resume from step s, records with step > s (written by the run that died after its last
 checkpoint) are dropped from the JSON files and purged from TensorBoard, so every file describes
 one consistent history.
@@ -14,6 +17,9 @@ logged scalars and the console line.
 import json
 import logging
 import math
+import os
+import shutil
+import tempfile
 
 import numpy as np
 from etils import epath
@@ -63,14 +69,17 @@ def console_line(step: int, num_steps: int, scalars: dict, sps: float, batch_siz
   )
 
 
-def _truncate_jsonl(path: epath.Path, last_step: int) -> None:
+def _truncate_jsonl(path: epath.Path, last_step: int) -> str:
+  """Drops the records after last_step from a JSON-lines file; returns the text kept."""
   if not path.exists():
-    return
+    return ""
   kept = []
   for line in path.read_text().splitlines():
     if line.strip() and json.loads(line).get("step", 0) <= last_step:
       kept.append(line)
-  path.write_text("".join(line + "\n" for line in kept))
+  text = "".join(line + "\n" for line in kept)
+  path.write_text(text)
+  return text
 
 
 def _json_value(v):
@@ -87,20 +96,27 @@ class MetricWriter:
   def __init__(self, workdir, *, enabled: bool = True, resume_step: int = 0):
     self.enabled = enabled
     self._workdir = epath.Path(workdir)
-    self._tb = None
+    self._remote = "://" in str(workdir)
+    self._jsonl = {}  # Remote workdir: file name -> its whole text, rewritten at each record.
+    self._tb = self._tb_local = None
     if not enabled:
       return
     self._workdir.mkdir(parents=True, exist_ok=True)
     for name in (TRAIN_JSONL, EVAL_JSONL):
-      _truncate_jsonl(self._workdir / name, resume_step)
+      kept = _truncate_jsonl(self._workdir / name, resume_step)
+      if self._remote:
+        self._jsonl[name] = kept
     try:
       import tensorboardX  # Deferred: only process 0 needs it.
     except ImportError:
       # The GPU image has no tensorboardX unless its wheel is carried; JSON logs still work.
       log.warning("tensorboardX is not installed: no TensorBoard events (JSON logs only).")
       return
+    logdir = str(self._workdir / TENSORBOARD_SUBDIR)
+    if self._remote:  # Events go to a local folder first; _upload copies them to the workdir.
+      logdir = self._tb_local = tempfile.mkdtemp(prefix="ssr_jax_tensorboard_")
     self._tb = tensorboardX.SummaryWriter(
-      logdir=str(self._workdir / TENSORBOARD_SUBDIR),
+      logdir=logdir,
       purge_step=resume_step + 1 if resume_step else None,
     )
 
@@ -109,11 +125,18 @@ class MetricWriter:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _json_value(v) for k, v in scalars.items()}}
-    with (self._workdir / f"{kind}_metrics.jsonl").open("a") as f:
-      f.write(json.dumps(record) + "\n")
+    name = f"{kind}_metrics.jsonl"
+    if self._remote:  # No append on object stores: rewrite the file (kept whole in memory).
+      self._jsonl[name] = self._jsonl.get(name, "") + json.dumps(record) + "\n"
+      (self._workdir / name).write_text(self._jsonl[name])
+    else:
+      with (self._workdir / name).open("a") as f:
+        f.write(json.dumps(record) + "\n")
     if self._tb is not None:
       for k, v in scalars.items():
         self._tb.add_scalar(f"{kind}/{k}", float(v), int(step))
+      if self._remote:
+        self.flush()
 
   def write_images(self, step: int, images: dict) -> None:
     """TensorBoard images; each value uint8 [H, W, 3] or [H, W]."""
@@ -132,8 +155,25 @@ class MetricWriter:
   def flush(self) -> None:
     if self._tb is not None:
       self._tb.flush()
+      self._upload()
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+      self._upload()
+      if self._tb_local is not None:
+        shutil.rmtree(self._tb_local, ignore_errors=True)
+        self._tb_local = None
+
+  def _upload(self) -> None:
+    """Copies the local TensorBoard events of a remote workdir to workdir/tensorboard/."""
+    if self._tb_local is None:
+      return
+    for root, _, names in os.walk(self._tb_local):
+      for name in names:
+        src = os.path.join(root, name)
+        dst = self._workdir / TENSORBOARD_SUBDIR / os.path.relpath(src, self._tb_local)
+        with open(src, "rb") as f:
+          dst.parent.mkdir(parents=True, exist_ok=True)
+          dst.write_bytes(f.read())
