@@ -138,9 +138,11 @@ def get_config():
   c.data.num_workers = 12
   c.data.worker_type = "process"
   c.data.prefetch = 2
-  c.data.superpixel_dir = ""  # "" = <root>/Superpixels_<backend>_<n_segments>.
-  c.data.superpixel_backend = "skimage"  # skimage (SLIC) or opencv (ximgproc SLIC) / fast.
+  c.data.superpixel_dir = ""  # "" = <root>/Superpixels_<backend>_<n_segments>[_s<s>][_i<it>].
+  c.data.superpixel_backend = "skimage"  # skimage (SLIC, the reference) or opencv (ximgproc SLIC).
   c.data.n_segments = 100  # Per 320x320 area; scaled by image area (§3.1).
+  c.data.superpixel_scale = 1  # SLIC on the image block-averaged by this, labels upscaled.
+  c.data.slic_iterations = 10  # SLIC iterations (10 = skimage's default).
   c.data.compactness = 10.0
   c.data.sigma = 1.0
   c.data.color_clusters = 8  # K of SGC's per-image K-means over superpixel mean Lab (§3.2).
