@@ -15,10 +15,12 @@ With the "opencv" backend at s > 1, one float32 Lab image of the full-resolution
 (`opencv_lab`, OpenCV's conversion, within ~0.5 of skimage's rgb2lab) is block-averaged for SLIC
 and also gives the clusters' mean colours, instead of converting twice. data.slic_iterations:
 skimage's max_num_iter / OpenCV's iterate() (10 = skimage's default).
-Measured on 500x375 synthetic images (benchmarks/superpixels.py, Intel Xeon with AVX-512, one
-core): skimage 125 ms per image for SLIC + clusters, ASA 99.05% (157 superpixels for 183
-requested), cluster ASA 98.56%; opencv at scale 2, 5 iterations 14 ms, ASA 99.43% (204),
-cluster ASA 98.97%; the precompute CLI end to end ~22 ms CPU per image.
+Measured on 16 synthetic 500x375 images (`python -m benchmarks superpixels`, 2-core Intel Xeon
+with AVX-512): skimage 116 ms SLIC + 15 ms clusters per image, ASA 98.79% with 151 superpixels
+for 183 requested, cluster ASA 98.25%; opencv at scale 2, 5 iterations (the configs/base.py
+default) 11.5 + 4.0 ms, ASA 99.38% (205 superpixels), cluster ASA 98.51%, and still 99.19% /
+98.87% at a lower count (n_segments 75: 138 superpixels); the precompute CLI end to end 27 ms
+CPU per image, 72 images/s with its 2 worker processes.
 
 Colour clusters, SGC's target regions C = K-means(SLIC(I)) (§3.2, [inferred] settings of §6
 #10): per image, K-means over its superpixels on their mean CIE Lab colour (D65, as skimage's
