@@ -10,7 +10,7 @@ from skimage.color import rgb2lab
 from skimage.segmentation import slic
 
 from benchmarks.superpixels import asa, voc_like_images
-from ssr_jax.data import files, superpixels, synthetic
+from ssr_jax.data import files, parallel, superpixels, synthetic
 from tests.data.conftest import synthetic_config
 
 
@@ -133,3 +133,17 @@ def test_precompute_fast_settings_writes_what_compute_gives(tmp_path, workers):
   np.testing.assert_array_equal(
     want[1], files.read_clusters(os.path.join(out["cluster_dir"], "train_00001.png"))
   )
+
+
+def _opencv_threads(_):
+  import cv2
+
+  return cv2.getNumThreads()
+
+
+def test_precompute_workers_run_opencv_single_threaded():
+  pytest.importorskip("cv2")
+  got = parallel.imap(
+    _opencv_threads, [0, 1, 2, 3], workers=2, chunksize=1, initializer=superpixels._init_worker
+  )
+  assert list(got) == [1, 1, 1, 1]
