@@ -142,9 +142,13 @@ def get_config():
   c.data.num_workers = 12
   c.data.worker_type = "process"
   c.data.prefetch = 2
-  c.data.superpixel_dir = ""  # "" = <root>/Superpixels_<backend>_<n_segments>.
-  c.data.superpixel_backend = "skimage"  # skimage (SLIC) or opencv (ximgproc SLIC) / fast.
+  c.data.superpixel_dir = ""  # "" = <root>/Superpixels_<backend>_<n_segments>[_s<s>][_i<it>].
+  # Superpixels: opencv (ximgproc SLIC) at half resolution, 5 iterations: ~9x faster than the
+  # skimage reference (skimage, 1, 10) at equal ASA (ssr_jax/data/superpixels.py docstring).
+  c.data.superpixel_backend = "opencv"  # opencv (ximgproc SLIC) or skimage (SLIC, reference).
   c.data.n_segments = 100  # Per 320x320 area; scaled by image area (§3.1).
+  c.data.superpixel_scale = 2  # SLIC on the image block-averaged by this, labels upscaled.
+  c.data.slic_iterations = 5  # SLIC iterations (10 = skimage's default).
   c.data.compactness = 10.0
   c.data.sigma = 1.0
   c.data.color_clusters = 8  # K of SGC's per-image K-means over superpixel mean Lab (§3.2).

@@ -27,14 +27,17 @@ def main_is_importable() -> bool:
   return bool(path) and os.path.isfile(path)
 
 
-def imap(fn, tasks, *, workers: int, chunksize: int = 16):
-  """Yields fn(task) for each task, in order; fn and tasks must be picklable if workers > 1."""
+def imap(fn, tasks, *, workers: int, chunksize: int = 16, initializer=None):
+  """Yields fn(task) for each task, in order; fn and tasks must be picklable if workers > 1.
+
+  initializer (picklable, no arguments) runs once in each worker process (not for threads or
+  in this process)."""
   if workers <= 1 or len(tasks) <= 1:
     yield from map(fn, tasks)
     return
   if main_is_importable():
     ctx = multiprocessing.get_context("spawn")
-    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer)
     with pool:
       yield from pool.map(fn, tasks, chunksize=chunksize)
   else:

@@ -26,6 +26,10 @@ def synthetic_config(root, **overrides):
     crop_size=64,
     num_workers=2,
     prefetch=1,
+    # The skimage reference superpixels (Superpixels_skimage_100), not the faster base default.
+    superpixel_backend="skimage",
+    superpixel_scale=1,
+    slic_iterations=10,
   )
   kw.update(overrides)
   return data_config(**kw)

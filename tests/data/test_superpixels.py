@@ -49,7 +49,9 @@ def test_opencv_backend(image):
 def test_precompute_resume_verify_and_check(tmp_path):
   root = str(tmp_path / "syn")
   synthetic.write_dataset(root, num_train=4, num_val=2, size=48, seed=0)
-  cfg = synthetic_config(root, superpixel_backend="skimage", n_segments=200)
+  cfg = synthetic_config(
+    root, superpixel_backend="skimage", superpixel_scale=1, slic_iterations=10, n_segments=200
+  )
   with pytest.raises(DataError) as e:
     superpixels.check_superpixels(cfg, "train")
   msg = str(e.value)
