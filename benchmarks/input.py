@@ -10,6 +10,8 @@ Pillow-exact rescale, flip, pad, crop, superpixels and clusters) after a short w
 source and pipeline. The numbers depend on data.num_workers (threads / parallel calls).
 """
 
+import concurrent.futures
+import multiprocessing
 import os
 import tempfile
 import time
@@ -88,39 +90,46 @@ def run(args) -> dict:
 
 
 def _time_pipelines(data_cfg, args, steps) -> dict:
+  """Each pipeline timed in a fresh process: a tf.data run leaves this process ~35% slower
+  for whatever runs next in it (measured, not understood), which would bias the comparison."""
+  ctx = multiprocessing.get_context("spawn")
   out = {}
   for name in args.pipelines.split(","):
-    kind = "numpy" if name == "numpy-process" else name
-    try:
-      kind = pipeline.resolve_pipeline(kind)
-      if kind == "tf":
-        import tensorflow  # noqa: F401
-    except ImportError as e:
-      out[name] = f"unavailable: {e}"
-      continue
-    data_cfg.worker_type = "process" if name == "numpy-process" else "thread"
-    it = pipeline.make_train_iterator(
-      data_cfg,
-      batch_size=args.batch,
-      seed=0,
-      process_index=0,
-      process_count=1,
-      pipeline=kind,
-      superpixels=True,
-      clusters=True,
-    )
-    t0 = time.perf_counter()
-    for _ in range(3):  # Warm-up (graph building, worker start).
-      next(it)
-    warm = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      next(it)
-    dt = time.perf_counter() - t0
-    it.close()
-    out[name] = {
-      "images_per_s": steps * args.batch / dt,
-      "ms_per_batch": 1e3 * dt / steps,
-      "warmup_s": warm,
-    }
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+      out[name] = pool.submit(_time_one, data_cfg, name, args.batch, steps).result()
   return out
+
+
+def _time_one(data_cfg, name, batch, steps):
+  kind = "numpy" if name == "numpy-process" else name
+  try:
+    kind = pipeline.resolve_pipeline(kind)
+    if kind == "tf":
+      import tensorflow  # noqa: F401
+  except ImportError as e:
+    return f"unavailable: {e}"
+  data_cfg.worker_type = "process" if name == "numpy-process" else "thread"
+  it = pipeline.make_train_iterator(
+    data_cfg,
+    batch_size=batch,
+    seed=0,
+    process_index=0,
+    process_count=1,
+    pipeline=kind,
+    superpixels=True,
+    clusters=True,
+  )
+  t0 = time.perf_counter()
+  for _ in range(3):  # Warm-up (graph building, worker start).
+    next(it)
+  warm = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    next(it)
+  dt = time.perf_counter() - t0
+  it.close()
+  return {
+    "images_per_s": steps * batch / dt,
+    "ms_per_batch": 1e3 * dt / steps,
+    "warmup_s": warm,
+  }
