@@ -25,6 +25,7 @@ the tiny CLIP: how good each is as SGC's propagation affinity (method §3.1).
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import logging
 import os
@@ -68,6 +69,12 @@ def prepare(config, workdir):
   """
   config = config.copy_and_resolve_references()
   config.data.root = config.data.root or str(epath.Path(workdir) / "data")
+  if config.data.source == "tfds" and importlib.util.find_spec("tensorflow_datasets") is None:
+    # Hosts without tensorflow-datasets (the GPU image) still run the demo, from the folders.
+    log.warning(
+      "tensorflow-datasets is not installed: the demo reads its folders (data.source=files)"
+    )
+    config.data.source = "files"
   if config.data.source == "tfds":
     config.data.tfds_data_dir = config.data.tfds_data_dir or str(epath.Path(workdir) / "tfds")
   if jax.process_index() == 0:

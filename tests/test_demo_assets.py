@@ -126,3 +126,24 @@ def test_prepare_sets_dino_weights(tmp_path):
   stamp = os.stat(prepared.dino.weights).st_mtime_ns
   demo.prepare(config, str(tmp_path))  # Same settings: the file is reused, not remade.
   assert os.stat(prepared.dino.weights).st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("has_tfds", [True, False])
+def test_prepare_builds_tfds_or_falls_back_to_folders(tmp_path, monkeypatch, has_tfds):
+  """The demo reads its TFDS build; on hosts without tensorflow-datasets, its folders."""
+  if has_tfds:
+    pytest.importorskip("tensorflow_datasets")
+  else:
+    real = demo.importlib.util.find_spec
+    hide = lambda name, *a: None if name == "tensorflow_datasets" else real(name, *a)
+    monkeypatch.setattr(demo.importlib.util, "find_spec", hide)
+  config = demo_config.get_config()
+  config.data.synthetic.num_train = 4
+  config.data.synthetic.num_val = 2
+  config.data.synthetic.image_size = 16
+  config.data.crop_size = 16
+  config.clip.weights = config.dino.weights = "given"  # Kept as given: weights are not the point.
+  prepared = demo.prepare(config, str(tmp_path))
+  assert prepared.data.source == ("tfds" if has_tfds else "files")
+  built = list((tmp_path / "tfds").glob("ssr_synthetic/*/1.0.0/dataset_info.json"))
+  assert len(built) == (1 if has_tfds else 0)

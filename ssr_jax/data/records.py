@@ -90,6 +90,18 @@ def _metadata(build: str) -> dict:
     ) from None
 
 
+def require_tfds() -> None:
+  """DataError with the install line when tensorflow-datasets is missing."""
+  try:
+    import tensorflow_datasets  # noqa: F401
+  except ImportError:
+    raise DataError(
+      "data.source='tfds' needs tensorflow-datasets (not TensorFlow): pip install "
+      "tensorflow-datasets==4.9.10 importlib_resources array_record==0.8.6, or read the folders "
+      "with --config.data.source=files"
+    ) from None
+
+
 def class_names(data_cfg) -> tuple[str, ...]:
   """Foreground class names stored in the build this config reads."""
   build = build_dir(data_cfg, maps=False)
@@ -100,6 +112,7 @@ def open_split(
   data_cfg, split: str, *, superpixels: bool, clusters: bool, drop_unlabeled: bool = False
 ):
   """(Split, RecordStore) of a split of the build; Split.image_paths/mask_paths are empty."""
+  require_tfds()
   build = build_dir(data_cfg, maps=superpixels or clusters)
   meta = _metadata(str(build))
   split = split_name(split)

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from conftest import synthetic_config, write_voc_tree
 
-from ssr_jax.data import files, pipeline, records, tfds_build
+pytest.importorskip("tensorflow_datasets")  # Not on the GPU image (environment.md).
+
+from ssr_jax.data import files, pipeline, records, tfds_build  # noqa: E402
 
 MAPS = dict(superpixels=True, clusters=True)
 
