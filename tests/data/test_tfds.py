@@ -9,6 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 from conftest import synthetic_config, write_voc_tree
+from test_pipeline import assert_batches_equal, take
 
 pytest.importorskip("tensorflow_datasets")  # Not on the GPU image (environment.md).
 
@@ -32,17 +33,7 @@ def built(syn_root, tmp_path_factory):
 
 
 def batches(cfg, n, **kw):
-  kw = {"batch_size": 4, "seed": 3, "process_index": 0, "process_count": 1, **kw}
-  with pipeline.make_train_iterator(cfg, **kw) as it:
-    return [next(it) for _ in range(n)]
-
-
-def assert_same(xs, ys):
-  assert len(xs) == len(ys)
-  for x, y in zip(xs, ys):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+  return take(cfg, n, **{"batch_size": 4, "seed": 3, **kw})
 
 
 @pytest.mark.parametrize("pipe", ["numpy", "tf"])
@@ -51,7 +42,7 @@ def test_tfds_batches_equal_folder_batches(built, pipe, maps):
   cfg, tcfg = built
   kw = {"superpixels": False, **maps, "pipeline": pipe}
   want = batches(cfg, 8, **kw)  # 32 examples: past one epoch of the 24 training images.
-  assert_same(batches(tcfg, 8, **kw), want)
+  assert_batches_equal(batches(tcfg, 8, **kw), want)
   if maps.get("superpixels"):
     assert (want[0]["superpixels"] > 0).any()  # Real maps, not the valid-region layout.
 
@@ -60,11 +51,11 @@ def test_tfds_resume_and_hosts(built):
   _, tcfg = built
   kw = dict(superpixels=True, clusters=True, pipeline="numpy")
   whole = batches(tcfg, 5, **kw)
-  assert_same(batches(tcfg, 2, start_step=3, **kw), whole[3:5])
+  assert_batches_equal(batches(tcfg, 2, start_step=3, **kw), whole[3:5])
   hosts = [batches(tcfg, 5, process_index=p, process_count=2, **kw) for p in (0, 1)]
   for step in range(5):
     joined = {k: np.concatenate([h[step][k] for h in hosts]) for k in whole[step]}
-    assert_same([joined], [whole[step]])
+    assert_batches_equal([joined], [whole[step]])
 
 
 def test_tfds_eval_items_equal_folder_items(built):
@@ -142,7 +133,7 @@ def test_voc_style_folder_build(tmp_path):
   meta = json.loads((records.build_dir(tcfg, maps=False) / "metadata.json").read_text())
   assert list(meta["splits"]) == ["tiny"] and len(meta["splits"]["tiny"]["ids"]) == 5
   kw = dict(superpixels=False, pipeline="numpy", batch_size=2)
-  assert_same(batches(tcfg, 6, **kw), batches(cfg, 6, **kw))
+  assert_batches_equal(batches(tcfg, 6, **kw), batches(cfg, 6, **kw))
   evals = [pipeline.make_eval_dataset(c, lst, superpixels=False) for c in (cfg, tcfg)]
   assert len(evals[1]) == 5
   for a, b in zip(*evals):
