@@ -36,6 +36,7 @@ tfds_data_dir works: shards are written locally and copied up.
 """
 
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -277,8 +278,12 @@ def build(
   local = epath.Path(tempfile.mkdtemp(prefix="ssr_tfds_")) if remote else final
   local.mkdir(parents=True, exist_ok=True)
   plans = {p.name: p for p in (plan_split(data_cfg, s, spec) for s in splits)}
+  meta, kept = _published(final, plans)
   split_infos, tasks, problems = [], [], []
   for name, plan in plans.items():
+    built = meta.get("splits", {}).get(name)
+    fresh = index_metadata(spec, {name: plan})["splits"][name]
+    changed = built is not None and built != fresh  # Other ids or labels: no shard is reused.
     n = len(plan.ids)
     num_shards = max(1, -(-n // shard_size))
     template = tfds.core.ShardedFileTemplate(
@@ -287,7 +292,8 @@ def build(
     paths = [os.fspath(p) for p in template.sharded_filepaths(num_shards)]
     bounds = [(i * n // num_shards, (i + 1) * n // num_shards) for i in range(num_shards)]
     for (lo, hi), path in zip(bounds, paths):
-      if not _complete(path, hi - lo) and not (remote and _remote_complete(final, path)):
+      done = _complete(path, hi - lo) or (remote and _remote_complete(final, path))
+      if changed or not done:
         tasks.append((plan, lo, hi, path, spec))
     split_infos.append((name, [hi - lo for lo, hi in bounds], paths))
   log.info("TFDS build %s: %d shard(s) to write", final, len(tasks))
@@ -309,8 +315,10 @@ def build(
       data_dir=final, dataset_name=builder.name, split=name, filetype_suffix="array_record"
     )
     infos.append(tfds.core.SplitInfo(name, lengths, size, filename_template=template))
-  builder.info.set_splits(tfds.core.SplitDict(infos))
-  builder.info.metadata.update(index_metadata(spec, plans))
+  builder.info.set_splits(tfds.core.SplitDict(infos + [info for info, _ in kept.values()]))
+  metadata = index_metadata(spec, plans)
+  metadata["splits"].update({name: m for name, (_, m) in kept.items()})
+  builder.info.metadata.update(metadata)
   if remote:
     for _, _, paths in split_infos:
       for p in paths:
@@ -319,6 +327,17 @@ def build(
   # Published last: a build without dataset_info.json is incomplete to every reader.
   builder.info.write_to_directory(final)
   return final
+
+
+def _published(final: epath.Path, plans: dict):
+  """(metadata.json of the build already at `final` or {}, {split: (SplitInfo, its metadata)}
+  of its splits that this run does not rebuild, which stay in the build)."""
+  if not (final / "dataset_info.json").exists():
+    return {}, {}
+  meta = json.loads((final / "metadata.json").read_text())
+  old = tfds.builder_from_directory(os.fspath(final)).info.splits
+  kept = {n: (old[n], meta["splits"][n]) for n in meta["splits"] if n not in plans and n in old}
+  return meta, kept
 
 
 def _progress(it, total, show):

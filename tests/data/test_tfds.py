@@ -215,3 +215,27 @@ def test_builder_download_and_prepare_matches_the_command(built, tmp_path):
   for k in range(8):
     a, c = ours[k], theirs[k]
     assert all(np.array_equal(a[f], c[f]) for f in a), k
+
+
+def test_adding_a_split_keeps_the_others_and_changed_splits_are_rebuilt(syn_root, tmp_path):
+  cfg = synthetic_config(syn_root, tfds_data_dir=str(tmp_path))
+  build = tfds_build.build(cfg, ["val"], superpixels=False, workers=1, shard_size=4)
+  tfds_build.build(cfg, ["train"], superpixels=False, workers=1, shard_size=4)
+  tcfg = tfds_config(cfg)
+  for split, n in (("val", 8), ("train", 24)):
+    assert len(pipeline.make_eval_dataset(tcfg, split, superpixels=False)) == n
+  import tensorflow_datasets as tfds
+
+  assert set(tfds.builder_from_directory(os.fspath(build)).info.splits) == {"train", "val"}
+  # A split whose ids or labels changed is rewritten whole, not resumed from its old shards
+  # (simulated: the published ids no longer match the folders').
+  meta = build / "metadata.json"
+  m = json.loads(meta.read_text())
+  m["splits"]["val"]["ids"] = m["splits"]["val"]["ids"][::-1]
+  meta.write_text(json.dumps(m))
+  shards = sorted(build.glob("ssr_synthetic-val.array_record-*"))
+  for p in shards:
+    os.utime(p, (1, 1))
+  tfds_build.build(cfg, ["val"], superpixels=False, workers=1, shard_size=4)
+  assert all(os.stat(p).st_mtime > 1 for p in shards)
+  assert json.loads(meta.read_text())["splits"]["val"]["ids"] == m["splits"]["val"]["ids"][::-1]
