@@ -97,7 +97,7 @@ class Dataset:
       num_classes=self.num_classes,
     )
     if drop_unlabeled:
-      split = _drop_unlabeled(split)
+      split = drop_unlabeled_images(split)
     return split
 
 
@@ -118,7 +118,8 @@ def _check_exist(images, masks, split, list_file, manual):
     )
 
 
-def _drop_unlabeled(split: Split) -> Split:
+def drop_unlabeled_images(split: Split) -> Split:
+  """The split without images whose labels are all zero (the count is logged)."""
   keep = split.labels.sum(1) > 0
   dropped = int((~keep).sum())
   if not dropped:

@@ -16,7 +16,7 @@ import threading
 import numpy as np
 from etils import epath
 
-from ssr_jax.data.dataset import Split, _drop_unlabeled
+from ssr_jax.data.dataset import Split, drop_unlabeled_images
 from ssr_jax.data.examples import Encoded
 from ssr_jax.data.files import DataError
 
@@ -141,7 +141,7 @@ def open_split(
     num_classes=int(data_cfg.num_classes),
   )
   if drop_unlabeled:
-    s = _drop_unlabeled(s)
+    s = drop_unlabeled_images(s)
   record = {i: k for k, i in enumerate(ids)}  # Ids are unique within a split.
   refs = tuple(record[i] for i in s.ids)
   return s, RecordStore(str(build), split, refs, superpixels, clusters)
