@@ -32,7 +32,8 @@ shards that are complete (their record count checked), so an interrupted build r
 record is decoded and checked while writing (sizes, mask values, superpixel and cluster maps); bad
 inputs are listed by file name and nothing is published. Superpixels are taken from the
 precompute's folder (run `python -m ssr_jax.data.superpixels` first; its error says so). A gs://
-tfds_data_dir works: shards are written locally and copied up.
+tfds_data_dir works: each shard is written locally and uploaded as soon as it is complete (a
+rerun skips the uploaded ones).
 """
 
 import dataclasses
@@ -218,8 +219,10 @@ def index_metadata(spec: BuildSpec, plans: dict) -> dict:
 
 
 def _shard_task(args):
-  """Writes one shard (records [lo, hi) of a split); returns (records, bytes, problems)."""
-  plan, lo, hi, path, spec = args
+  """Writes one shard (records [lo, hi) of a split) to `path`, then to `publish` if given (the
+  shard's place in a gs:// build, uploaded at once so an interrupted build resumes from it).
+  Returns (records, bytes, problems)."""
+  plan, lo, hi, path, spec, publish = args
   feats = features(spec)
   records, problems = [], []
   for k in range(lo, hi):
@@ -241,7 +244,11 @@ def _shard_task(args):
     writer.write(r)
   writer.close()
   os.replace(tmp, path)
-  return len(records), os.path.getsize(path), []
+  size = os.path.getsize(path)
+  if publish:
+    files.write_bytes(publish, epath.Path(path).read_bytes())
+    os.remove(path)
+  return len(records), size, []
 
 
 def _complete(path: str, n: int) -> bool:
@@ -292,16 +299,18 @@ def build(
     paths = [os.fspath(p) for p in template.sharded_filepaths(num_shards)]
     bounds = [(i * n // num_shards, (i + 1) * n // num_shards) for i in range(num_shards)]
     for (lo, hi), path in zip(bounds, paths):
-      done = _complete(path, hi - lo) or (remote and _remote_complete(final, path))
+      publish = os.fspath(final / os.path.basename(path)) if remote else ""
+      done = epath.Path(publish).exists() if remote else _complete(path, hi - lo)
       if changed or not done:
-        tasks.append((plan, lo, hi, path, spec))
+        tasks.append((plan, lo, hi, path, spec, publish))
     split_infos.append((name, [hi - lo for lo, hi in bounds], paths))
   log.info("TFDS build %s: %d shard(s) to write", final, len(tasks))
   results = parallel.imap(
     _shard_task, tasks, workers=workers or parallel.usable_cpus(), chunksize=1
   )
-  for _, _, probs in _progress(results, len(tasks), progress):
-    problems += probs
+  sizes = {}
+  for task, (_, size, probs) in zip(tasks, _progress(results, len(tasks), progress)):
+    sizes[task[3]], problems = size, problems + probs
   if problems:
     listed = "\n  ".join(problems[:10])
     raise DataError(
@@ -310,7 +319,7 @@ def build(
     )
   infos = []
   for name, lengths, paths in split_infos:
-    size = sum(os.path.getsize(p) if os.path.isfile(p) else 0 for p in paths)
+    size = sum(sizes[p] if p in sizes else _size(final, p, remote) for p in paths)
     template = tfds.core.ShardedFileTemplate(
       data_dir=final, dataset_name=builder.name, split=name, filetype_suffix="array_record"
     )
@@ -319,11 +328,6 @@ def build(
   metadata = index_metadata(spec, plans)
   metadata["splits"].update({name: m for name, (_, m) in kept.items()})
   builder.info.metadata.update(metadata)
-  if remote:
-    for _, _, paths in split_infos:
-      for p in paths:
-        if os.path.isfile(p):
-          files.write_bytes(final / os.path.basename(p), epath.Path(p).read_bytes())
   # Published last: a build without dataset_info.json is incomplete to every reader.
   builder.info.write_to_directory(final)
   return final
@@ -348,9 +352,11 @@ def _progress(it, total, show):
   return tqdm(it, total=total, desc="shards", unit="shard")
 
 
-def _remote_complete(final: epath.Path, local_path: str) -> bool:
-  """Whether an earlier run already copied this shard up (resume of a gs:// build)."""
-  return (final / os.path.basename(local_path)).exists()
+def _size(final: epath.Path, local_path: str, remote: bool) -> int:
+  """Bytes of a shard kept from an earlier run (local, or already uploaded to a gs:// build)."""
+  if remote:
+    return (final / os.path.basename(local_path)).stat().length
+  return os.path.getsize(local_path)
 
 
 def main(argv):
