@@ -197,17 +197,27 @@ def read_labels_file(path: str, ids, num_classes: int) -> np.ndarray:
   missing = [i for i in ids if i not in table]
   if missing:
     raise DataError(f"labels file {path} has no line for {len(missing)} id(s), e.g. {missing[:5]}")
-  out = np.zeros((len(ids), num_classes - 1), np.float32)
-  for n, i in enumerate(ids):
-    out[n, np.asarray(table[i], np.int64) - 1] = 1.0
+  return labels_from_values([table[i] for i in ids], num_classes)
+
+
+def labels_from_values(values, num_classes: int) -> np.ndarray:
+  """float32 [N, C-1] multi-hot labels from each image's foreground mask values (1..C-1)."""
+  out = np.zeros((len(values), num_classes - 1), np.float32)
+  for n, v in enumerate(values):
+    out[n, np.asarray(v, np.int64) - 1] = 1.0
   return out
+
+
+def label_values(labels: np.ndarray) -> list[list[int]]:
+  """Each image's foreground mask values from float32 [N, C-1] labels (labels_from_values's
+  inverse)."""
+  return [(np.flatnonzero(row) + 1).tolist() for row in labels]
 
 
 def write_labels_file(path: str, ids, labels: np.ndarray) -> None:
   """Writes labels [N, C-1] as lines "id v1 v2 ..." (mask values), readable by read_labels_file."""
   lines = [
-    " ".join([i] + [str(int(c) + 1) for c in np.flatnonzero(lab)]) + "\n"
-    for i, lab in zip(ids, labels)
+    " ".join([i] + [str(v) for v in vals]) + "\n" for i, vals in zip(ids, label_values(labels))
   ]
   files.write_bytes(path, "".join(lines).encode())  # Atomic, local or gs://.
 

@@ -13,10 +13,9 @@ import functools
 import json
 import threading
 
-import numpy as np
 from etils import epath
 
-from ssr_jax.data.dataset import Split, drop_unlabeled_images
+from ssr_jax.data.dataset import Split, drop_unlabeled_images, labels_from_values
 from ssr_jax.data.examples import Encoded
 from ssr_jax.data.files import DataError
 
@@ -127,9 +126,7 @@ def open_split(
       f"with python -m ssr_jax.data.tfds_build --splits {split} (complete shards are kept)"
     )
   ids = tuple(meta["splits"][split]["ids"])
-  labels = np.zeros((len(ids), data_cfg.num_classes - 1), np.float32)
-  for k, values in enumerate(meta["splits"][split]["labels"]):
-    labels[k, np.asarray(values, np.int64) - 1] = 1.0
+  labels = labels_from_values(meta["splits"][split]["labels"], data_cfg.num_classes)
   s = Split(
     dataset=data_cfg.name,
     name=split,

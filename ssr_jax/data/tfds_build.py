@@ -49,6 +49,7 @@ from etils import epath
 
 from ssr_jax.data import examples, files, parallel, sources
 from ssr_jax.data import superpixels as sp_lib
+from ssr_jax.data.dataset import label_values
 from ssr_jax.data.files import DataError
 from ssr_jax.data.records import VERSION, config_name, split_name
 
@@ -161,7 +162,7 @@ class SplitPlan:
   name: str
   ids: tuple[str, ...]
   labels: np.ndarray  # float32 [N, C-1]
-  files: tuple[examples.FileRef, ...]
+  store: examples.FileStore  # Record k's files: store.ref(k).
   num_classes: int
   class_names: tuple[str, ...]  # Foreground names (mask value c+1 for class_names[c]).
 
@@ -170,23 +171,18 @@ def plan_split(data_cfg, split: str, spec: BuildSpec) -> SplitPlan:
   """The folder source's files of a split (checked as training checks them)."""
   ds = sources.get_dataset(data_cfg)
   s = ds.split(split, workers=data_cfg.num_workers)
-  sp = sp_lib.split_paths(data_cfg, s) if spec.superpixels else None
-  cl = sp_lib.cluster_paths(data_cfg, s) if spec.superpixels else None
-  refs = tuple(
-    examples.FileRef(
-      s.image_paths[k],
-      s.mask_paths[k],
-      None if sp is None else sp[k],
-      None if cl is None else cl[k],
-    )
-    for k in range(len(s))
+  maps = spec.superpixels
+  store = examples.FileStore(
+    s,
+    sp_lib.split_paths(data_cfg, s) if maps else None,
+    sp_lib.cluster_paths(data_cfg, s) if maps else None,
   )
-  return SplitPlan(split_name(split), s.ids, s.labels, refs, s.num_classes, ds.class_names)
+  return SplitPlan(split_name(split), s.ids, s.labels, store, s.num_classes, ds.class_names)
 
 
 def encode_record(plan: SplitPlan, k: int) -> tuple[dict, str | None]:
   """(record dict of encoded bytes, problem or None) for record k; decodes to check it."""
-  enc = plan.files[k].fetch()
+  enc = plan.store.ref(k).fetch()
   try:
     examples.decode_example(enc, plan.num_classes)
   except DataError as e:
@@ -208,7 +204,7 @@ def index_metadata(spec: BuildSpec, plans: dict) -> dict:
     "splits": {
       name: {
         "ids": list(p.ids),
-        "labels": [(np.flatnonzero(row) + 1).tolist() for row in p.labels],
+        "labels": label_values(p.labels),
       }
       for name, p in plans.items()
     },
@@ -286,11 +282,12 @@ def build(
   local.mkdir(parents=True, exist_ok=True)
   plans = {p.name: p for p in (plan_split(data_cfg, s, spec) for s in splits)}
   meta, kept = _published(final, plans)
+  metadata = index_metadata(spec, plans)
   split_infos, tasks, problems = [], [], []
   for name, plan in plans.items():
     built = meta.get("splits", {}).get(name)
-    fresh = index_metadata(spec, {name: plan})["splits"][name]
-    changed = built is not None and built != fresh  # Other ids or labels: no shard is reused.
+    # Other ids or labels than the published split's: no shard is reused.
+    changed = built is not None and built != metadata["splits"][name]
     n = len(plan.ids)
     num_shards = max(1, -(-n // shard_size))
     template = tfds.core.ShardedFileTemplate(
@@ -325,7 +322,6 @@ def build(
     )
     infos.append(tfds.core.SplitInfo(name, lengths, size, filename_template=template))
   builder.info.set_splits(tfds.core.SplitDict(infos + [info for info, _ in kept.values()]))
-  metadata = index_metadata(spec, plans)
   metadata["splits"].update({name: m for name, (_, m) in kept.items()})
   builder.info.metadata.update(metadata)
   # Published last: a build without dataset_info.json is incomplete to every reader.
