@@ -2,6 +2,7 @@
 entry, written atomically, a digest of the arrays for files trained in-process, and the cache
 rules both converters share (where a cache goes, when it is valid, how it is read)."""
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -58,6 +59,18 @@ def write(path, meta: dict, flat: dict, *, compress: bool = False):
   with open(tmp, "wb") as f:
     save(f, **arrays)
   os.replace(tmp, path)  # Atomic: concurrent readers never see a half-written file.
+
+
+def save_params(path, cfg, params, check, *, meta=None, compress=False, **identity) -> epath.Path:
+  """Writes a model's params as a converted .npz its loader reads: check(flat, cfg, path) first
+  (the model's tree), then the metadata `identity` (kind, version), the config, the sha256 of
+  the arrays (its fingerprint) and meta under "extra"."""
+  flat = flatten(params)
+  path = epath.Path(path)
+  check(flat, cfg, path)
+  info = dict(**identity, config=dataclasses.asdict(cfg), sha256=digest(flat), extra=meta or {})
+  write(path, info, flat, compress=compress)
+  return path
 
 
 def _open_npz(path):

@@ -443,17 +443,9 @@ def save_converted(
   under "extra" in the file's metadata (see load_converted). compress: zip-deflate the arrays
   (for files that ship with the package).
   """
-  flat = weights_npz.flatten(params)
-  path = Path(path)
-  _check_against_model(flat, cfg, path)
-  info = dict(
-    version=_CACHE_VERSION,
-    config=dataclasses.asdict(cfg),
-    sha256=weights_npz.digest(flat),
-    extra=meta or {},
+  return weights_npz.save_params(
+    path, cfg, params, _check_against_model, meta=meta, compress=compress, version=_CACHE_VERSION
   )
-  weights_npz.write(path, info, flat, compress=compress)
-  return path
 
 
 def params_from_state_dict(state_dict, cfg: CLIPConfig, *, layout: str = "hf"):

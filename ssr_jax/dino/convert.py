@@ -376,18 +376,16 @@ def save_converted(
   Its fingerprint is the sha256 of the parameter arrays; meta (JSON-serialisable) is stored
   under "extra" in the file's metadata. compress: zip-deflate (files that ship with the package).
   """
-  flat = weights_npz.flatten(params)
-  path = Path(path)
-  _check_against_model(flat, cfg, path)
-  info = dict(
+  return weights_npz.save_params(
+    path,
+    cfg,
+    params,
+    _check_against_model,
+    meta=meta,
+    compress=compress,
     kind=_CACHE_KIND,
     version=_CACHE_VERSION,
-    config=dataclasses.asdict(cfg),
-    sha256=weights_npz.digest(flat),
-    extra=meta or {},
   )
-  weights_npz.write(path, info, flat, compress=compress)
-  return path
 
 
 def weights_fingerprint(path, *, cache_dir=None) -> str:
