@@ -51,7 +51,9 @@ class _Bucket(MemoryFileSystem):
     return "/" + path.lstrip("/") if path else ""
 
   def _open(self, path, mode="rb", *args, **kwargs):
-    if "a" in mode or "+" in mode:  # Objects are written whole (as gcsfs and GCS's API).
+    # Objects are written whole: gcsfs refuses append/update modes with this same exception
+    # type, so code that appends fails here as it would on a real bucket.
+    if "a" in mode or "+" in mode:
       raise NotImplementedError(f"object stores cannot open {path} in mode {mode!r}")
     return super()._open(path, mode, *args, **kwargs)
 
