@@ -32,15 +32,26 @@ def open_split(
   superpixels / clusters: whether the maps are read (checked to exist here: a DataError names
   what is missing and the command that makes it).
   """
-  from ssr_jax.data import examples, records
-  from ssr_jax.data import superpixels as sp_lib
-
   if data_cfg.source == "tfds":
+    from ssr_jax.data import records
+
     return records.open_split(
       data_cfg, split, superpixels=superpixels, clusters=clusters, drop_unlabeled=drop_unlabeled
     )
   if data_cfg.source != "files":
     raise ValueError(f"unknown data.source {data_cfg.source!r}; use one of {SOURCES}")
+  return open_folder_split(
+    data_cfg, split, superpixels=superpixels, clusters=clusters, drop_unlabeled=drop_unlabeled
+  )
+
+
+def open_folder_split(
+  data_cfg, split: str, *, superpixels: bool, clusters: bool, drop_unlabeled: bool = False
+):
+  """open_split of the folders at data.root, whatever data.source says (the TFDS build's input)."""
+  from ssr_jax.data import examples
+  from ssr_jax.data import superpixels as sp_lib
+
   s = get_dataset(data_cfg).split(
     split, drop_unlabeled=drop_unlabeled, workers=data_cfg.num_workers
   )

@@ -48,7 +48,6 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from ssr_jax.data import examples, files, parallel, sources
-from ssr_jax.data import superpixels as sp_lib
 from ssr_jax.data.dataset import label_values
 from ssr_jax.data.files import DataError
 from ssr_jax.data.records import VERSION, config_name, split_name
@@ -169,15 +168,10 @@ class SplitPlan:
 
 def plan_split(data_cfg, split: str, spec: BuildSpec) -> SplitPlan:
   """The folder source's files of a split (checked as training checks them)."""
-  ds = sources.get_dataset(data_cfg)
-  s = ds.split(split, workers=data_cfg.num_workers)
   maps = spec.superpixels
-  store = examples.FileStore(
-    s,
-    sp_lib.split_paths(data_cfg, s) if maps else None,
-    sp_lib.cluster_paths(data_cfg, s) if maps else None,
-  )
-  return SplitPlan(split_name(split), s.ids, s.labels, store, s.num_classes, ds.class_names)
+  s, store = sources.open_folder_split(data_cfg, split, superpixels=maps, clusters=maps)
+  names = sources.get_dataset(data_cfg).class_names
+  return SplitPlan(split_name(split), s.ids, s.labels, store, s.num_classes, names)
 
 
 def encode_record(plan: SplitPlan, k: int) -> tuple[dict, str | None]:
