@@ -200,7 +200,7 @@ def import_torch(path, *, what: str):
     import torch
   except ImportError as e:
     raise ImportError(
-      f"{path}: reading {what} needs torch (pip install torch==2.13.0, the CPU wheel), or "
+      f"{path}: reading {what} needs torch (pip install torch==2.13.0), or "
       "convert it once elsewhere and pass the resulting .npz"
     ) from e
   return torch

@@ -1,6 +1,13 @@
 """Test setup: 8 simulated CPU devices (must precede the first jax import) and float32 matmuls."""
 
 import os
+import sys
+
+# torch 2.13's Python 3.12 wheel is its CUDA build, whose triton segfaults when loaded into a
+# process that has loaded TensorFlow (transformers' model classes import it through
+# torch._dynamo). The parity oracles run torch on the CPU and never need triton; a None entry
+# makes `import triton` raise ImportError, which torch handles.
+sys.modules.setdefault("triton", None)
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
