@@ -130,22 +130,20 @@ def build(config):
 
 def batches(config):
   """make_iterator(start_step) for train.loop.train: this process's training batches from a step
-  on (superpixels or colour clusters required exactly when SGC uses them)."""
-
-  def make_iterator(start_step):
-    return pipeline.make_train_iterator(
-      config.data,
-      batch_size=config.train.batch_size,
-      seed=config.seed,
-      start_step=start_step,
-      **sgc_inputs(config.model.sgc.enabled, config.model.sgc.grouping),
-    )
-
-  return make_iterator
+  on (superpixels or colour clusters required exactly when SGC uses them). The split is opened
+  and its files checked (data.verify) here, once."""
+  source = pipeline.open_train_source(
+    config.data,
+    batch_size=config.train.batch_size,
+    seed=config.seed,
+    **sgc_inputs(config.model.sgc.enabled, config.model.sgc.grouping),
+  )
+  return lambda start_step: pipeline.train_iterator(config.data, source, start_step=start_step)
 
 
 def train(config, workdir):
   """Trains (or resumes) to train.num_steps; `seg` mIoU on the val split every eval_every."""
+  make_iterator = batches(config)  # Bad data stops the run here, before the weights load.
   task, frozen, fingerprint = build(config)
 
   def eval_fn(state, step):
@@ -167,7 +165,7 @@ def train(config, workdir):
     workdir,
     task=task,
     frozen=frozen,
-    make_iterator=batches(config),
+    make_iterator=make_iterator,
     eval_fn=eval_fn if config.train.eval_every > 0 else None,
     clip_fingerprint=fingerprint,
   )
