@@ -27,6 +27,7 @@ from ssr_jax.clip import load_clip
 from ssr_jax.clip.convert import weights_fingerprint
 from ssr_jax.clip.preprocess import compute_dtype
 from ssr_jax.clip.prompts import text_classifier
+from ssr_jax.config_check import check_config
 from ssr_jax.data import pipeline
 from ssr_jax.data.files import DataError
 from ssr_jax.dino import convert as dino_convert
@@ -177,13 +178,6 @@ def evaluate(config, workdir) -> dict:
 
   Returns {split: {target: result dict (miou, precision, recall, per-class IoU, ...)}}.
   """
-  unknown = sorted(set(config.eval.targets) - set(eval_run.TARGETS))
-  if unknown or not config.eval.targets:
-    raise UserError(
-      f"eval.targets={tuple(config.eval.targets)}: use a subset of {eval_run.TARGETS}"
-    )
-  if not config.eval.splits:
-    raise UserError("eval.splits is empty: name at least one split, e.g. ('val',)")
   task, frozen, fingerprint = build(config)
   ckpt_step = None if config.eval.checkpoint_step < 0 else int(config.eval.checkpoint_step)
   variables, step = eval_run.restore_variables(workdir, task, step=ckpt_step)
@@ -266,7 +260,11 @@ def ablation(config, workdir) -> list:
 
 
 def run(mode, config, workdir):
-  """Runs a launch.py mode; problems the user can fix surface as UserError (no traceback)."""
+  """Runs a launch.py mode; problems the user can fix surface as UserError (no traceback), and
+  config values that cannot work as one ConfigError listing them all, before anything is read,
+  generated or written."""
+  trains = mode != "eval"
+  check_config(config, num_devices=jax.device_count() if trains else None)
   try:
     return _run(mode, config, workdir)
   except (
