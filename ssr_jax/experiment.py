@@ -86,19 +86,22 @@ def load_frozen(config):
   if not epath.Path(path).exists():
     raise UserError(f"clip.weights={path!r} does not exist")
   cache_dir = config.clip.cache_dir or None
-  clip, params = load_clip(
-    path,
-    dtype=compute_dtype(config.model.dtype),
-    pos_interp=config.clip.pos_interp,
-    cache_dir=cache_dir,
-  )
+  try:
+    clip, params = load_clip(
+      path,
+      dtype=compute_dtype(config.model.dtype),
+      pos_interp=config.clip.pos_interp,
+      cache_dir=cache_dir,
+    )
+  except ValueError as e:
+    raise UserError(f"clip.weights={path!r}: {e}") from e
+  dino, dino_params, dino_fingerprint = load_dino(config)  # Before the text encoder runs.
   m, ctx = config.model, clip.cfg.context_length
   templates = [m.prompt_template]
   text_fg = text_classifier(clip, params, list(m.class_names), templates, context_length=ctx)
   text_bg = text_classifier(clip, params, list(m.bg_names), templates, context_length=ctx)
   frozen = dict(clip=params, text_fg=jnp.asarray(text_fg), text_bg=jnp.asarray(text_bg))
   fingerprint = weights_fingerprint(path, cache_dir=cache_dir)
-  dino, dino_params, dino_fingerprint = load_dino(config)
   if dino is not None:
     frozen["dino"] = dino_params
     fingerprint = f"{fingerprint}+dino:{dino_fingerprint}"
