@@ -90,7 +90,7 @@ def main(argv):
   if config.train.distributed:
     initialize_distributed(config.train)
   # Late: --help stays fast, and jax sees no device before the distributed set-up above.
-  from ssr_jax import experiment
+  from ssr_jax import config_check, experiment
   from ssr_jax.eval import run as eval_run
 
   # Library INFO logs (Orbax, absl) drown the progress lines: keep them at WARNING and let
@@ -101,6 +101,9 @@ def main(argv):
   eval_run.quiet_read_only_notices()
   try:
     experiment.run(_MODE.value, config, _WORKDIR.value)
+  except config_check.ConfigError as e:  # Usage errors, like a misspelled override: status 2.
+    print("\n".join(f"error: {p}" for p in e.problems), file=sys.stderr)
+    raise SystemExit(2) from None
   except experiment.UserError as e:
     logging.error("%s", e)
     raise SystemExit(f"error: {e}") from None

@@ -7,7 +7,8 @@ Writes VOC-like data to a temporary folder (500x375 JPEGs rendered by the synthe
 class-index PNG masks, superpixel and colour-cluster PNGs, in the VOC layout with a custom split
 list), builds its TFDS version (timed), then times full training batches (read, decode,
 Pillow-exact rescale, flip, pad, crop, superpixels and clusters) after a short warm-up, per
-source and pipeline. The numbers depend on data.num_workers (threads / parallel calls).
+source and pipeline, and the start-up check of the split's files (data.verify headers / full,
+data/check.py) per source. The numbers depend on data.num_workers (threads / parallel calls).
 """
 
 import concurrent.futures
@@ -20,7 +21,8 @@ from PIL import Image
 
 from benchmarks.superpixels import voc_like_images
 from configs import base
-from ssr_jax.data import files, pipeline, superpixels, tfds_build
+from ssr_jax.data import check, files, pipeline, superpixels, tfds_build
+from ssr_jax.data import sources as data_sources
 
 
 def add_args(p):
@@ -85,7 +87,21 @@ def run(args) -> dict:
       out["tfds_build_s"] = time.perf_counter() - t0
     for source in sources:
       data_cfg.source = source
-      out[source] = _time_pipelines(data_cfg, args, steps)
+      out[source] = {**_time_verify(data_cfg), **_time_pipelines(data_cfg, args, steps)}
+  return out
+
+
+def _time_verify(data_cfg) -> dict:
+  """Images/s of the start-up check of the training split (with its maps) at each level; the
+  first pass also warms the page cache, as the check does before training."""
+  split, store = data_sources.open_split(
+    data_cfg, data_cfg.train_split, superpixels=True, clusters=True
+  )
+  out = {}
+  for level in ("headers", "full"):
+    t0 = time.perf_counter()
+    check.verify_split(split, store, level=level, workers=data_cfg.num_workers)
+    out[f"verify_{level}_images_per_s"] = len(split) / (time.perf_counter() - t0)
   return out
 
 

@@ -142,6 +142,10 @@ def get_config():
   c.data.num_workers = 12
   c.data.worker_type = "process"
   c.data.prefetch = 2
+  # Start-up check of the training split's files (data/check.py), every bad file in one error:
+  # headers (sizes, modes, truncation from the file's end marker; cheap), full (decode every file
+  # as training will), or none.
+  c.data.verify = "headers"
   c.data.superpixel_dir = ""  # "" = <root>/Superpixels_<backend>_<n_segments>[_s<s>][_i<it>].
   # Superpixels: opencv (ximgproc SLIC) at half resolution, 5 iterations: ~9x faster than the
   # skimage reference (skimage, 1, 10) at equal ASA (ssr_jax/data/superpixels.py docstring).

@@ -27,6 +27,7 @@ from ssr_jax.clip import load_clip
 from ssr_jax.clip.convert import weights_fingerprint
 from ssr_jax.clip.preprocess import compute_dtype
 from ssr_jax.clip.prompts import text_classifier
+from ssr_jax.config_check import check_config
 from ssr_jax.data import pipeline
 from ssr_jax.data.files import DataError
 from ssr_jax.dino import convert as dino_convert
@@ -85,19 +86,22 @@ def load_frozen(config):
   if not epath.Path(path).exists():
     raise UserError(f"clip.weights={path!r} does not exist")
   cache_dir = config.clip.cache_dir or None
-  clip, params = load_clip(
-    path,
-    dtype=compute_dtype(config.model.dtype),
-    pos_interp=config.clip.pos_interp,
-    cache_dir=cache_dir,
-  )
+  try:
+    clip, params = load_clip(
+      path,
+      dtype=compute_dtype(config.model.dtype),
+      pos_interp=config.clip.pos_interp,
+      cache_dir=cache_dir,
+    )
+  except ValueError as e:
+    raise UserError(f"clip.weights={path!r}: {e}") from e
+  dino, dino_params, dino_fingerprint = load_dino(config)  # Before the text encoder runs.
   m, ctx = config.model, clip.cfg.context_length
   templates = [m.prompt_template]
   text_fg = text_classifier(clip, params, list(m.class_names), templates, context_length=ctx)
   text_bg = text_classifier(clip, params, list(m.bg_names), templates, context_length=ctx)
   frozen = dict(clip=params, text_fg=jnp.asarray(text_fg), text_bg=jnp.asarray(text_bg))
   fingerprint = weights_fingerprint(path, cache_dir=cache_dir)
-  dino, dino_params, dino_fingerprint = load_dino(config)
   if dino is not None:
     frozen["dino"] = dino_params
     fingerprint = f"{fingerprint}+dino:{dino_fingerprint}"
@@ -130,22 +134,20 @@ def build(config):
 
 def batches(config):
   """make_iterator(start_step) for train.loop.train: this process's training batches from a step
-  on (superpixels or colour clusters required exactly when SGC uses them)."""
-
-  def make_iterator(start_step):
-    return pipeline.make_train_iterator(
-      config.data,
-      batch_size=config.train.batch_size,
-      seed=config.seed,
-      start_step=start_step,
-      **sgc_inputs(config.model.sgc.enabled, config.model.sgc.grouping),
-    )
-
-  return make_iterator
+  on (superpixels or colour clusters required exactly when SGC uses them). The split is opened
+  and its files checked (data.verify) here, once."""
+  source = pipeline.open_train_source(
+    config.data,
+    batch_size=config.train.batch_size,
+    seed=config.seed,
+    **sgc_inputs(config.model.sgc.enabled, config.model.sgc.grouping),
+  )
+  return lambda start_step: pipeline.train_iterator(config.data, source, start_step=start_step)
 
 
 def train(config, workdir):
   """Trains (or resumes) to train.num_steps; `seg` mIoU on the val split every eval_every."""
+  make_iterator = batches(config)  # Bad data stops the run here, before the weights load.
   task, frozen, fingerprint = build(config)
 
   def eval_fn(state, step):
@@ -167,7 +169,7 @@ def train(config, workdir):
     workdir,
     task=task,
     frozen=frozen,
-    make_iterator=batches(config),
+    make_iterator=make_iterator,
     eval_fn=eval_fn if config.train.eval_every > 0 else None,
     clip_fingerprint=fingerprint,
   )
@@ -179,13 +181,6 @@ def evaluate(config, workdir) -> dict:
 
   Returns {split: {target: result dict (miou, precision, recall, per-class IoU, ...)}}.
   """
-  unknown = sorted(set(config.eval.targets) - set(eval_run.TARGETS))
-  if unknown or not config.eval.targets:
-    raise UserError(
-      f"eval.targets={tuple(config.eval.targets)}: use a subset of {eval_run.TARGETS}"
-    )
-  if not config.eval.splits:
-    raise UserError("eval.splits is empty: name at least one split, e.g. ('val',)")
   task, frozen, fingerprint = build(config)
   ckpt_step = None if config.eval.checkpoint_step < 0 else int(config.eval.checkpoint_step)
   variables, step = eval_run.restore_variables(workdir, task, step=ckpt_step)
@@ -268,7 +263,11 @@ def ablation(config, workdir) -> list:
 
 
 def run(mode, config, workdir):
-  """Runs a launch.py mode; problems the user can fix surface as UserError (no traceback)."""
+  """Runs a launch.py mode; problems the user can fix surface as UserError (no traceback), and
+  config values that cannot work as one ConfigError listing them all, before anything is read,
+  generated or written."""
+  trains = mode != "eval"
+  check_config(config, num_devices=jax.device_count() if trains else None)
   try:
     return _run(mode, config, workdir)
   except (

@@ -14,6 +14,24 @@ from etils import epath
 from flax import traverse_util
 
 META_KEY = "__meta__"
+# The first bytes of what torch.load / torch.jit.load read: a zip archive (torch.save since 1.6,
+# TorchScript) or a legacy pickle (protocol 2+ starts with 0x80).
+_ZIP_MAGIC = b"PK\x03\x04"
+_TORCH_MAGIC = (_ZIP_MAGIC, b"\x80")
+
+
+class WeightsError(ValueError):
+  """A weights file its loader cannot read; the one-line message names the file, says it is not
+  a valid CLIP/DINO weights file, and lists the accepted formats."""
+
+
+def invalid(path, what: str, accepted: str, cause) -> WeightsError:
+  """The WeightsError of `path`, not a valid `what` weights file because of `cause` (an exception
+  or a sentence); accepted: the formats the loader reads."""
+  if isinstance(cause, BaseException):
+    text = (str(cause).strip().splitlines() or [""])[0][:160]
+    cause = f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+  return WeightsError(f"{path}: not a valid {what} weights file ({cause}); accepted: {accepted}")
 
 
 def flatten(params) -> dict[str, np.ndarray]:
@@ -80,9 +98,15 @@ def _open_npz(path):
 
 
 def read_metadata(path) -> dict:
-  """The JSON metadata of a converted .npz without reading its arrays ({} if it has none)."""
-  with _open_npz(path) as f, np.load(f, allow_pickle=False) as z:
-    return json.loads(str(z[META_KEY])) if META_KEY in z.files else {}
+  """The JSON metadata of a converted .npz without reading its arrays ({} if it has none);
+  ValueError naming the file when it is not a readable .npz."""
+  try:
+    with _open_npz(path) as f, np.load(f, allow_pickle=False) as z:
+      return json.loads(str(z[META_KEY])) if META_KEY in z.files else {}
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # noqa: BLE001 - zipfile, numpy and json each raise their own.
+    raise ValueError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from e
 
 
 def read_safetensors(path) -> dict[str, np.ndarray]:
@@ -135,20 +159,36 @@ def cache_path(weights, cache_dir, *, prefix: str = "") -> epath.Path:
   return weights.with_name(weights.name + ".ssr_jax.npz")
 
 
-def read(path, *, version: int, what: str, kind: str | None = None) -> tuple[dict, dict]:
-  """(metadata, flat arrays) of a converted .npz; ValueError naming the file when it is not an
-  ssr_jax `what` cache (of `kind`, when given) or was written by another cache version."""
-  with _open_npz(path) as f, np.load(f, allow_pickle=False) as z:
-    meta = json.loads(str(z[META_KEY])) if META_KEY in z.files else None
-    if meta is None or (kind is not None and meta.get("kind") != kind):
-      entry = f"{kind} {META_KEY}" if kind else META_KEY
-      raise ValueError(f"{path}: not an ssr_jax {what} cache (no {entry} entry)")
-    if meta.get("version") != version:
-      raise ValueError(
-        f"{path}: cache version {meta.get('version')} != {version}; "
-        "convert the original weights again"
-      )
-    return meta, {k: z[k] for k in z.files if k != META_KEY}
+def read(
+  path, *, version: int, what: str, accepted: str, kind: str | None = None
+) -> tuple[dict, dict]:
+  """(metadata, flat arrays) of a converted .npz; a WeightsError naming the file when it is not
+  an ssr_jax `what` cache (of `kind`, when given), a ValueError when it was written by another
+  cache version. accepted: the loader's formats, quoted in the error."""
+  flat = None
+  try:
+    with _open_npz(path) as f:
+      if f.read(4) != _ZIP_MAGIC:  # Else numpy tries it as a pickle and says so.
+        raise invalid(path, what, accepted, "not a zip archive, as .npz files are")
+      f.seek(0)
+      with np.load(f, allow_pickle=False) as z:
+        meta = json.loads(str(z[META_KEY])) if META_KEY in z.files else None
+        ok = meta is not None and (kind is None or meta.get("kind") == kind)
+        if ok and meta.get("version") == version:
+          flat = {k: z[k] for k in z.files if k != META_KEY}
+  except (FileNotFoundError, WeightsError):
+    raise
+  except Exception as e:  # noqa: BLE001 - numpy's "pickled data", zipfile, zlib, json...
+    raise invalid(path, what, accepted, e) from e
+  if not ok:
+    entry = f"{kind} {META_KEY}" if kind else META_KEY
+    raise invalid(path, what, accepted, f"not an ssr_jax {what} cache: no {entry} entry")
+  if flat is None:
+    raise ValueError(
+      f"{path}: cache version {meta.get('version')} != {version}; convert the original weights "
+      "again"
+    )
+  return meta, flat
 
 
 def write_cache(cache, meta: dict, flat: dict, *, what: str) -> None:
@@ -191,6 +231,16 @@ def valid_cache(cache, **expected) -> bool:
   except (OSError, ValueError):
     return False
   return all(meta.get(k) == v for k, v in expected.items())
+
+
+def check_torch_file(path, *, what: str, accepted: str) -> None:
+  """WeightsError unless the file starts as torch checkpoints do (checked before importing torch:
+  random bytes are refused even where torch is not installed)."""
+  with epath.Path(path).open("rb") as f:
+    head = f.read(4)
+  if not any(head.startswith(m) for m in _TORCH_MAGIC):
+    cause = "neither a zip archive (torch.save, TorchScript) nor a legacy torch pickle"
+    raise invalid(path, what, accepted, cause)
 
 
 def import_torch(path, *, what: str):

@@ -37,6 +37,10 @@ _HF_WEIGHTS = ("model.safetensors", "flax_model.msgpack")
 _HF_IGNORED = {"text_model.embeddings.position_ids", "vision_model.embeddings.position_ids"}
 # OpenAI's TorchScript archives carry these integer buffers next to the weights.
 _OPENAI_IGNORED = {"input_resolution", "context_length", "vocab_size"}
+ACCEPTED = (
+  "a Hugging Face CLIP directory (config.json + model.safetensors or flax_model.msgpack), an "
+  "OpenAI ViT .pt checkpoint (e.g. ViT-B-16.pt), or an .npz converted by ssr_jax"
+)
 
 
 # ---------------------------------------------------------------- sources
@@ -344,18 +348,21 @@ def _read_hf_flax(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_openai(path: Path) -> dict[str, np.ndarray]:
+  weights_npz.check_torch_file(path, what="CLIP", accepted=ACCEPTED)
   torch = weights_npz.import_torch(path, what="an OpenAI .pt checkpoint")
   try:  # OpenAI's released files are TorchScript archives; open_clip-style ones plain pickles.
     sd = torch.jit.load(weights_npz.torch_source(path), map_location="cpu").state_dict()
   except RuntimeError:
     try:
       sd = torch.load(weights_npz.torch_source(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-      raise ValueError(f"{path}: neither a TorchScript archive nor a torch state dict") from e
+    except Exception as e:  # noqa: BLE001 - zip, pickle and torch errors alike.
+      cause = f"neither a TorchScript archive nor a torch state dict: {type(e).__name__}"
+      raise weights_npz.invalid(path, "CLIP", ACCEPTED, cause) from e
   if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
     sd = sd["state_dict"]
   if not isinstance(sd, dict):
-    raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
+    cause = f"expected a state dict, got {type(sd).__name__}"
+    raise weights_npz.invalid(path, "CLIP", ACCEPTED, cause)
   return {k: v.detach().float().numpy() for k, v in sd.items()}
 
 
@@ -366,10 +373,11 @@ def _convert(src: _Source) -> tuple[CLIPConfig, dict[str, np.ndarray]]:
     flat = _apply_spec(sd, _openai_spec(cfg), _OPENAI_IGNORED, src.weights)
   else:
     cfg = _config_from_hf(src.config)
-    if src.kind == "hf_safetensors":
-      sd = weights_npz.read_safetensors(src.weights)
-    else:
-      sd = _read_hf_flax(src.weights)
+    read = weights_npz.read_safetensors if src.kind == "hf_safetensors" else _read_hf_flax
+    try:
+      sd = read(src.weights)
+    except Exception as e:  # noqa: BLE001 - safetensors and msgpack raise their own types.
+      raise weights_npz.invalid(src.weights, "CLIP", ACCEPTED, e) from e
     flat = _apply_spec(sd, _hf_spec(cfg), _HF_IGNORED, src.weights)
   _check_against_model(flat, cfg, src.weights)
   return cfg, flat
@@ -379,7 +387,10 @@ def _convert(src: _Source) -> tuple[CLIPConfig, dict[str, np.ndarray]]:
 
 
 def _read_npz(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
-  return weights_npz.read(path, version=_CACHE_VERSION, what="CLIP")
+  meta, flat = weights_npz.read(path, version=_CACHE_VERSION, what="CLIP", accepted=ACCEPTED)
+  if "kind" in meta:  # CLIP's files carry no kind; DINO's say "dino_v1".
+    raise weights_npz.invalid(path, "CLIP", ACCEPTED, f"an ssr_jax {meta['kind']} file")
+  return meta, flat
 
 
 def read_metadata(path) -> dict:

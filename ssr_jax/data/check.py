@@ -9,19 +9,35 @@ any foreground label are counted (training skips them); and if the superpixel fo
 every superpixel file exists, decodes and has the image's size, and likewise the colour-cluster
 files if their folder (data.color_clusters, data.cluster_position_weight) exists. Exit status 1
 if anything is wrong.
+
+Training runs the same per-example check at start-up (`verify_split`, from the input pipeline)
+over the examples it reads, from the folders or a TFDS build, at data.verify: "headers" (the
+default: each file's header gives its size and mode, and its last 4 KiB must hold the JPEG/PNG
+end marker, which a truncated file lacks; a suspect file is decoded in full), "full" (every file
+decoded, as this command does) or "none".
 """
 
 import concurrent.futures
 import dataclasses
+import io
 import os
 import sys
 
 import numpy as np
 from etils import epath
+from PIL import Image
 
 from ssr_jax.data import dataset, files, sources
 from ssr_jax.data import superpixels as sp_lib
+from ssr_jax.data.examples import Encoded, FileRef
 from ssr_jax.data.files import DataError
+
+LEVELS = ("none", "headers", "full")  # data.verify.
+LISTED = 3  # Problems quoted in the start-up error (the check command lists them all).
+# End markers of complete files: a truncated JPEG or PNG lacks them. Looked for in the last
+# bytes, as some writers append padding or metadata after the marker.
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
+_TAIL = 4096
 
 
 @dataclasses.dataclass
@@ -33,40 +49,106 @@ class Report:
   superpixel_dir: str = ""  # "" when no superpixel folder exists.
 
 
-def _check_one(image_path, mask_path, sp_path, cl_path, num_classes, num_clusters):
-  problems, labels = [], None
-  image = mask = None
+def _size(data: bytes, decode, level: str, modes=()) -> tuple[tuple[int, int], np.ndarray | None]:
+  """((H, W), the decoded array at level "full", else None) of one encoded file.
+
+  "headers" reads the size and mode from the header and looks for the end marker; a file that
+  fails either is decoded in full, so that the DataError says what training would say (and a
+  false alarm, e.g. a JPEG with trailing bytes past 4 KiB, passes).
+  """
+  if level == "full":
+    a = decode(data)
+    return a.shape[:2], a
   try:
-    image = files.read_image(image_path)
-  except DataError as e:
-    problems.append(str(e))
-  try:
-    mask = files.read_mask(mask_path, num_classes)
-    labels = dataset.mask_labels(mask, num_classes)
-  except DataError as e:
-    problems.append(str(e))
-  if image is not None and mask is not None and mask.shape != image.shape[:2]:
-    problems.append(
-      f"mask {mask_path} is {mask.shape[0]}x{mask.shape[1]} but image {image_path} is "
-      f"{image.shape[0]}x{image.shape[1]}"
-    )
-  if sp_path is not None:
-    try:
-      sp = files.read_superpixels(sp_path)
-      if image is not None and sp.shape != image.shape[:2]:
-        problems.append(f"superpixels {sp_path} are {sp.shape} but image is {image.shape[:2]}")
-    except DataError as e:
-      problems.append(str(e))
-  if cl_path is not None:
-    try:
-      cl = files.read_clusters(cl_path)
-      if image is not None and cl.shape != image.shape[:2]:
-        problems.append(f"clusters {cl_path} are {cl.shape} but image is {image.shape[:2]}")
-      elif cl.size and cl.max() >= num_clusters:
-        problems.append(f"clusters {cl_path} have id {cl.max()} >= {num_clusters} clusters")
-    except DataError as e:
-      problems.append(str(e))
+    with Image.open(io.BytesIO(data)) as im:
+      hw, mode, fmt = (im.height, im.width), im.mode, im.format
+    marker = _END_MARKERS.get(fmt)
+    suspect = (modes and mode not in modes) or (marker is not None and marker not in data[-_TAIL:])
+  except (OSError, SyntaxError, ValueError):
+    suspect = True
+  if suspect:
+    hw = decode(data).shape[:2]
+  return hw, None
+
+
+def example_problems(enc: Encoded, num_classes: int, *, level: str = "full", num_clusters: int = 0):
+  """(problems, float32 [C-1] labels or None) of one example's encoded files.
+
+  level "full" decodes every file as training does (mask values included); "headers" checks
+  what the headers and end markers tell (see _size). Either way: each map has its image's
+  size; colour-cluster ids are < num_clusters (0: unchecked; at level "full" only).
+  """
+  names, fix, problems = enc.names, enc.remedy, []
+  decoders = (
+    lambda d: files.decode_image(d, names[0], fix),
+    lambda d: files.decode_mask(d, num_classes, names[1], fix),
+    lambda d: files.decode_superpixels(d, names[2], fix),
+    lambda d: files.decode_clusters(d, names[3], fix),
+  )
+  modes = ((), ("L", "P"), (), ("L",))
+  sizes, arrays = [None] * 4, [None] * 4
+  for i, data in enumerate(enc[:4]):
+    if data is not None:
+      try:
+        sizes[i], arrays[i] = _size(data, decoders[i], level, modes[i])
+      except DataError as e:
+        problems.append(str(e))
+  for i in (1, 2, 3):
+    if sizes[0] is not None and sizes[i] is not None:
+      try:
+        files.check_same_size(sizes[i], sizes[0], names[i], names[0])
+      except DataError as e:
+        problems.append(str(e))
+  cl = arrays[3]
+  if num_clusters and cl is not None and cl.size and cl.max() >= num_clusters:
+    problems.append(f"{names[3]} has id {cl.max()} >= {num_clusters} clusters")
+  labels = None if arrays[1] is None else dataset.mask_labels(arrays[1], num_classes)
   return problems, labels
+
+
+def _ref_problems(ref, num_classes, level, num_clusters):
+  try:
+    enc = ref.fetch()
+  except DataError as e:
+    return [str(e)], None
+  return example_problems(enc, num_classes, level=level, num_clusters=num_clusters)
+
+
+def scan(refs, num_classes: int, *, level: str, workers: int, num_clusters: int = 0, bar=None):
+  """Yields example_problems of each example reference (FileRef or records.RecordRef), in
+  order, checked in `workers` threads (decoding and reads release the GIL)."""
+  n = len(refs)
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+    args = (refs, [num_classes] * n, [level] * n, [num_clusters] * n)
+    for out in pool.map(_ref_problems, *args):
+      if bar is not None:
+        bar.update(1)
+      yield out
+
+
+def verify_split(split, store, *, level: str, workers: int) -> None:
+  """The start-up check of the examples training reads (data.verify): one DataError with the
+  count of bad files, the first few problems and what to do; nothing at level "none".
+
+  split, store: what sources.open_split returns (folders or a TFDS build).
+  """
+  if level not in LEVELS:
+    raise ValueError(f"data.verify={level!r}: use one of {LEVELS}")
+  if level == "none":
+    return
+  refs = [store.ref(i) for i in range(len(split))]
+  problems = [
+    p for ps, _ in scan(refs, split.num_classes, level=level, workers=workers) for p in ps
+  ]
+  if not problems:
+    return
+  more = f"; and {len(problems) - LISTED} more" if len(problems) > LISTED else ""
+  raise DataError(
+    f"data.verify={level}: {len(problems)} problem(s) in the {len(split)} examples of split "
+    f"{split.name!r}, found before training: {'; '.join(problems[:LISTED])}{more}. Fix or "
+    "replace those files (python -m ssr_jax.data.check --config <your config> lists every "
+    "problem), or drop their ids from the split list"
+  )
 
 
 def check_split(data_cfg, split: str, *, workers: int = 0, progress: bool = False) -> Report:
@@ -95,17 +177,14 @@ def check_split(data_cfg, split: str, *, workers: int = 0, progress: bool = Fals
     from tqdm import tqdm
 
     bar = tqdm(total=len(sf.ids), desc=f"check {split}", unit="img", file=sys.stderr)
+  refs = [FileRef(*paths) for paths in zip(sf.images, sf.masks, sp_paths, cl_paths)]
   labels = []
-  with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-    n = len(sf.ids)
-    args = (sf.images, sf.masks, sp_paths, cl_paths, [ds.num_classes] * n)
-    args += ([data_cfg.color_clusters] * n,)
-    for problems, lab in pool.map(_check_one, *args):
-      report.problems.extend(problems)
-      if lab is not None:
-        labels.append(lab)
-      if bar is not None:
-        bar.update(1)
+  workers = workers or os.cpu_count() or 1
+  kw = dict(level="full", workers=workers, num_clusters=data_cfg.color_clusters, bar=bar)
+  for problems, lab in scan(refs, ds.num_classes, **kw):
+    report.problems.extend(problems)
+    if lab is not None:
+      labels.append(lab)
   if bar is not None:
     bar.close()
   if sf.labels_file:

@@ -152,12 +152,9 @@ def _scan_one(image_path, mask_path, num_classes):
   """(labels, problem or None) for one image: mask values, mask size vs image size."""
   try:
     mask = files.read_mask(mask_path, num_classes)
-    hw = files.image_size(image_path)
-    if mask.shape != hw:
-      raise DataError(
-        f"mask {mask_path} is {mask.shape[0]}x{mask.shape[1]} but image {image_path} is "
-        f"{hw[0]}x{hw[1]} (H x W); they must match"
-      )
+    files.check_same_size(
+      mask.shape, files.image_size(image_path), f"mask {mask_path}", f"image {image_path}"
+    )
     return mask_labels(mask, num_classes), None
   except DataError as e:
     return np.zeros(num_classes - 1, np.float32), str(e)

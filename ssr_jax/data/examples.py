@@ -30,7 +30,6 @@ import numpy as np
 
 from ssr_jax.data import augment, files
 from ssr_jax.data.dataset import Split
-from ssr_jax.data.files import DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,14 +152,14 @@ def decode_example(enc: Encoded, num_classes: int):
   names, fix = enc.names, enc.remedy
   image = files.decode_image(enc.image, names[0], fix)
   mask = files.decode_mask(enc.mask, num_classes, names[1], fix)
-  _check_size(mask, image, names[1], names[0])
+  files.check_same_size(mask.shape, image.shape[:2], names[1], names[0])
   sp = cl = None
   if enc.superpixels is not None:
     sp = files.decode_superpixels(enc.superpixels, names[2], fix)
-    _check_size(sp, image, names[2], names[0])
+    files.check_same_size(sp.shape, image.shape[:2], names[2], names[0])
   if enc.clusters is not None:
     cl = files.decode_clusters(enc.clusters, names[3], fix)
-    _check_size(cl, image, names[3], names[0])
+    files.check_same_size(cl.shape, image.shape[:2], names[3], names[0])
   return image, mask, sp, cl
 
 
@@ -200,14 +199,6 @@ def load_ref(ref, num_classes, u, opts: AugmentOptions):
   p = opts.plan(image.shape[0], image.shape[1], u)
   img, m, spo = augment.apply(image, mask, sp, p, ignore_label=opts.ignore_label)
   return img, m, spo, augment.resample_regions(cl, p)
-
-
-def _check_size(label, image, label_name, image_name):
-  if label.shape != image.shape[:2]:
-    raise DataError(
-      f"{label_name} is {label.shape[0]}x{label.shape[1]} but {image_name} is "
-      f"{image.shape[0]}x{image.shape[1]} (H x W); they must match"
-    )
 
 
 def assemble(split: Split, indices, images, masks, sps, cls) -> dict:

@@ -104,6 +104,15 @@ def check_mask_values(mask: np.ndarray, num_classes: int, name: str) -> None:
     )
 
 
+def check_same_size(label_hw, image_hw, label_name, image_name):
+  """DataError unless a map's (H, W) equals its image's."""
+  if tuple(label_hw) != tuple(image_hw):
+    raise DataError(
+      f"{label_name} is {label_hw[0]}x{label_hw[1]} but {image_name} is "
+      f"{image_hw[0]}x{image_hw[1]} (H x W); they must match"
+    )
+
+
 def read_superpixels(path) -> np.ndarray:
   """Decodes a uint16 superpixel PNG to int32 [H, W]; raises DataError naming a bad file."""
   return decode_superpixels(read_kind(path, "superpixel"), f"superpixel file {path}")

@@ -20,6 +20,10 @@ training batches carry the valid-region layout (0 inside the image, -1 on paddin
 items zeros. The same holds for the colour clusters (SGC's target regions, `clusters=True`;
 batch key "clusters"), which live beside the superpixels and are checked the same way: a
 superpixel folder made before colour clusters existed is refused with the command that adds them.
+
+Bad files: `open_train_source` checks every example of the training split before the first
+batch (data.verify, data/check.py) and names every bad file in one DataError, rather than
+stopping at whichever step first reads one.
 """
 
 import collections
@@ -30,7 +34,7 @@ import multiprocessing
 
 import numpy as np
 
-from ssr_jax.data import parallel, sources
+from ssr_jax.data import check, parallel, sources
 from ssr_jax.data.dataset import Split
 from ssr_jax.data.examples import (
   AugmentOptions,
@@ -125,25 +129,23 @@ def _numpy_batches(source: TrainSource, start_step, *, workers, prefetch, worker
     pool.shutdown(wait=False, cancel_futures=True)
 
 
-def make_train_iterator(
+def open_train_source(
   data_cfg,
   *,
   batch_size: int,
   seed: int,
   superpixels: bool,
   clusters: bool = False,
-  start_step: int = 0,
   process_index: int | None = None,
   process_count: int | None = None,
-  pipeline: str | None = None,
-) -> TrainIterator:
-  """Training batches of data.train_split for global steps start_step, start_step + 1, ...
+) -> TrainSource:
+  """What the training batches of data.train_split are made from, checked at data.verify.
 
   batch_size is the global batch; this host gets batch_size / process_count examples of each
-  (process_index/process_count default to jax's). pipeline: tf, numpy or auto (default
-  data.pipeline). superpixels: whether to read them (SGC on); if so, missing files raise a
-  DataError here naming the folder and the command that makes them. clusters: the same for the
-  colour clusters (SGC target regions).
+  (process_index/process_count default to jax's). superpixels: whether to read them (SGC on); if
+  so, missing files raise a DataError here naming the folder and the command that makes them.
+  clusters: the same for the colour clusters (SGC target regions). Every process checks every
+  example (data/check.verify_split), so all of them stop together on a bad file.
   """
   if process_index is None or process_count is None:
     import jax
@@ -152,11 +154,13 @@ def make_train_iterator(
     process_count = jax.process_count() if process_count is None else process_count
   if batch_size % process_count:
     raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
-  name = resolve_pipeline(pipeline or data_cfg.pipeline)
   split, store = sources.open_split(
     data_cfg, data_cfg.train_split, superpixels=superpixels, clusters=clusters, drop_unlabeled=True
   )
-  source = TrainSource(
+  check.verify_split(
+    split, store, level=data_cfg.verify, workers=max(data_cfg.num_workers, parallel.usable_cpus())
+  )
+  return TrainSource(
     split=split,
     store=store,
     augment=AugmentOptions.from_config(data_cfg),
@@ -168,6 +172,17 @@ def make_train_iterator(
       process_count=process_count,
     ),
   )
+
+
+def train_iterator(
+  data_cfg, source: TrainSource, *, start_step: int = 0, pipeline: str | None = None
+) -> TrainIterator:
+  """Training batches of an open_train_source for global steps start_step, start_step + 1, ...
+
+  pipeline: tf, numpy or auto (default data.pipeline); data.num_workers, prefetch and
+  worker_type set the executor.
+  """
+  name = resolve_pipeline(pipeline or data_cfg.pipeline)
   workers, prefetch = int(data_cfg.num_workers), int(data_cfg.prefetch)
   if name == "tf":
     from ssr_jax.data import pipeline_tf  # Late: it imports TensorFlow.
@@ -182,11 +197,36 @@ def make_train_iterator(
     name,
     data_cfg.source,
     data_cfg.train_split,
-    len(split),
-    batch_size // process_count,
+    len(source.split),
+    len(source.positions(0)),
     start_step,
   )
   return TrainIterator(batches, start_step, name, close=batches.close)
+
+
+def make_train_iterator(
+  data_cfg,
+  *,
+  batch_size: int,
+  seed: int,
+  superpixels: bool,
+  clusters: bool = False,
+  start_step: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  pipeline: str | None = None,
+) -> TrainIterator:
+  """train_iterator of open_train_source (see both for the arguments)."""
+  source = open_train_source(
+    data_cfg,
+    batch_size=batch_size,
+    seed=seed,
+    superpixels=superpixels,
+    clusters=clusters,
+    process_index=process_index,
+    process_count=process_count,
+  )
+  return train_iterator(data_cfg, source, start_step=start_step, pipeline=pipeline)
 
 
 # ------------------------------------------------------------------------------- evaluation

@@ -166,6 +166,10 @@ class RecordRef:
       raise DataError(f"cannot read {where} ({type(e).__name__}: {e}); {fix}") from None
     if (self.superpixels or self.clusters) and "superpixels" not in r:
       raise DataError(f"{where} has no superpixel maps; {fix} with --superpixels=yes")
+    wanted = ["id", "image", "mask"] + ["superpixels"] * self.superpixels
+    empty = [k for k in wanted + ["clusters"] * self.clusters if not r.get(k)]
+    if empty:  # A damaged shard can yield records whose features are None.
+      raise DataError(f"cannot read {where}: no {', '.join(empty)}; {fix}")
     name = f"{where} (id {r['id'].decode()})"
     return Encoded(
       r["image"],

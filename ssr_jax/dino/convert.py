@@ -40,6 +40,11 @@ _HF_IGNORED_PREFIX = "pooler."  # ViTModel's tanh pooler: not part of the backbo
 _HEADS_BY_WIDTH = {384: 6, 768: 12}  # DINO's ViT-S and ViT-B (head width 64).
 # The official DINO code's LayerNorm eps (vision_transformer.py: partial(nn.LayerNorm, eps=1e-6)).
 _DINO_LN_EPS = 1e-6
+ACCEPTED = (
+  "a Hugging Face ViT directory (config.json + model.safetensors, e.g. facebook/dino-vits16), "
+  "the official DINO .pth (e.g. dino_deitsmall16_pretrain.pth) or a DINO training checkpoint, "
+  "or an .npz converted by ssr_jax"
+)
 
 
 # ---------------------------------------------------------------- sources
@@ -261,8 +266,8 @@ def _read_hf(src: _Source) -> tuple[DINOConfig, dict[str, np.ndarray]]:
   cfg = _config_from_hf(src.config)
   try:
     sd = weights_npz.read_safetensors(src.weights)
-  except Exception as e:  # safetensors raises its own error types for damaged files.
-    raise ValueError(f"{src.weights}: not a readable safetensors file ({e})") from e
+  except Exception as e:  # noqa: BLE001 - safetensors raises its own types for damaged files.
+    raise weights_npz.invalid(src.weights, "DINO", ACCEPTED, e) from e
   # ViTModel saves bare keys; models wrapping one (ViTForImageClassification...) prefix `vit.`.
   sd = {k.removeprefix("vit."): v for k, v in sd.items()}
   sd = {k: v for k, v in sd.items() if not k.startswith(_HF_IGNORED_PREFIX)}
@@ -270,11 +275,13 @@ def _read_hf(src: _Source) -> tuple[DINOConfig, dict[str, np.ndarray]]:
 
 
 def _read_torch(path: Path) -> dict[str, np.ndarray]:
+  weights_npz.check_torch_file(path, what="DINO", accepted=ACCEPTED)
   torch = weights_npz.import_torch(path, what="a DINO .pth checkpoint")
   try:  # weights_only: tensors and plain containers only, never arbitrary unpickling.
     sd = torch.load(weights_npz.torch_source(path), map_location="cpu", weights_only=True)
-  except Exception as e:
-    raise ValueError(f"{path}: not a torch state dict readable with weights_only=True ({e})") from e
+  except Exception as e:  # noqa: BLE001 - zip, pickle and torch errors alike.
+    cause = f"not a torch state dict readable with weights_only=True: {type(e).__name__}"
+    raise weights_npz.invalid(path, "DINO", ACCEPTED, cause) from e
   if isinstance(sd, dict) and isinstance(sd.get("teacher"), dict):
     # A DINO training checkpoint: the teacher is the network DINO evaluates and releases. Its
     # keys carry DDP's `module.` and `backbone.` prefixes, and `head.` holds the projection head
@@ -282,7 +289,8 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
     sd = {re.sub(r"^(module\.)?backbone\.", "", k): v for k, v in sd["teacher"].items()}
     sd = {k: v for k, v in sd.items() if not re.match(r"(module\.)?head\.", k)}
   if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-    raise ValueError(f"{path}: expected a state dict of tensors, got {type(sd).__name__}")
+    cause = f"expected a state dict of tensors, got {type(sd).__name__}"
+    raise weights_npz.invalid(path, "DINO", ACCEPTED, cause)
   return {k: v.detach().float().numpy() for k, v in sd.items()}
 
 
@@ -290,7 +298,9 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_npz(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
-  return weights_npz.read(path, version=_CACHE_VERSION, what="DINO", kind=_CACHE_KIND)
+  return weights_npz.read(
+    path, version=_CACHE_VERSION, what="DINO", accepted=ACCEPTED, kind=_CACHE_KIND
+  )
 
 
 def read_metadata(path) -> dict:

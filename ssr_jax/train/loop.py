@@ -37,13 +37,13 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
+from ssr_jax import config_check
 from ssr_jax.train.checkpoint import Checkpointer, abstract_state, config_json, restore_checked
 from ssr_jax.train.metric_writer import MetricWriter, console_line, summarize
 from ssr_jax.train.sharding import make_mesh, put_batch, replicated
 from ssr_jax.train.state import TrainState, create_train_state, make_optimizer
 from ssr_jax.train.step import (
   FINITE_PREFIX,
-  NAN_POLICIES,
   JittedTrainStep,
   nonfinite_terms,
   update_skipped,
@@ -74,23 +74,6 @@ class NonFiniteError(RuntimeError):
       f"Non-finite {', '.join(terms)} at step {step} (train.nan_policy='halt'); {where}. "
       "Fix the cause, or rerun with train.nan_policy='skip' to skip such updates."
     )
-
-
-def validate_train_config(train_cfg, *, num_devices: int) -> None:
-  """Clear errors for train.* values the loop cannot run with."""
-  if train_cfg.nan_policy not in NAN_POLICIES:
-    raise ValueError(f"train.nan_policy={train_cfg.nan_policy!r}: expected one of {NAN_POLICIES}.")
-  if train_cfg.batch_size <= 0 or train_cfg.batch_size % num_devices:
-    raise ValueError(
-      f"train.batch_size={train_cfg.batch_size} must be a positive multiple of the number of "
-      f"devices ({num_devices})."
-    )
-  for name in ("num_steps", "log_every"):
-    if train_cfg[name] <= 0:
-      raise ValueError(f"train.{name}={train_cfg[name]}: must be positive.")
-  for name in ("checkpoint_every", "eval_every"):
-    if train_cfg[name] < 0:
-      raise ValueError(f"train.{name}={train_cfg[name]}: must be >= 0 (0 = off).")
 
 
 class _SigtermFlag:
@@ -327,7 +310,9 @@ def train(
   """
   tc = config.train
   mesh = make_mesh() if mesh is None else mesh
-  validate_train_config(tc, num_devices=mesh.size)
+  found = config_check.train_problems(tc, num_devices=mesh.size)
+  if found:
+    raise config_check.ConfigError(found)
   workdir = epath.Path(workdir)
   is_main = jax.process_index() == 0
   tx, schedule = make_optimizer(tc)

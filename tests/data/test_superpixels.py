@@ -107,7 +107,7 @@ def test_precompute_resume_verify_and_check(tmp_path):
   np.testing.assert_array_equal(cl, files.read_clusters(os.path.join(cd, "train_00000.png")))
   files.write_png(os.path.join(cd, "train_00002.png"), np.zeros((40, 48), np.uint8))
   r = check.check_split(cfg, "train", workers=1)
-  assert len(r.problems) == 2 and "train_00002.png are (40, 48)" in r.problems[0]
+  assert len(r.problems) == 2 and "train_00002.png is 40x48 but image" in r.problems[0]
   assert superpixels.command(cfg, "train") in r.problems[1]
 
 

@@ -218,7 +218,7 @@ def test_missing_files(hf_vit, tmp_path):
   with pytest.raises(FileNotFoundError, match="DINO weights not found"):
     load_dino(tmp_path / "missing")
   (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-  with pytest.raises(ValueError, match=r"junk.pth: not a torch state dict readable"):
+  with pytest.raises(ValueError, match=r"junk.pth: not a valid DINO weights file \(neither a zip"):
     load_dino(tmp_path / "junk.pth", cache_dir=tmp_path)
 
 
