@@ -158,6 +158,14 @@ def get_config():
   c.data.synthetic.num_val = 128
   c.data.synthetic.image_size = 128
   c.data.synthetic.seed = 0
+  # The world's dials (synthetic.World; defaults = the original world): co-occurrence of touching
+  # classes (CMPA's failure mode) and class-correlated backgrounds (SGC's), as probabilities.
+  c.data.synthetic.rider_on_horse = 0.75  # P(a horse carries a rider).
+  c.data.synthetic.rider_alone = 0.0  # P(a horse group is a lone rider instead).
+  c.data.synthetic.boat_on_water = 0.9  # P(water | a boat sets the scene).
+  c.data.synthetic.car_on_road = 0.8  # P(road | a car sets the scene).
+  c.data.synthetic.bird_in_sky = 0.8  # P(sky | a bird sets the scene).
+  c.data.synthetic.water_without_boat = 0.0  # P(water | another class sets the scene).
 
   # ---------------------------------------------------------------- training (§1.7)
   c.train = ml_collections.ConfigDict()
