@@ -34,6 +34,7 @@ from ssr_jax.eval import run as eval_run
 from ssr_jax.model.ssr import build_task, sgc_inputs
 from ssr_jax.train import loop as train_loop
 from ssr_jax.train.checkpoint import CheckpointMismatchError
+from ssr_jax.train.metric_writer import MetricWriter
 
 # --mode ablation: (name, settings) rows, each trained and evaluated with the same seeds. The
 # paper's ladder (Tables 3-4: CMPA CAM -> + CLIP attention -> + DINO attention -> + SGC mask) with
@@ -204,12 +205,29 @@ def evaluate(config, workdir) -> dict:
         split=split,
         clip_fingerprint=fingerprint,
       )
+  log_evaluation(workdir, step, results)
   if jax.process_index() == 0:
     for split, res in results.items():
       figures = "  ".join(f"{t} {r['miou']:.3f}" for t, r in res.items())
       print(f"mIoU on {split}: {figures}")
     print(f"metrics, predictions and visualisations: {epath.Path(workdir) / 'eval'}")
   return results
+
+
+def log_evaluation(workdir, step, results) -> None:
+  """Eval mode's TensorBoard record under workdir/eval (tensorboard/ and eval_metrics.jsonl):
+  each split and target's mIoU, precision, recall and confusion ratio, and its confusion
+  heatmap (the training run's own evaluations go to workdir/tensorboard through the loop)."""
+  writer = MetricWriter(epath.Path(workdir) / "eval", enabled=jax.process_index() == 0)
+  for split, per_target in results.items():
+    for target, r in per_target.items():
+      keys = ("miou", "precision", "recall", "confusion_ratio")
+      scalars = {f"{split}/{target}/{k}": r[k] for k in keys if r.get(k) is not None}
+      writer.write_scalars(step, scalars, kind="eval")
+      key = eval_run.confusion_key(split, target)
+      if key in r.get("images", {}):
+        writer.write_images(step, {f"eval/{key}": r["images"][key]})
+  writer.close()
 
 
 def variant_config(config, *, cmpa: bool, dino: float, sgc: str | None):
