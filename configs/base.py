@@ -221,6 +221,11 @@ def get_config():
   c.eval.crf_bi_rgb_std = 5.0
   c.eval.crf_bi_w = 4.0
 
+  # ---------------------------------------------------------------- --mode ablation
+  c.ablation = ml_collections.ConfigDict()
+  c.ablation.num_seeds = 3  # Every row trained with seeds seed, seed + 1, ... (mean ± std).
+  c.ablation.rows = ()  # Row keys to run (experiment.VARIANTS, "configured"); () = all.
+
   # ---------------------------------------------------------------- demo (configs/demo.py)
   c.demo = ml_collections.ConfigDict()
   # False: the tiny CLIP shipped with the package (made by the settings below); True: pretrain
