@@ -2,6 +2,9 @@
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -178,3 +181,24 @@ def test_a_changed_world_is_recorded_and_rewritten(tmp_path):
   assert not synthetic.write_dataset(root, num_train=3, num_val=2, size=48, seed=1, world=world)
   mem = synthetic.generate(3, size=48, seed=1, world=world)
   np.testing.assert_array_equal(synthetic.read_split(root, "train")["image"], mem["image"])
+
+
+def test_readme_dials_command(tmp_path):
+  """The README's command, as written: a world where riders always ride and 30% stand alone."""
+  cmd = "-m ssr_jax.data.synthetic --out runs/world --rider-on-horse 1.0 --rider-alone 0.3"
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(
+    os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+  )
+  subprocess.run([sys.executable, *cmd.split()], cwd=tmp_path, env=env, check=True)
+  spec = json.loads((tmp_path / "runs" / "world" / "spec.json").read_text())
+  assert spec["world"] == {"rider_on_horse": 1.0, "rider_alone": 0.3}
+  assert spec["num_train"] == 512 and spec["size"] == 128
+  bad = subprocess.run(
+    [sys.executable, *cmd.split(), "--boat-on-water", "2"],
+    cwd=tmp_path,
+    env=env,
+    text=True,
+    capture_output=True,
+  )
+  assert bad.returncode == 2 and "--boat-on-water=2.0: a probability" in bad.stderr
