@@ -272,9 +272,6 @@ def ablation_seeds(config) -> list[int]:
   return [int(config.seed) + i for i in range(n)]
 
 
-_SCORES = ablation_lib.METRICS
-
-
 def _row_seed(cfg, workdir) -> tuple[dict, float, bool]:
   """({split: {target: {metric: value}}}, seconds, reused) of one row and seed in its own
   workdir: train (resuming) and evaluate, or the stored result of a finished run of the same
@@ -289,7 +286,8 @@ def _row_seed(cfg, workdir) -> tuple[dict, float, bool]:
   train(cfg, workdir)
   res = evaluate(cfg, workdir)
   result = {
-    sp: {t: {m: r.get(m) for m in _SCORES} for t, r in rs.items()} for sp, rs in res.items()
+    sp: {t: {m: r.get(m) for m in ablation_lib.METRICS} for t, r in rs.items()}
+    for sp, rs in res.items()
   }
   seconds = time.time() - t0
   if jax.process_index() == 0:
@@ -362,6 +360,9 @@ def _run(mode, config, workdir):
   t0 = time.time()
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   logging.info("mode=%s workdir=%s devices=%s", mode, workdir, jax.devices())
+  if mode == "ablation":  # Bad rows or seeds stop the run before the demo's data is made.
+    ablation_seeds(config)
+    ablation_rows(config)
   if config.data.name == "synthetic":
     config = demo.prepare(config, workdir)
   result = None

@@ -42,7 +42,7 @@ def test_voc_is_the_ssr_row_itself():
   assert rows == [key for key, _, _ in experiment.VARIANTS]
 
 
-def test_ablation_rows_and_seeds_are_checked_before_any_work():
+def test_ablation_rows_and_seeds_are_checked_before_any_work(tmp_path):
   config = demo.get_config()
   config.ablation.rows = ("baseline", "ssr")
   assert [k for k, _, _ in experiment.ablation_rows(config)] == ["baseline", "ssr"]
@@ -52,6 +52,9 @@ def test_ablation_rows_and_seeds_are_checked_before_any_work():
   config.ablation.num_seeds = 0
   with pytest.raises(experiment.UserError, match=r"ablation\.num_seeds=0"):
     experiment.ablation_seeds(config)
+  with pytest.raises(experiment.UserError, match=r"ablation\.num_seeds=0"):
+    experiment.run("ablation", config, str(tmp_path))
+  assert not (tmp_path / "data").exists()  # Stopped before the demo's data.
   config.ablation.num_seeds = 3
   config.seed = 5
   assert experiment.ablation_seeds(config) == [5, 6, 7]
