@@ -47,6 +47,11 @@ PAPER_DINO_WEIGHT = 0.6
 VARIANTS = (
   ("baseline", "baseline (WeCLIP)", dict(cmpa=False, dino=0.0, sgc=None)),
   ("cmpa", "+CMPA", dict(cmpa=True, dino=0.0, sgc=None)),
+  (
+    "cmpa_intra",
+    "+CMPA, intra-modal contrast",
+    dict(cmpa=True, dino=0.0, sgc=None, contrast="intra"),
+  ),
   ("cmpa_dino", "+CMPA +DINO attention", dict(cmpa=True, dino=PAPER_DINO_WEIGHT, sgc=None)),
   ("sgc", "+SGC (DINO + region mask)", dict(cmpa=False, dino=PAPER_DINO_WEIGHT, sgc="clusters")),
   ("ssr", "SSR (CMPA + SGC)", dict(cmpa=True, dino=PAPER_DINO_WEIGHT, sgc="clusters")),
@@ -233,10 +238,11 @@ def log_evaluation(workdir, step, results) -> None:
   writer.close()
 
 
-def variant_config(config, *, cmpa: bool, dino: float, sgc: str | None):
+def variant_config(config, *, cmpa: bool, dino: float, sgc: str | None, contrast: str = "cross"):
   """The config of one ablation row (see VARIANTS), all else (seeds) unchanged."""
   cfg = config.copy_and_resolve_references()
   cfg.model.cmpa.enabled = cmpa
+  cfg.model.cmpa.contrast = contrast
   if not cmpa:
     cfg.model.cam.source = "clip"
   cfg.model.cam.dino_weight = dino
