@@ -97,10 +97,11 @@ def verdicts(rows: list) -> list:
   return out
 
 
-def _cell(s: dict, scale: float = 1.0) -> str:
+def _cell(s: dict) -> str:
+  """mean ± std; the mean alone from one seed (no spread to show), "-" when undefined."""
   if s["mean"] is None:
     return "-"
-  return f"{scale * s['mean']:.3f} ± {scale * s['std']:.3f}"
+  return f"{s['mean']:.3f} ± {s['std']:.3f}" if s["n"] > 1 else f"{s['mean']:.3f}"
 
 
 def _verdict(v) -> str:

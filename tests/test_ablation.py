@@ -55,3 +55,14 @@ def test_verdicts_pair_the_components_cells_by_seed():
   assert cam["exceeds"] is True and cam["split"] == "train"
   attn = got["+ CLIP attention (Table 3)"]  # d = (0.15, 0.03): mean 0.09, sd 0.085.
   assert attn["effect"] == pytest.approx(0.09) and attn["exceeds"] is False
+
+
+def test_markdown_shows_the_spread_only_with_several_seeds():
+  def row(values):
+    per_seed = {s: {"val": {"seg": {m: v for m in ablation.METRICS}}} for s, v in values.items()}
+    return dict(variant="r", summary=ablation.summarize(per_seed), seconds={0: 10.0})
+
+  three = ablation.markdown([row({0: 0.5, 1: 0.6, 2: 0.7})], [], title="t")
+  assert "| r | val | 0.600 ± 0.100 | 10 |" in three
+  one = ablation.markdown([row({0: 0.5})], [], title="t")
+  assert "| r | val | 0.500 | 10 |" in one
