@@ -82,3 +82,15 @@ def test_eval_mode_logs_the_heatmap_and_scalars_to_tensorboard(tmp_path):
   np.testing.assert_array_equal(images[("eval/val_seg/confusion_matrix", 7)], heat)
   line = (tmp_path / "eval" / "eval_metrics.jsonl").read_text()
   assert '"val/seg/miou": 0.5' in line and "confusion_ratio" not in line  # Undefined: left out.
+
+
+def test_heatmap_rows_are_ground_truth_and_columns_predictions():
+  shares = np.array([[0.1, 0.0, 0.9], [0.0, 1.0, 0.0], [0.3, 0.0, 0.7]])
+  image = visualize.confusion_heatmap(shares, ["a", "b", "c"])
+
+  def centre(share):
+    ys, xs = np.nonzero(np.all(image == visualize.share_colour(share), axis=-1))
+    return ys.mean(), xs.mean()
+
+  (y09, x09), (y03, x03), (y10, x10) = centre(0.9), centre(0.3), centre(1.0)
+  assert y09 < y10 < y03 and x03 < x10 < x09  # Cells (0, 2), (1, 1), (2, 0).
