@@ -19,14 +19,15 @@ def add_args(p):
 
 
 def _variants(config):
-  def with_(name, **cam):
-    c = experiment.variant_config(config, **dict(experiment.VARIANTS)[name])
+  settings = {key: kw for key, _, kw in experiment.VARIANTS}
+
+  def with_(key, **cam):
+    c = experiment.variant_config(config, **settings[key])
     c.model.cam.update(cam)
     return c
 
-  base = "baseline (WeCLIP)"
-  rows = {"baseline, no PAR": with_(base, par_iters=0)}
-  rows.update({name: with_(name) for name, _ in experiment.VARIANTS})
+  rows = {"baseline, no PAR": with_("baseline", par_iters=0)}
+  rows.update({name: with_(key) for key, name, _ in experiment.VARIANTS})
   return rows
 
 

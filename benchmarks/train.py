@@ -31,8 +31,8 @@ def add_args(p):
 
 def run(args):
   ssr = args.variant == "ssr"
-  name = "SSR (CMPA + SGC)" if ssr else "baseline (WeCLIP)"
-  config = experiment.variant_config(common.bench_config(args), **dict(experiment.VARIANTS)[name])
+  settings = {key: kw for key, _, kw in experiment.VARIANTS}[args.variant]  # Keys ssr, baseline.
+  config = experiment.variant_config(common.bench_config(args), **settings)
   config.model.cam.rfm_switch_step = args.steps // 2
   config.model.cmpa.cam_start_step = 0  # CAMs through the heads from the first step.
   task, frozen, batch = common.random_setup(config, small=args.small)

@@ -230,8 +230,12 @@ def check_train_step(task, frozen, state, step_fn, batch, *, report=print) -> tu
   return out, state
 
 
-def check_eval(task, frozen, variables, batch, eval_cfg, *, report=print) -> list:
-  """Compares evaluation's outputs compiled vs op by op on the batch's images as eval examples."""
+def check_eval(task, frozen, variables, batch, eval_cfg, *, report=print, wrappers=True) -> list:
+  """Compares evaluation's outputs compiled vs op by op on the batch's images as eval examples.
+
+  wrappers: also the label maps of the predict_* generators and `predict.segment` (batched over
+  this process's devices, so op by op they cost a batch per device).
+  """
   out = []
   examples = [
     dict(
@@ -266,6 +270,8 @@ def check_eval(task, frozen, variables, batch, eval_cfg, *, report=print) -> lis
   def _key(ex_or_index):
     return ex_or_index if isinstance(ex_or_index, int) else int(ex_or_index["index"])
 
+  if not wrappers:
+    return out
   for i, ex in enumerate(examples):
     ex["index"] = i
   runs = {

@@ -8,12 +8,22 @@ weights (layer counts, patch sizes) is checked where they are loaded (model.ssr.
 needs the data, by data.check.verify_split.
 """
 
+import dataclasses
+
 from ssr_jax.clip.preprocess import DTYPES, NORMALIZATION
 from ssr_jax.data import check, superpixels
 from ssr_jax.data.pipeline import PIPELINES
 from ssr_jax.data.sources import SOURCES
+from ssr_jax.data.synthetic import World
 from ssr_jax.eval.run import TARGETS
-from ssr_jax.model.ssr import CAM_POOLINGS, CAM_SOURCES, CMPA_SITES, POSITIVES, SGC_GROUPINGS
+from ssr_jax.model.ssr import (
+  CAM_POOLINGS,
+  CAM_SOURCES,
+  CMPA_SITES,
+  CONTRASTS,
+  POSITIVES,
+  SGC_GROUPINGS,
+)
 from ssr_jax.train.state import SCHEDULES
 from ssr_jax.train.step import NAN_POLICIES
 
@@ -98,6 +108,7 @@ RULES = {
   "model.cam.par_w_pos": NON_NEGATIVE,
   "model.cam.par_temp": POSITIVE,
   "model.cmpa.site": one_of(CMPA_SITES),
+  "model.cmpa.contrast": one_of(CONTRASTS),
   "model.cmpa.hidden": ("must hold widths > 0", lambda v: all(x > 0 for x in v)),
   "model.cmpa.out_dim": POSITIVE,
   "model.cmpa.bn_momentum": UNIT,
@@ -168,10 +179,12 @@ RULES = {
   "eval.crf_bi_xy_std": POSITIVE,
   "eval.crf_bi_rgb_std": POSITIVE,
   "eval.crf_bi_w": NON_NEGATIVE,
+  "ablation.num_seeds": AT_LEAST_1,
 }
 
 # The demo's tiny-model pretraining (read only when data.name == "synthetic").
 DEMO_RULES = {
+  **{f"data.synthetic.{f.name}": UNIT for f in dataclasses.fields(World)},
   "data.synthetic.num_train": POSITIVE,
   "data.synthetic.num_val": POSITIVE,
   "data.synthetic.image_size": POSITIVE,

@@ -68,7 +68,8 @@ def prepare(config, workdir):
   Process 0 writes the shared files; the other processes wait for them.
   """
   config = config.copy_and_resolve_references()
-  config.data.root = config.data.root or str(epath.Path(workdir) / "data")
+  folder = world_folder(synthetic.world_from_config(config.data.synthetic))  # Checks the dials.
+  config.data.root = config.data.root or str(epath.Path(workdir) / folder)
   if config.data.source == "tfds" and importlib.util.find_spec("tensorflow_datasets") is None:
     # Hosts without tensorflow-datasets (the GPU image) still run the demo, from the folders.
     log.warning(
@@ -76,7 +77,8 @@ def prepare(config, workdir):
     )
     config.data.source = "files"
   if config.data.source == "tfds":
-    config.data.tfds_data_dir = config.data.tfds_data_dir or str(epath.Path(workdir) / "tfds")
+    tfds_dir = folder.replace("data", "tfds", 1)
+    config.data.tfds_data_dir = config.data.tfds_data_dir or str(epath.Path(workdir) / tfds_dir)
   if jax.process_index() == 0:
     _write_data(config)
   multihost_utils.sync_global_devices("ssr_jax.demo data")
@@ -85,6 +87,13 @@ def prepare(config, workdir):
   if not config.dino.weights:
     config.dino.weights = _weights(_DINO, config, workdir)
   return config
+
+
+def world_folder(world: synthetic.World) -> str:
+  """The workdir folder of a world's data: "data" for the default one, else named by its changed
+  dials ("data_rider_on_horse0.3"), so that superpixels and TFDS builds of another world are
+  never reused."""
+  return "_".join(["data", *(f"{k}{v:g}" for k, v in world.changed().items())])
 
 
 def _weights(kind, config, workdir) -> str:
@@ -104,7 +113,12 @@ def _write_data(config):
   t0 = time.time()
   sc = config.data.synthetic
   synthetic.write_dataset(
-    config.data.root, num_train=sc.num_train, num_val=sc.num_val, size=sc.image_size, seed=sc.seed
+    config.data.root,
+    num_train=sc.num_train,
+    num_val=sc.num_val,
+    size=sc.image_size,
+    seed=sc.seed,
+    world=synthetic.world_from_config(sc),
   )
   splits = (config.data.train_split, config.data.val_split)
   for split in splits:

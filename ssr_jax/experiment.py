@@ -6,8 +6,8 @@ Modes mean the same for every dataset (VOC, COCO, the synthetic demo):
 - eval: restore the checkpoint's variables and evaluate each of eval.targets on each of
   eval.splits;
 - train_and_eval: both;
-- ablation: train_and_eval of each row of VARIANTS (the paper's ladder) with the same seeds,
-  one table.
+- ablation: train_and_eval of each row of VARIANTS (the paper's ladder) with each of
+  ablation.num_seeds seeds (seed, seed + 1, ...), summarised over seeds (ssr_jax/ablation.py).
 For data.name == "synthetic", `demo.prepare` first generates the data and points clip.weights
 and dino.weights at the tiny CLIP and DINO. Nothing below this module calls back into it. This
 module and the train/eval drivers see the whole ConfigDict; everything below them gets
@@ -22,33 +22,42 @@ import jax.numpy as jnp
 from absl import logging
 from etils import epath
 
+from ssr_jax import ablation as ablation_lib
 from ssr_jax import demo, machine
 from ssr_jax.clip import load_clip
 from ssr_jax.clip.convert import weights_fingerprint
 from ssr_jax.clip.preprocess import compute_dtype
 from ssr_jax.clip.prompts import text_classifier
 from ssr_jax.config_check import check_config
-from ssr_jax.data import pipeline
+from ssr_jax.data import pipeline, synthetic
 from ssr_jax.data.files import DataError
 from ssr_jax.dino import convert as dino_convert
 from ssr_jax.eval import run as eval_run
 from ssr_jax.model.ssr import build_task, sgc_inputs
 from ssr_jax.train import loop as train_loop
 from ssr_jax.train.checkpoint import CheckpointMismatchError
+from ssr_jax.train.metric_writer import MetricWriter
 
-# --mode ablation: (name, settings) rows, each trained and evaluated with the same seeds. The
-# paper's ladder (Tables 3-4: CMPA CAM -> + CLIP attention -> + DINO attention -> + SGC mask) with
-# the paper's values: cmpa on/off (off: frozen CLIP's CAMs), dino = CLIP : DINO weight of the
-# affinity, sgc = SGC's grouping or None (off). A last row, "as configured", runs the config
-# itself when it differs from all of these (the demo's [v1] SGC).
+# --mode ablation: (key, name, settings) rows, each trained and evaluated with the same seeds.
+# The paper's ladder (Tables 3-4: CMPA CAM -> + CLIP attention -> + DINO attention -> + SGC mask)
+# with the paper's values: cmpa on/off (off: frozen CLIP's CAMs), dino = CLIP : DINO weight of
+# the affinity, sgc = SGC's grouping or None (off). A last row, "as configured" (key
+# "configured"), runs the config itself when it differs from all of these (the demo's [v1] SGC).
+# ablation.COMPONENTS names the rows by key.
 PAPER_DINO_WEIGHT = 0.6
 VARIANTS = (
-  ("baseline (WeCLIP)", dict(cmpa=False, dino=0.0, sgc=None)),
-  ("+CMPA", dict(cmpa=True, dino=0.0, sgc=None)),
-  ("+CMPA +DINO attention", dict(cmpa=True, dino=PAPER_DINO_WEIGHT, sgc=None)),
-  ("+SGC (DINO + region mask)", dict(cmpa=False, dino=PAPER_DINO_WEIGHT, sgc="clusters")),
-  ("SSR (CMPA + SGC)", dict(cmpa=True, dino=PAPER_DINO_WEIGHT, sgc="clusters")),
+  ("baseline", "baseline (WeCLIP)", dict(cmpa=False, dino=0.0, sgc=None)),
+  ("cmpa", "+CMPA", dict(cmpa=True, dino=0.0, sgc=None)),
+  (
+    "cmpa_intra",
+    "+CMPA, intra-modal contrast",
+    dict(cmpa=True, dino=0.0, sgc=None, contrast="intra"),
+  ),
+  ("cmpa_dino", "+CMPA +DINO attention", dict(cmpa=True, dino=PAPER_DINO_WEIGHT, sgc=None)),
+  ("sgc", "+SGC (DINO + region mask)", dict(cmpa=False, dino=PAPER_DINO_WEIGHT, sgc="clusters")),
+  ("ssr", "SSR (CMPA + SGC)", dict(cmpa=True, dino=PAPER_DINO_WEIGHT, sgc="clusters")),
 )
+CONFIGURED = ("configured", "as configured")
 
 
 class UserError(Exception):
@@ -199,6 +208,7 @@ def evaluate(config, workdir) -> dict:
         split=split,
         clip_fingerprint=fingerprint,
       )
+  log_evaluation(workdir, step, results)
   if jax.process_index() == 0:
     for split, res in results.items():
       figures = "  ".join(f"{t} {r['miou']:.3f}" for t, r in res.items())
@@ -207,10 +217,27 @@ def evaluate(config, workdir) -> dict:
   return results
 
 
-def variant_config(config, *, cmpa: bool, dino: float, sgc: str | None):
+def log_evaluation(workdir, step, results) -> None:
+  """Eval mode's TensorBoard record under workdir/eval (tensorboard/ and eval_metrics.jsonl):
+  each split and target's mIoU, precision, recall and confusion ratio, and its confusion
+  heatmap (the training run's own evaluations go to workdir/tensorboard through the loop)."""
+  writer = MetricWriter(epath.Path(workdir) / "eval", enabled=jax.process_index() == 0)
+  for split, per_target in results.items():
+    for target, r in per_target.items():
+      keys = ("miou", "precision", "recall", "confusion_ratio")
+      scalars = {f"{split}/{target}/{k}": r[k] for k in keys if r.get(k) is not None}
+      writer.write_scalars(step, scalars, kind="eval")
+      key = eval_run.confusion_key(split, target)
+      if key in r.get("images", {}):
+        writer.write_images(step, {f"eval/{key}": r["images"][key]})
+  writer.close()
+
+
+def variant_config(config, *, cmpa: bool, dino: float, sgc: str | None, contrast: str = "cross"):
   """The config of one ablation row (see VARIANTS), all else (seeds) unchanged."""
   cfg = config.copy_and_resolve_references()
   cfg.model.cmpa.enabled = cmpa
+  cfg.model.cmpa.contrast = contrast
   if not cmpa:
     cfg.model.cam.source = "clip"
   cfg.model.cam.dino_weight = dino
@@ -224,39 +251,93 @@ def variant_config(config, *, cmpa: bool, dino: float, sgc: str | None):
 
 
 def ablation_rows(config) -> list:
-  """[(name, config)] of --mode ablation: VARIANTS, plus "as configured" when the config is none
-  of them."""
-  rows = [(name, variant_config(config, **kw)) for name, kw in VARIANTS]
+  """[(key, name, config)] of --mode ablation: VARIANTS, plus "as configured" when the config
+  is none of them; only the keys in ablation.rows when it is set."""
+  rows = [(key, name, variant_config(config, **kw)) for key, name, kw in VARIANTS]
   own = config.copy_and_resolve_references()
-  if all(own.to_dict() != cfg.to_dict() for _, cfg in rows):
-    rows.append(("as configured", own))
-  return rows
+  if all(own.to_dict() != cfg.to_dict() for _, _, cfg in rows):
+    rows.append((*CONFIGURED, own))
+  wanted = tuple(config.ablation.rows)
+  known = [key for key, _, _ in rows]
+  unknown = sorted(set(wanted) - set(known))
+  if unknown:
+    raise UserError(f"ablation.rows={wanted}: unknown {unknown}; use a subset of {known}")
+  return [r for r in rows if not wanted or r[0] in wanted]
+
+
+def ablation_seeds(config) -> list[int]:
+  """The training seeds of every row: seed, seed + 1, ..., ablation.num_seeds of them."""
+  n = int(config.ablation.num_seeds)
+  if n < 1:
+    raise UserError(f"ablation.num_seeds={n}: run each row with at least 1 seed (default 3)")
+  return [int(config.seed) + i for i in range(n)]
+
+
+def _row_seed(cfg, workdir) -> tuple[dict, float, bool]:
+  """({split: {target: {metric: value}}}, seconds, reused) of one row and seed in its own
+  workdir: train (resuming) and evaluate, or the stored result of a finished run of the same
+  config (result.json), so that an interrupted ablation loses no finished run."""
+  stored = epath.Path(workdir) / "result.json"
+  settings = json.loads(cfg.to_json_best_effort())
+  if stored.exists():
+    done = json.loads(stored.read_text())
+    if done["config"] == settings:
+      return done["result"], done["seconds"], True
+  t0 = time.time()
+  train(cfg, workdir)
+  res = evaluate(cfg, workdir)
+  result = {
+    sp: {t: {m: r.get(m) for m in ablation_lib.METRICS} for t, r in rs.items()}
+    for sp, rs in res.items()
+  }
+  seconds = time.time() - t0
+  if jax.process_index() == 0:
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    stored.write_text(json.dumps(dict(config=settings, result=result, seconds=seconds)))
+  return result, seconds, False
 
 
 def ablation(config, workdir) -> list:
-  """train_and_eval of each of VARIANTS with the same seeds; writes ablation.md and .json
-  (one entry per variant: {"variant": name, split: {target: mIoU}} for each of eval.splits)."""
-  rows = []
-  for name, cfg in ablation_rows(config):
-    slug = "_".join(w.strip("()").replace("+", "plus_") for w in name.lower().split())
-    sub = str(epath.Path(workdir) / "ablation" / slug)
-    train(cfg, sub)
-    res = evaluate(cfg, sub)
-    rows.append((name, {sp: {t: r["miou"] for t, r in rs.items()} for sp, rs in res.items()}))
-  targets = list(config.eval.targets)
-  lines = [
-    f"Ablation on {config.data.name} (seed {config.seed}, {config.train.num_steps} steps; mIoU)",
-    "",
-    "| variant | split | " + " | ".join(targets) + " |",
-    "|---" * (len(targets) + 2) + "|",
-  ]
-  for n, per_split in rows:
-    for sp, r in per_split.items():
-      lines.append(f"| {n} | {sp} | " + " | ".join(f"{r[t]:.3f}" for t in targets) + " |")
-  text = "\n".join(lines) + "\n"
+  """train_and_eval of each ablation row with each seed (workdir/ablation/<row>/seed_<s>);
+  writes ablation.md and ablation.json (per-seed values, mean ± std, the components' verdicts,
+  run times) and prints the table. Returns the rows' dicts."""
+  seeds = ablation_seeds(config)
+  plan = ablation_rows(config)
+  rows, t0 = [], time.time()
+  for key, name, cfg in plan:
+    per_seed, seconds = {}, {}
+    for seed in seeds:
+      one = cfg.copy_and_resolve_references()
+      one.seed = seed
+      sub = str(epath.Path(workdir) / "ablation" / key / f"seed_{seed}")
+      per_seed[seed], seconds[seed], reused = _row_seed(one, sub)
+      if jax.process_index() == 0:
+        how = "reused from result.json" if reused else f"{seconds[seed]:.0f} s"
+        print(f"ablation: {name}, seed {seed}: {how}")
+    summary = ablation_lib.summarize(per_seed)
+    rows.append(dict(key=key, variant=name, per_seed=per_seed, seconds=seconds, summary=summary))
+  components = ablation_lib.verdicts(rows)
+  total = time.time() - t0
+  world = synthetic.world_from_config(config.data.synthetic).changed()
+  data = config.data.name + (
+    f" (world {world})" if config.data.name == "synthetic" and world else ""
+  )
+  title = (
+    f"Ablation on {data}: seeds {seeds}, {config.train.num_steps} steps per run; "
+    f"{total:.0f} s on {machine.cpu_line()}"
+  )
+  text = ablation_lib.markdown(rows, components, title=title)
   if jax.process_index() == 0:
     (epath.Path(workdir) / "ablation.md").write_text(text)
-    table = [{"variant": n, **per_split} for n, per_split in rows]
+    table = dict(
+      dataset=data,
+      seeds=seeds,
+      num_steps=int(config.train.num_steps),
+      seconds=total,
+      machine=machine.cpu_line(),
+      rows=rows,
+      components=components,
+    )
     (epath.Path(workdir) / "ablation.json").write_text(json.dumps(table, indent=1))
     print(text)
   return rows
@@ -284,6 +365,9 @@ def _run(mode, config, workdir):
   t0 = time.time()
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   logging.info("mode=%s workdir=%s devices=%s", mode, workdir, jax.devices())
+  if mode == "ablation":  # Bad rows or seeds stop the run before the demo's data is made.
+    ablation_seeds(config)
+    ablation_rows(config)
   if config.data.name == "synthetic":
     config = demo.prepare(config, workdir)
   result = None

@@ -10,6 +10,8 @@ pretraining of a tiny CLIP. It reproduces the two failure modes SSR targets (§0
 - class-correlated backgrounds: boats are on water 90% of the time and water almost never
   appears without a boat; cars are on roads and birds in the sky 80% of the time, so CAMs
   spread onto the correlated background (background over-activation; what SGC addresses).
+These rates are the dials of `World` (config `data.synthetic.*`); its defaults are the rates
+above and reproduce the data written before the dials existed bit for bit.
 Objects cover roughly 8-25% of the image each (1-3 object groups per image), and are drawn
 without anti-aliasing so the mask is exact. Image i of stream k is a pure function of
 (seed, k, i): any subset can be regenerated.
@@ -22,7 +24,8 @@ On disk (`write_dataset`; `open_dataset` reads it with the same interface as voc
   root/ImageSets/{train,val}.txt      split lists
   root/ImageLabels/{train,val}.txt    "id v1 v2 ..." image-level labels (mask values)
   root/Captions/{train,val}.txt       "id<TAB>caption"
-CLI: `python -m ssr_jax.data.synthetic --out ROOT [--num-train 512 --num-val 128 --size 128]`.
+CLI: `python -m ssr_jax.data.synthetic --out ROOT [--num-train 512 --num-val 128 --size 128]
+[--rider-on-horse 0.75 ...]` (one flag per `World` dial).
 """
 
 import argparse
@@ -64,6 +67,50 @@ class SyntheticSpec:
 
 
 SPEC = SyntheticSpec()
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+  """The rates of the two failure modes (probabilities in [0, 1]; defaults: the original world).
+
+  rider_on_horse: P(a horse carries a rider) (co-occurrence of touching classes, §2);
+  rider_alone: P(a horse group is a rider standing alone instead), which breaks "rider implies
+    horse" (0: a rider is always on a horse);
+  boat_on_water, car_on_road, bird_in_sky: P(the scene's background is the class's own, given
+    the group that sets the scene), the rest shared as in SCENE_BG (background correlation, §3);
+  water_without_boat: P(a scene set by another class is on water), which breaks "water implies
+    boat" (0: water only ever carries boats and birds).
+  Draws for rider_alone and water_without_boat happen only when they are > 0, so every default
+  image is unchanged.
+  """
+
+  rider_on_horse: float = 0.75
+  rider_alone: float = 0.0
+  boat_on_water: float = 0.9
+  car_on_road: float = 0.8
+  bird_in_sky: float = 0.8
+  water_without_boat: float = 0.0
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      v = getattr(self, f.name)
+      if not 0.0 <= float(v) <= 1.0:
+        raise ValueError(f"data.synthetic.{f.name}={v}: a probability, use a value in [0, 1]")
+
+  def changed(self) -> dict:
+    """{field: value} of the dials that differ from the defaults."""
+    default = World()
+    return {k: v for k, v in dataclasses.asdict(self).items() if getattr(default, k) != v}
+
+
+def world_from_config(synthetic_cfg) -> World:
+  """The World of config.data.synthetic; DataError naming the field if a rate is out of range."""
+  try:
+    return World(**{f.name: float(synthetic_cfg[f.name]) for f in dataclasses.fields(World)})
+  except ValueError as e:
+    raise DataError(str(e)) from None
+
+
 BOAT, HORSE, RIDER, CAR, BIRD, FLOWER = range(1, 7)  # Mask values.
 WATER, GRASS, SKY, SAND, ROAD = range(5)  # Background indices into SPEC.bg_names.
 WHERE = {
@@ -81,6 +128,8 @@ SCENE_BG = {
   BIRD: ((SKY, 0.8), (GRASS, 0.1), (SAND, 0.1)),
   FLOWER: ((GRASS, 0.6), (SAND, 0.3), (ROAD, 0.1)),
 }
+# Each scene class's own background, and the World dial that sets its rate.
+HOME_BG = {BOAT: (WATER, "boat_on_water"), CAR: (ROAD, "car_on_road"), BIRD: (SKY, "bird_in_sky")}
 GROUPS = (BOAT, HORSE, CAR, BIRD, FLOWER)  # A horse group may carry a rider.
 TEMPLATES = ("a photo of {objs} {where}.", "{objs} {where}.", "a picture of {objs} {where}.")
 
@@ -304,12 +353,25 @@ _GROUP = {
   FLOWER: ((0.5, 0.7), (-0.37, -0.37, 0.37, 0.55)),
 }
 _RIDER_BOX = (-0.25, -0.9, 0.4, 0.48)  # Horse box grown by a rider on top.
+_LONE_RIDER_BOX = (-0.25, -0.9, 0.4, 0.22)  # A rider standing alone (no horse below).
 _DRAW = {BOAT: _boat, HORSE: _horse, CAR: _car, BIRD: _bird, FLOWER: _flower}
 
 
 def _choose(rng, table):
   vals, probs = zip(*table)
   return vals[int(rng.choice(len(vals), p=np.asarray(probs) / sum(probs)))]
+
+
+def scene_backgrounds(world: World) -> dict:
+  """SCENE_BG with each HOME_BG class's own background at the world's rate; the other
+  backgrounds keep their relative shares."""
+  table = dict(SCENE_BG)
+  for g, (home, dial) in HOME_BG.items():
+    rate = getattr(world, dial)
+    rest = [(b, p) for b, p in SCENE_BG[g] if b != home]
+    total = sum(p for _, p in rest)
+    table[g] = ((home, rate), *((b, p * (1.0 - rate) / total) for b, p in rest))
+  return table
 
 
 def _place(rng, size, box, placed):
@@ -334,12 +396,22 @@ def _inter(a, b):
   return max(w, 0.0) * max(h, 0.0)
 
 
-def render(rng: np.random.Generator, size: int, *, decorrelated: bool = False):
-  """One example: (image uint8 [S, S, 3], mask uint8 [S, S], caption str).
+def render(rng: np.random.Generator, size: int, *, decorrelated: bool = False, world=World()):
+  """One example: (image uint8 [S, S, 3], mask uint8 [S, S], caption str); see `render_scene`."""
+  return render_scene(rng, size, decorrelated=decorrelated, world=world)[:3]
 
+
+def render_scene(
+  rng: np.random.Generator, size: int, *, decorrelated: bool = False, world: World = World()
+):
+  """One example: (image uint8 [S, S, 3], mask uint8 [S, S], caption str, scene dict).
+
+  scene: {"background": name, "groups": [name of each object group in painting order:
+  "horse+rider", "rider" (standing alone), "boat", ...]}, what the dials act on.
   decorrelated: backgrounds and groups drawn independently and uniformly (riders still only
-  ride horses). The demo pretrains its tiny CLIP on such a stream, standing in for the broad,
-  varied image-text data real CLIP sees, while the WSSS splits keep the correlations.
+  ride horses, at world's rates). The demo pretrains its tiny CLIP on such a stream, standing in
+  for the broad, varied image-text data real CLIP sees, while the WSSS splits keep the
+  correlations.
   """
   n_groups = int(rng.choice(3, p=(0.55, 0.35, 0.1))) + 1
   groups = [int(rng.choice(GROUPS))]
@@ -347,60 +419,81 @@ def render(rng: np.random.Generator, size: int, *, decorrelated: bool = False):
     bg = int(rng.integers(len(SPEC.bg_names)))
     others = GROUPS
   else:
-    bg = _choose(rng, SCENE_BG[groups[0]])  # The first group sets the scene.
-    # Boats only ever float: on water the others are boats or birds, elsewhere never boats, so
-    # water implies a boat and a boat (nearly always) implies water.
-    others = (BOAT, BIRD) if bg == WATER else tuple(g for g in GROUPS if g != BOAT)
+    bg = _choose(rng, scene_backgrounds(world)[groups[0]])  # The first group sets the scene.
+    w = world.water_without_boat
+    if groups[0] != BOAT and w > 0 and rng.uniform() < w:
+      bg = WATER
+    # Boats only ever float: on water a boat's scene holds boats or birds, any other scene and
+    # every other background never a boat, so a boat (nearly always) implies water and water
+    # (unless water_without_boat) a boat.
+    boat_scene = bg == WATER and groups[0] == BOAT
+    others = (BOAT, BIRD) if boat_scene else tuple(g for g in GROUPS if g != BOAT)
   for _ in range(n_groups - 1):
     groups.append(int(rng.choice(others)))
   cv = _Canvas(size, rng)
   _background(cv, bg)
-  placed = []
+  placed, names = [], []
   for g in groups:
     (lo, hi), box = _GROUP[g]
     s = rng.uniform(lo, hi) * size / (1.0 + 0.15 * (len(groups) - 1))
-    rider = g == HORSE and rng.uniform() < 0.75
+    # Drawn only when the dial is on, so that default worlds consume the same random numbers.
+    alone = g == HORSE and world.rider_alone > 0 and rng.uniform() < world.rider_alone
+    rider = g == HORSE and not alone and rng.uniform() < world.rider_on_horse
     if rider:
       box = tuple(
         min(a, c) if i < 2 else max(a, c) for i, (a, c) in enumerate(zip(box, _RIDER_BOX))
       )
+    elif alone:
+      box = _LONE_RIDER_BOX
     d = 1.0 if rng.uniform() < 0.5 else -1.0
     px = tuple(v * s for v in (box if d > 0 else (-box[2], box[1], -box[0], box[3])))
     cx, cy, bbox = _place(rng, size, px, placed)
     placed.append(bbox)
-    _DRAW[g](cv, cx, cy, s, d)
-    if rider:
+    if not alone:
+      _DRAW[g](cv, cx, cy, s, d)
+    if rider or alone:
       _rider(cv, cx, cy, s, d)
+    name = "rider" if alone else SPEC.class_names[g - 1] + ("+rider" if rider else "")
+    names.append(name)
   image = np.clip(np.rint(cv.image), 0, 255).astype(np.uint8)
   present = [v for v in range(1, SPEC.num_classes) if (cv.mask == v).any()]
-  names = [SPEC.class_names[v - 1] for v in present]
-  objs = [f"a {n}" for n in names]
+  labels = [SPEC.class_names[v - 1] for v in present]
+  objs = [f"a {n}" for n in labels]
   if len(objs) > 1:
     objs = ", ".join(objs[:-1]) + " and " + objs[-1]
   else:
     objs = objs[0] if objs else "nothing"
   caption = TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(objs=objs, where=WHERE[bg])
-  return image, cv.mask, caption
+  scene = dict(background=SPEC.bg_names[bg], groups=names)
+  return image, cv.mask, caption, scene
 
 
 def generate(
-  num: int, *, size: int, seed: int, stream: int = 0, start: int = 0, decorrelated: bool = False
+  num: int,
+  *,
+  size: int,
+  seed: int,
+  stream: int = 0,
+  start: int = 0,
+  decorrelated: bool = False,
+  world: World = World(),
 ) -> dict:
-  """Examples start..start+num-1 of a stream, each a pure function of (seed, stream, index).
+  """Examples start..start+num-1 of a stream, each a pure function of (seed, stream, index, world).
 
-  decorrelated: see `render` (the demo's CLIP-pretraining stream).
+  decorrelated: see `render_scene` (the demo's CLIP-pretraining stream).
 
   Returns image uint8 [N, S, S, 3], mask uint8 [N, S, S], labels float32 [N, 6] (multi-hot of
   the classes present in the mask), caption list[str], id list[str] ("train_00012" for stream 0,
-  "val_..." for 1).
+  "val_..." for 1), background list[str] and groups list[list[str]] (`render_scene`'s scene).
   """
-  images, masks, captions = [], [], []
+  images, masks, captions, scenes = [], [], [], []
   for i in range(start, start + num):
     rng = np.random.default_rng([int(seed), int(stream), i])
-    img, m, cap = render(rng, size, decorrelated=decorrelated)
+    img, m, cap, scene = render_scene(rng, size, decorrelated=decorrelated, world=world)
     images.append(img)
     masks.append(m)
     captions.append(cap)
+    scenes.append(scene)
   c = SPEC.num_classes
   mask = np.stack(masks) if masks else np.zeros((0, size, size), np.uint8)
   name = {v: k for k, v in STREAMS.items()}.get(stream, f"s{stream}")
@@ -410,13 +503,18 @@ def generate(
     "labels": np.stack([dataset.mask_labels(m, c) for m in mask]).reshape(-1, c - 1),
     "caption": captions,
     "id": [f"{name}_{i:05d}" for i in range(start, start + num)],
+    "background": [sc["background"] for sc in scenes],
+    "groups": [sc["groups"] for sc in scenes],
   }
 
 
 # ------------------------------------------------------------------------------- on disk
 
 
-def _spec_dict(num_train, num_val, size, seed):
+def _spec_dict(num_train, num_val, size, seed, world):
+  # The dials are recorded only when they differ from the defaults: folders written before they
+  # existed still match the default world.
+  dials = {"world": world.changed()} if world.changed() else {}
   return {
     "version": FORMAT_VERSION,
     "class_names": list(SPEC.class_names),
@@ -426,14 +524,15 @@ def _spec_dict(num_train, num_val, size, seed):
     "num_val": int(num_val),
     "size": int(size),
     "seed": int(seed),
+    **dials,
   }
 
 
-def _write(root: str, *, num_train: int, num_val: int, size: int, seed: int) -> None:
+def _write(root: str, *, num_train: int, num_val: int, size: int, seed: int, world) -> None:
   """Generates the train and val splits under root (layout in the module docstring)."""
   root = epath.Path(root)  # Local or gs://.
   for split, num in (("train", num_train), ("val", num_val)):
-    data = generate(num, size=size, seed=seed, stream=STREAMS[split])
+    data = generate(num, size=size, seed=seed, stream=STREAMS[split], world=world)
     ids = data["id"]
     for i, img, m in zip(ids, data["image"], data["mask"]):
       buf = io.BytesIO()
@@ -444,21 +543,25 @@ def _write(root: str, *, num_train: int, num_val: int, size: int, seed: int) -> 
     dataset.write_labels_file(str(root / "ImageLabels" / f"{split}.txt"), ids, data["labels"])
     captions = "".join(f"{i}\t{c}\n" for i, c in zip(ids, data["caption"]))
     files.write_bytes(root / "Captions" / f"{split}.txt", captions.encode())
-  spec = json.dumps(_spec_dict(num_train, num_val, size, seed), indent=1)
+  spec = json.dumps(_spec_dict(num_train, num_val, size, seed, world), indent=1)
   files.write_bytes(root / "spec.json", spec.encode())  # Last: marks the folder complete.
 
 
-def write_dataset(root: str, *, num_train: int, num_val: int, size: int, seed: int) -> bool:
+def write_dataset(
+  root: str, *, num_train: int, num_val: int, size: int, seed: int, world: World = World()
+) -> bool:
   """Writes the dataset under root unless root already holds exactly this one (same spec.json).
 
   Returns True if it wrote. spec.json is written last, so an interrupted write is redone.
+  Files derived from an earlier dataset in root (superpixels) are not removed: give each world
+  its own root (the demo does).
   """
   path = epath.Path(root) / "spec.json"
   if path.is_file():
-    if json.loads(path.read_text()) == _spec_dict(num_train, num_val, size, seed):
+    if json.loads(path.read_text()) == _spec_dict(num_train, num_val, size, seed, world):
       return False
     path.unlink()
-  _write(root, num_train=num_train, num_val=num_val, size=size, seed=seed)
+  _write(root, num_train=num_train, num_val=num_val, size=size, seed=seed, world=world)
   return True
 
 
@@ -524,8 +627,16 @@ def main(argv=None):
   p.add_argument("--num-val", type=int, default=128)
   p.add_argument("--size", type=int, default=128)
   p.add_argument("--seed", type=int, default=0)
+  for f in dataclasses.fields(World):  # The dials, e.g. --rider-on-horse 0.5.
+    p.add_argument(f"--{f.name.replace('_', '-')}", type=float, default=f.default)
   a = p.parse_args(argv)
-  wrote = write_dataset(a.out, num_train=a.num_train, num_val=a.num_val, size=a.size, seed=a.seed)
+  try:
+    world = World(**{f.name: getattr(a, f.name) for f in dataclasses.fields(World)})
+  except ValueError as e:
+    p.error(str(e).replace("data.synthetic.", "--").replace("_", "-"))
+  wrote = write_dataset(
+    a.out, num_train=a.num_train, num_val=a.num_val, size=a.size, seed=a.seed, world=world
+  )
   print(f"{'wrote' if wrote else 'up to date:'} {a.out}")
 
 

@@ -168,6 +168,15 @@ def precision_recall_confusion(conf) -> dict:
   )
 
 
+def row_shares(conf) -> np.ndarray:
+  """float64 [C, C]: conf[g, p] / (pixels of ground truth g), NaN rows for classes absent from
+  the ground truth. Row g says where class g's pixels went: share[rider, horse] is the part of
+  the riders predicted as horse (co-occurrence), share[boat, 0] the part lost to background."""
+  conf = np.asarray(conf, np.int64)
+  rows = conf.sum(axis=1, keepdims=True)
+  return np.where(rows > 0, conf / np.maximum(rows, 1), np.nan)
+
+
 def scores(conf, class_names: Sequence[str] | None = None) -> dict:
   """Metrics of a [C, C] confusion matrix (rows = ground truth, columns = prediction).
 
@@ -178,7 +187,9 @@ def scores(conf, class_names: Sequence[str] | None = None) -> dict:
     mean_accuracy: mean over classes present in the ground truth of TP / (ground-truth pixels);
     present: names of the classes that enter the mean; num_pixels: counted pixels;
     precision, recall, confusion_ratio and per_class_{precision,recall,confusion} ({name: value,
-    or None where undefined}): see `precision_recall_confusion`.
+    or None where undefined}): see `precision_recall_confusion`;
+    confusion_matrix: {"classes": names, "counts": conf as lists (rows = ground truth),
+    "shares": `row_shares` as lists, None in the rows of classes absent from the ground truth}.
   Class names default to "0", "1", ...
   """
   conf = np.asarray(conf, np.int64)
@@ -214,6 +225,11 @@ def scores(conf, class_names: Sequence[str] | None = None) -> dict:
     "per_class_precision": per_class(prc["per_class_precision"]),
     "per_class_recall": per_class(prc["per_class_recall"]),
     "per_class_confusion": per_class(prc["per_class_confusion"]),
+    "confusion_matrix": {
+      "classes": names,
+      "counts": conf.tolist(),
+      "shares": [[None if np.isnan(x) else float(x) for x in row] for row in row_shares(conf)],
+    },
   }
 
 

@@ -282,14 +282,26 @@ def _protocol(eval_cfg, data_cfg, target) -> dict:
   )
 
 
-def _write(res, vis_images, workdir, split, target) -> None:
-  """metrics.json (+ a per-run copy) and the grids under eval/<split>_<target>/vis/."""
+def confusion_key(split: str, target: str) -> str:
+  """The name of an evaluation's confusion heatmap among its images (TensorBoard tag)."""
+  return f"{split}_{target}/confusion_matrix"
+
+
+def _write(res, images, workdir, split, target) -> None:
+  """metrics.json (+ a per-run copy), the grids under eval/<split>_<target>/vis/ and the
+  confusion heatmap beside them (eval/<split>_<target>/confusion.png)."""
   eval_dir = epath.Path(workdir) / "eval"
   for name in ("metrics.json", f"metrics_{split}_{target}.json"):
     files.write_bytes(eval_dir / name, json.dumps(res, indent=2).encode())
   out_dir = eval_dir / f"{split}_{target}"
-  for key, g in vis_images.items():
-    visualize.save_image(out_dir / "vis" / f"{key.split('/', 1)[1]}.png", g)
+  heatmap = confusion_key(split, target)
+  for key, g in images.items():
+    path = (
+      out_dir / "confusion.png"
+      if key == heatmap
+      else out_dir / "vis" / f"{key.split('/', 1)[1]}.png"
+    )
+    visualize.save_image(path, g)
   logging.info("wrote %s", out_dir)
 
 
@@ -309,7 +321,8 @@ def evaluate(
   """Evaluates `target` on `split`; writes workdir/eval/metrics.json (+ per-run copy).
 
   Returns the metrics, with "images": {name: grid} of the first eval.num_vis examples of this
-  process's slice on process 0 (empty on the others).
+  process's slice and the confusion heatmap (`confusion_key`) on process 0 (empty on the
+  others).
   """
   ec, dc = config.eval, config.data
   if target not in TARGETS:
@@ -351,6 +364,9 @@ def evaluate(
   if lead:
     print(f"\n{split} / {target} @ step {step}: {count} images in {seconds:.1f}s")
     print(metrics.format_table(res))
+    title = f"{split} / {target} @ step {step}: rows ground truth, columns prediction, % of row"
+    heatmap = visualize.confusion_heatmap(metrics.row_shares(conf), names, title=title)
+    vis_images[confusion_key(split, target)] = heatmap
     if write_outputs:
       _write(res, vis_images, workdir, split, target)
   res["images"] = vis_images

@@ -182,6 +182,57 @@ def grid(
   return np.concatenate([row, legend(ids, class_names, row.shape[1])], axis=0)
 
 
+# Confusion heatmap: share 0 white, share 1 dark blue; rows of classes absent from the ground
+# truth grey.
+_LOW, _HIGH, _ABSENT = np.array([255, 255, 255]), np.array([8, 48, 107]), (200, 200, 200)
+CELL = 30  # Side of a heatmap cell in pixels (fits "100").
+
+
+def share_colour(share) -> np.ndarray:
+  """uint8 [..., 3]: the heatmap colour of row shares in [0, 1] (linear white -> dark blue)."""
+  x = np.clip(np.asarray(share, np.float64), 0.0, 1.0)[..., None]
+  return np.rint(_LOW + x * (_HIGH - _LOW)).astype(np.uint8)
+
+
+def confusion_heatmap(shares, class_names: Sequence[str], title: str = "") -> np.ndarray:
+  """uint8 [H, W, 3]: a row-normalised confusion matrix as a heatmap with the share in percent in
+  each cell, ground-truth classes down the left, predicted classes (rotated) along the top.
+
+  shares: float [C, C] (metrics.row_shares; NaN rows drawn grey with "-").
+  """
+  shares = np.asarray(shares, np.float64)
+  c = shares.shape[0]
+  f, lh = font(), _line_height()
+  names = [str(n) for n in class_names]
+  label_w = int(max(f.getlength(n) for n in names + ["ground truth"])) + 2 * _PAD
+  head_h = label_w  # Column labels are the row labels rotated.
+  title = title or "rows: ground truth, columns: prediction; % of the row's pixels"
+  lines = wrap_text(title, max(label_w + c * CELL - 2 * _PAD, 120))
+  top = len(lines) * lh + 2 * _PAD
+  width = max(label_w + c * CELL, 120) + _PAD
+  out = Image.new("RGB", (width, top + head_h + c * CELL + _PAD), (255, 255, 255))
+  draw = ImageDraw.Draw(out)
+  for n, line in enumerate(lines):
+    draw.text((_PAD, _PAD + n * lh), line, fill=(0, 0, 0), font=f)
+  strip = Image.new("RGB", (head_h, c * CELL), (255, 255, 255))  # Column labels, then rotated.
+  sd = ImageDraw.Draw(strip)
+  for j, name in enumerate(names):  # Row j becomes column j, read upwards from the cells.
+    sd.text((_PAD, j * CELL + (CELL - lh) // 2), name, fill=(0, 0, 0), font=f)
+  out.paste(strip.rotate(90, expand=True), (label_w, top))
+  y0 = top + head_h
+  for i in range(c):
+    draw.text((_PAD, y0 + i * CELL + (CELL - lh) // 2), names[i], fill=(0, 0, 0), font=f)
+    for j in range(c):
+      x, y, v = label_w + j * CELL, y0 + i * CELL, shares[i, j]
+      fill = _ABSENT if np.isnan(v) else tuple(int(k) for k in share_colour(v))
+      draw.rectangle([x, y, x + CELL - 1, y + CELL - 1], fill=fill)
+      text = "-" if np.isnan(v) else f"{100 * v:.0f}"
+      ink = (255, 255, 255) if not np.isnan(v) and v > 0.5 else (0, 0, 0)
+      tw = f.getlength(text)
+      draw.text((x + (CELL - tw) / 2, y + (CELL - lh) / 2), text, fill=ink, font=f)
+  return np.asarray(out)
+
+
 def save_image(path, image) -> None:
   """Writes a uint8 [H, W, 3] image (e.g. a `grid`) as an RGB PNG (parent folders created)."""
   buf = io.BytesIO()

@@ -28,6 +28,7 @@ from ssr_jax.model.heads import AlignmentHead
 CAM_SOURCES = ("cmpa", "clip")
 CMPA_SITES = ("clip", "decoder")
 POSITIVES = ("cluster", "class")
+CONTRASTS = ("cross", "intra")
 CAM_POOLINGS = ("tokens", "pooled")
 SGC_GROUPINGS = ("clusters", "superpixels")
 
@@ -93,6 +94,7 @@ class CMPAOptions:
   kmeans_iters: int
   positive: str
   symmetric_weight: float
+  contrast: str
   cam_pooling: str
   cam_start_step: int
   cam_scale: float
@@ -508,16 +510,19 @@ class SSRTask:
       txt_target = jnp.where(ready, txt_cluster, ids)
     else:
       img_target, txt_target = ids, ids
+    # Cross-modal (Eq. 6): image features against P_T, the symmetric term text against P_I.
+    # Intra-modal (Table 4's ablation row): each modality against its own prototypes.
+    against_image, against_text = (p_t, p_i) if co.contrast == "cross" else (p_i, p_t)
     loss = protos_lib.cmpa_prototype_loss(
       f_image,
       img_target,
       valid,
-      p_t,
+      against_image,
       log_temperature=params["log_temperature"],
       f_text=f_text,
       text_targets=txt_target,
       text_valid=valid,
-      image_prototypes=p_i,
+      image_prototypes=against_text,
       symmetric_weight=co.symmetric_weight,
     )
     bank = protos_lib.bank_push(bank, jax.lax.stop_gradient(f_image), live[ids], ids, valid)
@@ -658,6 +663,7 @@ def build_task(
   _choice("model.cam.source", options.cam.source, CAM_SOURCES)
   _choice("model.cmpa.site", co.site, CMPA_SITES)
   _choice("model.cmpa.positive", co.positive, POSITIVES)
+  _choice("model.cmpa.contrast", co.contrast, CONTRASTS)
   _choice("model.cmpa.cam_pooling", co.cam_pooling, CAM_POOLINGS)
   _check_sgc_and_dino(options, clip, dino)
   if options.cam.source == "cmpa" and not co.heads:

@@ -8,11 +8,12 @@ import jax
 import numpy as np
 import pytest
 from jax.experimental import multihost_utils
+from PIL import Image
 
 from benchmarks.common import bench_config, random_setup
 from configs import base
 from ssr_jax.data import pipeline, superpixels, synthetic
-from ssr_jax.eval import inference, png, run
+from ssr_jax.eval import inference, png, run, visualize
 
 
 def test_second_evaluation_compiles_nothing_and_predicts_the_same():
@@ -135,6 +136,16 @@ def _check_table5_metrics(config, workdir, printed):
   else:  # No TP at all (the random model may hit nothing): undefined, not 0.
     assert res["confusion_ratio"] is None
   assert set(res["per_class_confusion"]) == set(res["per_class_iou"])
+  c = config.data.num_classes
+  counts = [
+    [sum(int(np.sum((g == i) & (p == j))) for p, g in pairs) for j in range(c)] for i in range(c)
+  ]
+  assert res["confusion_matrix"]["counts"] == counts
+  heat = np.asarray(Image.open(workdir / "eval" / "val_seg" / "confusion.png"))
+  for row in counts:  # The heatmap beside the grids shows each row's shares.
+    for x in row:
+      if sum(row):
+        assert np.all(heat == visualize.share_colour(x / sum(row)), axis=-1).sum() > 100
   assert "precision" in printed and "recall" in printed and "confusion ratio" in printed
 
 
@@ -143,7 +154,7 @@ def test_each_process_scores_its_slice_and_only_process_0_writes(tmp_path, monke
   config.eval.num_vis = 4
   kw = dict(task=task, frozen=frozen, variables=variables, step=0, target="seg", split="val")
   single = run.evaluate(config, str(tmp_path / "one"), **kw)
-  assert single["num_images"] == 4 and len(single["images"]) == 4
+  assert single["num_images"] == 4 and len(single["images"]) == 4 + 1  # Grids + the heatmap.
   ids = [ex["id"] for ex in pipeline.make_eval_dataset(config.data, "val", superpixels=False)]
   _check_table5_metrics(config, tmp_path / "one", capsys.readouterr().out)
 
@@ -157,6 +168,6 @@ def test_each_process_scores_its_slice_and_only_process_0_writes(tmp_path, monke
 
   _as_process(monkeypatch, 0, 2)
   lead = run.evaluate(config, str(tmp_path / "p0"), **kw)
-  assert lead["num_images"] == 4 and len(lead["images"]) == 2  # All 2 images of its slice.
+  assert lead["num_images"] == 4 and len(lead["images"]) == 2 + 1  # Its 2 images + heatmap.
   assert os.path.exists(tmp_path / "p0" / "eval" / "metrics.json")
   assert len(os.listdir(tmp_path / "p0" / "eval" / "val_seg" / "vis")) == 2

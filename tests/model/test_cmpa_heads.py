@@ -1,9 +1,12 @@
 """CMPA as published (method §2): GradCAM through the ISA/TSA heads, the class features, the
 prototype bank and L_proto, each against an explicit computation written from the spec."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ssr_jax.model import prototypes as pt
 from ssr_jax.model.ssr import build_task
@@ -140,10 +143,14 @@ def _pseudo_labels(task, variables, frozen, batch, *, heads):
   return task.pseudo_labels(variables, frozen, f, batch, dec, use_rfm=False, heads=heads)
 
 
-def test_prototype_loss_step_matches_numpy():
+@pytest.mark.parametrize("contrast", ["cross", "intra"])
+def test_prototype_loss_step_matches_numpy(contrast):
   """L_proto of one step after a refresh (cluster positives, symmetric term), the updated
-  running statistics and the pushed bank samples, against numpy from the CAMs and tokens."""
+  running statistics and the pushed bank samples, against numpy from the CAMs and tokens.
+  contrast "intra": each modality against its own prototypes (Table 4's row)."""
   task, frozen, batch, variables = _setup(cmpa="clip", sgc=False)
+  cmpa = dataclasses.replace(task.options.cmpa, contrast=contrast)
+  task = dataclasses.replace(task, options=dataclasses.replace(task.options, cmpa=cmpa))
   batch = dict(batch, labels=np.array([[1, 0, 1], [0, 1, 0]], np.float32))
   co = task.options.cmpa
   rng = np.random.default_rng(1)
@@ -185,9 +192,10 @@ def test_prototype_loss_step_matches_numpy():
       w = cams[b, k]
       f_img = (w[:, None] * v_img[b]).sum(0) / (w.sum() + 1e-5)
       cluster = np.argmin(((p_i - f_img) ** 2).sum(1))
-      img_terms.append(ce(f_img, p_t, cluster))
+      against_img, against_txt = (p_t, p_i) if contrast == "cross" else (p_i, p_t)
+      img_terms.append(ce(f_img, against_img, cluster))
       f_txt = t_fg[ids[b, k]]
-      txt_terms.append(ce(f_txt, p_i, np.argmin(((p_t - f_txt) ** 2).sum(1))))
+      txt_terms.append(ce(f_txt, against_txt, np.argmin(((p_t - f_txt) ** 2).sum(1))))
       pushed.append((f_img, f_txt, ids[b, k]))
   want = np.mean(img_terms) + co.symmetric_weight * np.mean(txt_terms)
   np.testing.assert_allclose(float(loss), want, rtol=1e-4)
