@@ -21,7 +21,8 @@ def get_config():
   c.clip = ml_collections.ConfigDict()
   c.clip.weights = ""  # Local HF dir (config.json + model.safetensors), OpenAI .pt, or cache .npz.
   c.clip.pos_interp = "bilinear"  # Position-embedding resize: bilinear (WeCLIP) or bicubic.
-  c.clip.cache_dir = ""  # Where converted weights are cached; "" = beside the weights file.
+  # Where converted weights are cached; "" = $XDG_CACHE_HOME/ssr_jax (or ~/.cache/ssr_jax).
+  c.clip.cache_dir = ""
 
   # ---------------------------------------------------------------- frozen DINO (§3.1)
   c.dino = ml_collections.ConfigDict()
@@ -29,7 +30,7 @@ def get_config():
   # dino_deitsmall16_pretrain.pth, or a converted .npz; "" = no DINO (then SGC's paper affinity
   # needs model.cam.dino_weight = 0).
   c.dino.weights = ""
-  c.dino.cache_dir = ""  # Where a .pth is converted to; "" = beside it.
+  c.dino.cache_dir = ""  # Where a .pth is converted to; "" = as clip.cache_dir.
 
   # ---------------------------------------------------------------- model (§1-§3)
   c.model = ml_collections.ConfigDict()

@@ -1,7 +1,11 @@
-"""Test setup: 8 simulated CPU devices (must precede the first jax import) and float32 matmuls."""
+"""Test setup: 8 simulated CPU devices (must precede the first jax import), float32 matmuls and
+a temporary user cache directory."""
 
 import os
+import tempfile
 
+# Converted weights go to the user cache dir by default: never the tester's own ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ssr_jax_test_cache_")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

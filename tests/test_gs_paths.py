@@ -172,14 +172,19 @@ def _assert_trees_equal(a, b):
 
 
 def _check_cached_load(bucket, convert, load, local_weights, remote_weights, want, **kw):
-  """Loads remote_weights (converted and cached beside them, then from a gs:// cache_dir)
-  equal to `want`; spoils the source and loads again, which only the caches can serve."""
+  """Loads remote_weights (converted and cached in the local user cache dir, then in a gs://
+  cache_dir) equal to `want`; spoils the source and loads again, which only the caches can
+  serve."""
+  from ssr_jax import weights_npz
+
   folder = remote_weights.rsplit("/", 1)[0].removeprefix(f"{BUCKET}/")
-  name = remote_weights.rsplit("/", 1)[1]
   before = set(_objects(bucket, folder))
+  user = weights_npz.user_cache_dir()
+  cached = set(user.iterdir()) if user.exists() else set()
   _assert_trees_equal(load(remote_weights, **kw)[1], want)
-  assert set(_objects(bucket, folder)) - before == {f"{name}.ssr_jax.npz"}  # Beside the source.
-  meta = convert.read_metadata(f"{remote_weights}.ssr_jax.npz")
+  assert set(_objects(bucket, folder)) == before  # Nothing written beside the source.
+  (cache,) = set(user.iterdir()) - cached
+  meta = convert.read_metadata(cache)
   assert meta["source_path"] == remote_weights
   sha = convert.weights_fingerprint(local_weights)
   assert meta["sha256"] == sha == convert.weights_fingerprint(remote_weights)
