@@ -194,14 +194,16 @@ def get_config():
 
   # ---------------------------------------------------------------- evaluation (§1.8)
   c.eval = ml_collections.ConfigDict()
-  c.eval.splits = ("val",)  # Scored in turn; WSSS papers report cam/pseudo on train.
+  # Scored in turn; () = (data.val_split,), so own split lists need setting once. WSSS papers
+  # report cam/pseudo on train: e.g. ("val", "train").
+  c.eval.splits = ()
   # What eval mode scores: seg (decoder), cam (GradCAM of model.cam.source), clip_cam (GradCAM of
   # frozen CLIP: the paper's reference row) and/or pseudo (refined pseudo-labels).
   c.eval.targets = ("seg",)
   c.eval.scales = (1.0, 0.75)
   c.eval.flip = True
   c.eval.long_side = 512  # Resize the long side to this before multi-scale inference.
-  c.eval.batch_size = 8  # Global eval batch (padded to a multiple of the device count).
+  c.eval.batch_size = 8  # Global eval batch at most (batches are no larger than a size group).
   c.eval.checkpoint_step = -1  # -1 = latest.
   c.eval.max_images = 0  # 0 = the whole split.
   c.eval.num_vis = 16  # Visualisation grids written under workdir/eval.

@@ -288,7 +288,9 @@ def test_eval_outputs_predictions_and_scoring_on_gs(bucket, tmp_path):
   grid = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
   eval_run._write(res, {"val_seg/img1": grid}, f"{BUCKET}/run", "val", "seg")
   objs = _objects(bucket, "run/eval")
-  assert json.loads(objs["metrics.json"]) == res == json.loads(objs["metrics_val_seg.json"])
+  assert json.loads(objs["metrics_val_seg.json"]) == res
+  eval_run.write_metrics(f"{BUCKET}/run", {"val": {"seg": {**res, "images": {"a": grid}}}})
+  assert json.loads(_objects(bucket, "run/eval")["metrics.json"]) == {"val": {"seg": res}}
   np.testing.assert_array_equal(files.decode_image(objs["val_seg/vis/img1.png"], "vis"), grid)
 
   rng = np.random.default_rng(0)
@@ -376,7 +378,7 @@ def test_evaluation_from_gs_data_into_gs_workdir(bucket, tmp_path):
   assert sorted(k for k in written if k.startswith("eval/val_seg/pred/")) == [
     f"eval/val_seg/pred/val_0000{i}.png" for i in range(3)
   ]
-  assert json.loads(written["eval/metrics.json"])["num_images"] == 3
+  assert json.loads(written["eval/metrics_val_seg.json"])["num_images"] == 3
 
 
 def test_tfds_build_into_gs(bucket, tmp_path):
