@@ -1,19 +1,27 @@
-"""`python -m ssr_jax.predict` throughput: a handful of photos of mixed sizes, tiny random model.
+"""`python -m ssr_jax.predict` and evaluation throughput: a handful of photos of mixed sizes,
+tiny random model.
 
 `python -m benchmarks predict [--small] [--photos 6] [--batch 16]` times predict's batching
 (one batch per input size, no larger than the photos at hand) against the former padding of
-every batch to eval.batch_size, each after a warm-up pass that compiles its programs (the
-machine line printed first names the CPU, where predict mostly runs).
+every batch to eval.batch_size, and evaluation's `seg` predictions (the same batching, from an
+EvalDataset of the photos saved as JPEGs in a VOC-layout folder, their sizes read from the file
+headers) against its former single stream padded the same way; each after a warm-up pass that
+compiles its programs (the machine line printed first names the CPU, where predict mostly runs).
 """
 
 import argparse
+import os
+import tempfile
 import time
 
 import jax
 import numpy as np
+from PIL import Image
 
 from benchmarks import common
+from configs import voc
 from ssr_jax import predict
+from ssr_jax.data import files, pipeline
 from ssr_jax.eval import run as eval_run
 
 PHOTO_SIZES = ((400, 600), (600, 400), (375, 500), (480, 640), (400, 600), (333, 500))
@@ -65,6 +73,16 @@ def run(args):
   def single():  # One photo alone, as `predict --images photo.jpg`.
     return predict.segment(task, frozen, params, photos[:1], config.eval)
 
+  folder = tempfile.TemporaryDirectory(prefix="bench_predict_")
+  dataset = _eval_dataset(folder.name, photos)
+
+  def eval_planned():  # Evaluation's seg target now.
+    return eval_run.predict_seg(task, frozen, params, dataset, config.eval)
+
+  def eval_padded():  # Evaluation before: one stream of the dataset, padded as `padded`.
+    images = (ex["image"] for ex in dataset)
+    return eval_run.seg_predictions(task, frozen, params, images, config.eval)
+
   out = dict(
     devices=jax.local_device_count(),
     photos=len(photos),
@@ -72,10 +90,31 @@ def run(args):
     long_side=config.eval.long_side,
     eval_batch_size=config.eval.batch_size,
   )
-  for name, fn in (("planned", planned), ("padded", padded), ("single_photo", single)):
-    _, first = _timed(fn)  # Compiles.
-    count, seconds = _timed(fn)
-    out[f"{name}_first_pass_s"] = round(first, 2)
-    out[f"{name}_s"] = round(seconds, 3)
-    out[f"{name}_images_per_s"] = round(count / seconds, 2)
+  runs = dict(
+    planned=planned,
+    padded=padded,
+    single_photo=single,
+    eval_planned=eval_planned,
+    eval_padded=eval_padded,
+  )
+  with folder:
+    for name, fn in runs.items():
+      _, first = _timed(fn)  # Compiles.
+      count, seconds = _timed(fn)
+      out[f"{name}_first_pass_s"] = round(first, 2)
+      out[f"{name}_s"] = round(seconds, 3)
+      out[f"{name}_images_per_s"] = round(count / seconds, 2)
   return out
+
+
+def _eval_dataset(root, photos):
+  """The photos as a VOC-layout folder (JPEGs, empty masks) and its EvalDataset."""
+  ids = [f"photo{i}" for i in range(len(photos))]
+  os.makedirs(f"{root}/JPEGImages")
+  for i, p in zip(ids, photos):
+    Image.fromarray(p).save(f"{root}/JPEGImages/{i}.jpg", quality=95)
+    files.write_png(f"{root}/SegmentationClassAug/{i}.png", np.zeros(p.shape[:2], np.uint8))
+  files.write_bytes(f"{root}/photos.txt", "".join(f"{i}\n" for i in ids).encode())
+  data = voc.get_config().data
+  data.root, data.num_workers = root, 2
+  return pipeline.make_eval_dataset(data, f"{root}/photos.txt", superpixels=False)

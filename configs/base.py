@@ -21,7 +21,8 @@ def get_config():
   c.clip = ml_collections.ConfigDict()
   c.clip.weights = ""  # Local HF dir (config.json + model.safetensors), OpenAI .pt, or cache .npz.
   c.clip.pos_interp = "bilinear"  # Position-embedding resize: bilinear (WeCLIP) or bicubic.
-  c.clip.cache_dir = ""  # Where converted weights are cached; "" = beside the weights file.
+  # Where converted weights are cached; "" = $XDG_CACHE_HOME/ssr_jax (or ~/.cache/ssr_jax).
+  c.clip.cache_dir = ""
 
   # ---------------------------------------------------------------- frozen DINO (§3.1)
   c.dino = ml_collections.ConfigDict()
@@ -29,7 +30,7 @@ def get_config():
   # dino_deitsmall16_pretrain.pth, or a converted .npz; "" = no DINO (then SGC's paper affinity
   # needs model.cam.dino_weight = 0).
   c.dino.weights = ""
-  c.dino.cache_dir = ""  # Where a .pth is converted to; "" = beside it.
+  c.dino.cache_dir = ""  # Where a .pth is converted to; "" = as clip.cache_dir.
 
   # ---------------------------------------------------------------- model (§1-§3)
   c.model = ml_collections.ConfigDict()
@@ -208,14 +209,16 @@ def get_config():
 
   # ---------------------------------------------------------------- evaluation (§1.8)
   c.eval = ml_collections.ConfigDict()
-  c.eval.splits = ("val",)  # Scored in turn; WSSS papers report cam/pseudo on train.
+  # Scored in turn; () = (data.val_split,), so own split lists need setting once. WSSS papers
+  # report cam/pseudo on train: e.g. ("val", "train").
+  c.eval.splits = ()
   # What eval mode scores: seg (decoder), cam (GradCAM of model.cam.source), clip_cam (GradCAM of
   # frozen CLIP: the paper's reference row) and/or pseudo (refined pseudo-labels).
   c.eval.targets = ("seg",)
   c.eval.scales = (1.0, 0.75)
   c.eval.flip = True
   c.eval.long_side = 512  # Resize the long side to this before multi-scale inference.
-  c.eval.batch_size = 8  # Global eval batch (padded to a multiple of the device count).
+  c.eval.batch_size = 8  # Global eval batch at most (batches are no larger than a size group).
   c.eval.checkpoint_step = -1  # -1 = latest.
   c.eval.max_images = 0  # 0 = the whole split.
   c.eval.num_vis = 16  # Visualisation grids written under workdir/eval.

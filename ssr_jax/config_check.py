@@ -162,7 +162,6 @@ RULES = {
   "data.color_clusters": AT_LEAST_1,
   "data.cluster_position_weight": UNIT,
   **{f"train.{k}": rule for k, rule in TRAIN_RULES.items()},
-  "eval.splits": ("must name at least one split, e.g. ('val',)", lambda v: len(v) > 0),
   "eval.targets": (
     f"must be a non-empty subset of {TARGETS}",
     lambda v: len(v) > 0 and set(v) <= set(TARGETS),

@@ -4,7 +4,7 @@ training and evaluation.
 Modes mean the same for every dataset (VOC, COCO, the synthetic demo):
 - train: train (or resume) to train.num_steps, evaluating `seg` every train.eval_every steps;
 - eval: restore the checkpoint's variables and evaluate each of eval.targets on each of
-  eval.splits;
+  eval.splits (default: data.val_split);
 - train_and_eval: both;
 - ablation: train_and_eval of each row of VARIANTS (the paper's ladder) with each of
   ablation.num_seeds seeds (seed, seed + 1, ...), summarised over seeds (ssr_jax/ablation.py).
@@ -184,20 +184,32 @@ def train(config, workdir):
   )
 
 
+def eval_splits(config) -> tuple[str, ...]:
+  """The splits --mode eval scores: eval.splits, or (data.val_split,) when it is empty."""
+  return tuple(config.eval.splits) or (config.data.val_split,)
+
+
 def evaluate(config, workdir) -> dict:
   """Restores the checkpoint's variables and evaluates each of eval.targets on each of
-  eval.splits.
+  `eval_splits(config)`; writes eval/metrics.json (all of them) on process 0.
 
-  Returns {split: {target: result dict (miou, precision, recall, per-class IoU, ...)}}.
+  Returns {split label: {target: result dict (miou, precision, recall, per-class IoU, ...)}}
+  (label: `eval_run.split_label`, a list file's stem).
   """
+  splits = eval_splits(config)
+  labels = [eval_run.split_label(s) for s in splits]
+  if len(set(labels)) < len(labels):
+    raise UserError(
+      f"eval.splits={splits} name their outputs {labels}: give the list files distinct names"
+    )
   task, frozen, fingerprint = build(config)
   ckpt_step = None if config.eval.checkpoint_step < 0 else int(config.eval.checkpoint_step)
   variables, step = eval_run.restore_variables(workdir, task, step=ckpt_step)
   results = {}
-  for split in config.eval.splits:
-    results[split] = {}
+  for split, label in zip(splits, labels):
+    results[label] = {}
     for target in config.eval.targets:
-      results[split][target] = eval_run.evaluate(
+      results[label][target] = eval_run.evaluate(
         config,
         workdir,
         task=task,
@@ -210,10 +222,11 @@ def evaluate(config, workdir) -> dict:
       )
   log_evaluation(workdir, step, results)
   if jax.process_index() == 0:
-    for split, res in results.items():
+    path = eval_run.write_metrics(workdir, results)
+    for label, res in results.items():
       figures = "  ".join(f"{t} {r['miou']:.3f}" for t, r in res.items())
-      print(f"mIoU on {split}: {figures}")
-    print(f"metrics, predictions and visualisations: {epath.Path(workdir) / 'eval'}")
+      print(f"mIoU on {label}: {figures}")
+    print(f"metrics ({path}), predictions and visualisations: {epath.Path(workdir) / 'eval'}")
   return results
 
 

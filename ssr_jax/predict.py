@@ -14,7 +14,6 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
@@ -22,7 +21,7 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from ssr_jax import experiment  # noqa: E402
 from ssr_jax.data import files  # noqa: E402
-from ssr_jax.eval import inference, png, visualize  # noqa: E402
+from ssr_jax.eval import png, visualize  # noqa: E402
 from ssr_jax.eval import run as eval_run  # noqa: E402
 from ssr_jax.train.checkpoint import Checkpointer  # noqa: E402
 
@@ -61,32 +60,11 @@ def load_config(workdir, step=None):
   return ml_collections.ConfigDict(saved)
 
 
-def plan_batches(shapes, *, limit: int, devices: int, long_side, multiple: int) -> list:
-  """[(batch_size, image indices)] per network input size, for images of `shapes` [(H, W)].
-
-  Images of one input size share a compiled program and a batch; a batch holds no more than
-  the images at hand (at most `limit`), rounded up to a multiple of `devices`, so one photo is
-  not padded with eval.batch_size - 1 dummies (75 s for one 400x600 image on a CPU).
-  """
-  groups = {}
-  for i, (h, w) in enumerate(shapes):
-    size, _ = inference.input_sizes(h, w, scales=(), long_side=long_side, multiple=multiple)
-    groups.setdefault(size, []).append(i)
-  plan = []
-  for idx in groups.values():
-    n = min(limit, len(idx))
-    plan.append((-(-n // devices) * devices, idx))
-  return plan
-
-
 def segment(task, frozen, variables, images, eval_cfg):
-  """(index, pred int32 [H, W]) of each uint8 image [H, W, 3], batched by `plan_batches`."""
-  plan = plan_batches(
-    [im.shape[:2] for im in images],
-    limit=eval_cfg.batch_size,
-    devices=jax.local_device_count(),
-    long_side=eval_cfg.long_side or None,
-    multiple=task.clip.cfg.patch_size,
+  """(index, pred int32 [H, W]) of each uint8 image [H, W, 3], batched by
+  `eval_run.plan_seg_batches` (as evaluation)."""
+  plan = eval_run.plan_seg_batches(
+    [im.shape[:2] for im in images], eval_cfg, multiple=task.clip.cfg.patch_size
   )
   for batch_size, idx in plan:
     group = [images[i] for i in idx]

@@ -149,14 +149,21 @@ def stamp(path) -> dict:
   return {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def user_cache_dir() -> epath.Path:
+  """$XDG_CACHE_HOME/ssr_jax, or ~/.cache/ssr_jax: where converted weights go by default."""
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return epath.Path(root) / "ssr_jax"
+
+
 def cache_path(weights, cache_dir, *, prefix: str = "") -> epath.Path:
-  """Where a source's converted .npz goes: beside it (<name>.ssr_jax.npz), or in cache_dir under
-  a name keyed on the absolute source path (one cache dir can serve many sources)."""
+  """Where a source's converted .npz goes: in cache_dir (default `user_cache_dir()`, never beside
+  the weights, whose folder may be read-only or a bucket) under a name keyed on the absolute
+  source path, so one cache dir serves many sources."""
   weights = epath.Path(weights)
-  if cache_dir:
-    tag = hashlib.sha1(absolute(weights).encode()).hexdigest()[:12]
-    return epath.Path(cache_dir).expanduser() / f"{prefix}{weights.name}-{tag}.npz"
-  return weights.with_name(weights.name + ".ssr_jax.npz")
+  tag = hashlib.sha1(absolute(weights).encode()).hexdigest()[:12]
+  return (
+    epath.Path(cache_dir or user_cache_dir()).expanduser() / f"{prefix}{weights.name}-{tag}.npz"
+  )
 
 
 def read(

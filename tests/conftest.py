@@ -1,7 +1,9 @@
-"""Test setup: 8 simulated CPU devices (must precede the first jax import) and float32 matmuls."""
+"""Test setup: 8 simulated CPU devices (must precede the first jax import), float32 matmuls and
+a temporary user cache directory."""
 
 import os
 import sys
+import tempfile
 
 # torch 2.13's Python 3.12 wheel is its CUDA build, whose triton segfaults when loaded into a
 # process that has loaded TensorFlow (transformers' model classes import it through
@@ -9,6 +11,8 @@ import sys
 # makes `import triton` raise ImportError, which torch handles.
 sys.modules.setdefault("triton", None)
 
+# Converted weights go to the user cache dir by default: never the tester's own ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ssr_jax_test_cache_")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

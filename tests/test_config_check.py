@@ -53,7 +53,6 @@ BAD = [
   ("data.scale_range", (2.0, 0.5), "must be (low, high) with 0 < low <= high"),
   ("data.verify", "all", "use one of ('none', 'headers', 'full')"),
   ("eval.targets", ("seg", "crf"), "must be a non-empty subset of ('seg', 'cam', 'clip_cam', "),
-  ("eval.splits", (), "must name at least one split, e.g. ('val',)"),
   ("eval.scales", (1.0, -0.5), "must be a non-empty tuple, each entry > 0"),
 ]
 

@@ -172,14 +172,19 @@ def _assert_trees_equal(a, b):
 
 
 def _check_cached_load(bucket, convert, load, local_weights, remote_weights, want, **kw):
-  """Loads remote_weights (converted and cached beside them, then from a gs:// cache_dir)
-  equal to `want`; spoils the source and loads again, which only the caches can serve."""
+  """Loads remote_weights (converted and cached in the local user cache dir, then in a gs://
+  cache_dir) equal to `want`; spoils the source and loads again, which only the caches can
+  serve."""
+  from ssr_jax import weights_npz
+
   folder = remote_weights.rsplit("/", 1)[0].removeprefix(f"{BUCKET}/")
-  name = remote_weights.rsplit("/", 1)[1]
   before = set(_objects(bucket, folder))
+  user = weights_npz.user_cache_dir()
+  cached = set(user.iterdir()) if user.exists() else set()
   _assert_trees_equal(load(remote_weights, **kw)[1], want)
-  assert set(_objects(bucket, folder)) - before == {f"{name}.ssr_jax.npz"}  # Beside the source.
-  meta = convert.read_metadata(f"{remote_weights}.ssr_jax.npz")
+  assert set(_objects(bucket, folder)) == before  # Nothing written beside the source.
+  (cache,) = set(user.iterdir()) - cached
+  meta = convert.read_metadata(cache)
   assert meta["source_path"] == remote_weights
   sha = convert.weights_fingerprint(local_weights)
   assert meta["sha256"] == sha == convert.weights_fingerprint(remote_weights)
@@ -285,7 +290,9 @@ def test_eval_outputs_predictions_and_scoring_on_gs(bucket, tmp_path):
   grid = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
   eval_run._write(res, {"val_seg/img1": grid}, f"{BUCKET}/run", "val", "seg")
   objs = _objects(bucket, "run/eval")
-  assert json.loads(objs["metrics.json"]) == res == json.loads(objs["metrics_val_seg.json"])
+  assert json.loads(objs["metrics_val_seg.json"]) == res
+  eval_run.write_metrics(f"{BUCKET}/run", {"val": {"seg": {**res, "images": {"a": grid}}}})
+  assert json.loads(_objects(bucket, "run/eval")["metrics.json"]) == {"val": {"seg": res}}
   np.testing.assert_array_equal(files.decode_image(objs["val_seg/vis/img1.png"], "vis"), grid)
 
   rng = np.random.default_rng(0)
@@ -373,7 +380,7 @@ def test_evaluation_from_gs_data_into_gs_workdir(bucket, tmp_path):
   assert sorted(k for k in written if k.startswith("eval/val_seg/pred/")) == [
     f"eval/val_seg/pred/val_0000{i}.png" for i in range(3)
   ]
-  assert json.loads(written["eval/metrics.json"])["num_images"] == 3
+  assert json.loads(written["eval/metrics_val_seg.json"])["num_images"] == 3
 
 
 def test_tfds_build_into_gs(bucket, tmp_path):

@@ -14,7 +14,8 @@ missing or mis-shaped keys raise one ValueError listing all of them.
 
 The converted arrays are cached as .npz (flat "visual/transformer/..." keys plus a JSON
 `__meta__` entry holding the CLIPConfig, the source files' size/mtime and the sha256 of the
-weights file), beside the weights or in `cache_dir`. A cache whose source changed is rebuilt.
+weights file), in `cache_dir` (default: $XDG_CACHE_HOME/ssr_jax or ~/.cache/ssr_jax, never
+beside the weights). A cache whose source changed is rebuilt.
 """
 
 import dataclasses
@@ -439,7 +440,7 @@ def load_clip(path, *, dtype=jnp.float32, pos_interp="bilinear", cache_dir=None)
   path: HF directory, OpenAI .pt, or converted .npz (see the module docstring). pos_interp:
   position-embedding resize for other resolutions ("bilinear" as WeCLIP, or "bicubic" as
   transformers' interpolate_pos_encoding). cache_dir: where the converted .npz goes (default:
-  beside the weights file).
+  weights_npz.user_cache_dir()).
   """
   cfg, flat, _ = load_converted(path, cache_dir=cache_dir)
   return CLIP(cfg, dtype=dtype, pos_interp=pos_interp), cast_for_compute(_unflatten(flat), dtype)

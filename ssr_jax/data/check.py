@@ -2,7 +2,9 @@
 
   python -m ssr_jax.data.check --config configs/voc.py [--splits train_aug,val] [--workers N]
 
-Per split: the list file exists and is non-empty; every listed image decodes fully (corrupt or
+Per split: the list file exists and is non-empty; the files it names exist (when some do not, one
+summary: the counts, a few names and the likely cause, e.g. a list of images data.root does not
+have; the rest are still checked); every listed image decodes fully (corrupt or
 truncated JPEGs are caught here, grayscale/RGBA are fine: they are converted); every mask
 exists, is single-channel, has values in 0..C-1 or 255 and the image's size; images without
 any foreground label are counted (training skips them); and if the superpixel folder exists,
@@ -172,6 +174,20 @@ def check_split(data_cfg, split: str, *, workers: int = 0, progress: bool = Fals
     cl_dir = sp_lib.cluster_directory(data_cfg, ds.root)
     if epath.Path(cl_dir).is_dir():
       cl_paths = [str(epath.Path(cl_dir) / f"{i}.png") for i in sf.ids]
+  # Missing images and masks: one summary, then only the rows that have both are read.
+  missing = dataset.missing_files([*sf.images, *sf.masks])
+  if missing:
+    where = dataset.where(split, sf.list_file)
+    report.problems.append(dataset.missing_summary(missing, sf.images, where, ds.manual))
+    gone = set(missing)
+    keep = [k for k in range(len(sf.ids)) if not {sf.images[k], sf.masks[k]} & gone]
+    sf = dataclasses.replace(
+      sf,
+      ids=[sf.ids[k] for k in keep],
+      images=[sf.images[k] for k in keep],
+      masks=[sf.masks[k] for k in keep],
+    )
+    sp_paths, cl_paths = [sp_paths[k] for k in keep], [cl_paths[k] for k in keep]
   bar = None
   if progress:
     from tqdm import tqdm

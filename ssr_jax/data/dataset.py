@@ -107,15 +107,41 @@ def _is_file(path) -> bool:
 
 def _check_exist(images, masks, split, list_file, manual):
   paths = [*images, *masks]
+  missing = missing_files(paths)
+  if missing:
+    raise DataError(missing_summary(missing, images, where(split, list_file), manual))
+
+
+def where(split: str, list_file: str) -> str:
+  """How errors name a split: its list file, or its name and list file."""
+  return list_file if split == list_file else f"split {split!r} ({list_file})"
+
+
+def missing_files(paths) -> list[str]:
+  """The paths that are not files, in order."""
   # Threads: on gs:// every check is a round trip to the object store.
   with concurrent.futures.ThreadPoolExecutor(16) as pool:
-    missing = [p for p, ok in zip(paths, pool.map(_is_file, paths)) if not ok]
-  if missing:
-    listed = "\n  ".join(missing[:MAX_LISTED])
-    where = list_file if split == list_file else f"split {split!r} ({list_file})"
-    raise DataError(
-      f"{len(missing)} file(s) named by {where} are missing, e.g.\n  {listed}\n{manual}"
+    return [p for p, ok in zip(paths, pool.map(_is_file, paths)) if not ok]
+
+
+def missing_summary(missing, images, where: str, manual: str) -> str:
+  """One message for the files a split list names that do not exist (`missing`, among its
+  `images` and their masks): the counts, the first MAX_LISTED names and the likely cause."""
+  in_images = set(images)
+  n_img = sum(p in in_images for p in missing)
+  counts = [f"{n_img} of {len(images)} images"] if n_img else []
+  counts += [f"{len(missing) - n_img} masks"] if len(missing) > n_img else []
+  listed = "\n  ".join(missing[:MAX_LISTED])
+  head = f"{' and '.join(counts)} named by {where} are missing, e.g.\n  {listed}\n"
+  if 0 < n_img < len(images):
+    return head + (
+      "Likely cause: the list names images your data.root does not have (part of the dataset?): "
+      "pass your own list of the images you have with --config.data.train_split=PATH (and "
+      "--config.data.val_split=PATH; README: 'Subsets and your own split lists')"
     )
+  if n_img:
+    return head + f"Likely cause: data.root holds none of the listed images.\n{manual}"
+  return head + f"Likely cause: the masks are not where the dataset keeps them.\n{manual}"
 
 
 def drop_unlabeled_images(split: Split) -> Split:

@@ -159,6 +159,15 @@ def image_size(path) -> tuple[int, int]:
     raise DataError(f"cannot read the header of {path} ({e}); the file is corrupt") from None
 
 
+def encoded_image_size(data: bytes, name: str) -> tuple[int, int]:
+  """(H, W) of encoded JPEG/PNG bytes from the header only; `name` says where they came from."""
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      return im.size[1], im.size[0]
+  except (OSError, SyntaxError) as e:
+    raise DataError(f"cannot read the header of {name} ({e}); the file is corrupt") from None
+
+
 def write_bytes(path, data: bytes) -> None:
   """Writes a file so that readers never see it half-written, creating its folder.
 

@@ -31,10 +31,11 @@ import concurrent.futures
 import functools
 import logging
 import multiprocessing
+from collections.abc import Iterator
 
 import numpy as np
 
-from ssr_jax.data import check, parallel, sources
+from ssr_jax.data import check, files, parallel, sources
 from ssr_jax.data.dataset import Split
 from ssr_jax.data.examples import (
   AugmentOptions,
@@ -267,14 +268,28 @@ class EvalDataset:
     }
 
   def __iter__(self):
+    return self.iterate(range(len(self)))
+
+  def iterate(self, positions) -> Iterator[dict]:
+    """Items at `positions` (into this dataset), in that order, prefetched by a thread pool."""
     with concurrent.futures.ThreadPoolExecutor(self._workers) as pool:
       window = collections.deque()
-      for i in range(len(self)):
+      for i in positions:
         window.append(pool.submit(self.__getitem__, i))
         if len(window) > 2 * self._workers:
           yield window.popleft().result()
       while window:
         yield window.popleft().result()
+
+  def image_sizes(self) -> list[tuple[int, int]]:
+    """(H, W) of each item's image from its file header (no decode; the bytes are fetched)."""
+
+    def size(k):
+      enc = self._store.ref(k).fetch()
+      return files.encoded_image_size(enc.image, enc.names[0])
+
+    with concurrent.futures.ThreadPoolExecutor(self._workers) as pool:
+      return list(pool.map(size, self.indices))
 
 
 def make_eval_dataset(

@@ -53,14 +53,13 @@ file gets its clusters rewritten too, and clusters that do not follow their stor
 image's size (clusters: ids below K, constant on each stored superpixel), and lists problems.
 """
 
-import concurrent.futures
 import sys
 from typing import NamedTuple
 
 import numpy as np
 from etils import epath
 
-from ssr_jax.data import files, parallel, sources
+from ssr_jax.data import dataset, files, parallel, sources
 from ssr_jax.data.dataset import Split
 from ssr_jax.data.files import DataError
 
@@ -443,10 +442,8 @@ def _require_clusters(data_cfg, d: str, cd: str, split: str, ids) -> None:
 
 
 def _missing(d: str, ids) -> list[str]:
-  """The files <d>/<id>.png that do not exist (checked in threads: gs:// is a round trip each)."""
-  paths = [str(epath.Path(d) / f"{i}.png") for i in ids]
-  with concurrent.futures.ThreadPoolExecutor(16) as pool:
-    return [p for p, ok in zip(paths, pool.map(lambda p: epath.Path(p).is_file(), paths)) if not ok]
+  """The files <d>/<id>.png that do not exist."""
+  return dataset.missing_files([str(epath.Path(d) / f"{i}.png") for i in ids])
 
 
 class _Task(NamedTuple):
@@ -542,6 +539,11 @@ def precompute(
   """
   ds = sources.get_dataset(data_cfg)
   sf = ds.resolve(split)
+  # Every missing image in one error before any work (not the first one a worker meets).
+  missing = dataset.missing_files(sf.images)
+  if missing:
+    where = dataset.where(split, sf.list_file)
+    raise DataError(dataset.missing_summary(missing, sf.images, where, ds.manual))
   d, cd = directory(data_cfg, ds.root), cluster_directory(data_cfg, ds.root)
   k, pw = int(data_cfg.color_clusters), float(data_cfg.cluster_position_weight)
   if not 1 <= k <= 255 or pw < 0:

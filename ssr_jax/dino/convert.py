@@ -9,7 +9,8 @@ Sources (`load_dino(path)`):
   mlp.fc2}, norm), or a DINO training checkpoint (its teacher backbone). Needs torch, imported
   only in that branch and read with torch.load(weights_only=True). The architecture comes from
   the tensor shapes; the head count from the width (384 -> 6, 768 -> 12) or the `heads`
-  argument. Converted once to an .npz cache (beside the file or in `cache_dir`) that later calls
+  argument. Converted once to an .npz cache (in `cache_dir`, default the user cache directory
+  $XDG_CACHE_HOME/ssr_jax or ~/.cache/ssr_jax) that later calls
   read without torch; a cache whose source changed (size or mtime) is rebuilt;
 - a converted .npz written by this module.
 
@@ -368,7 +369,7 @@ def load_dino(path, *, heads: int | None = None, dtype=jnp.float32, cache_dir=No
   path: Hugging Face directory, official .pth, or converted .npz (see the module docstring).
   heads: attention heads for a .pth of a width outside the known table (384 -> 6, 768 -> 12).
   dtype: compute dtype; Dense/Conv kernels and biases are stored in it, the rest float32.
-  cache_dir: where a .pth's converted .npz goes (default: beside it).
+  cache_dir: where a .pth's converted .npz goes (default: weights_npz.user_cache_dir()).
   """
   cfg, flat, _ = load_converted(path, heads=heads, cache_dir=cache_dir)
   params = traverse_util.unflatten_dict(

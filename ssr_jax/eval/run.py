@@ -10,13 +10,19 @@ all yielding (example, pred int32 [H, W]):
 - pseudo (`predict_pseudo`): the refined online pseudo-labels (affinity propagation, SGC if
   enabled, PAR) in 'val' mode, i.e. with the RFM affinity of the trained decoder.
 
+Outputs go under <workdir>/eval/, named by `split_label(split)` (a list file's stem, made safe):
+<label>_<target>/pred/<id>.png, <label>_<target>/vis/<id>.png and metrics_<label>_<target>.json;
+`write_metrics` writes metrics.json, every split and target of one evaluation.
+
 Several processes: each evaluates its own slice of the split on its own devices; the confusion
-matrices are summed across processes and process 0 writes metrics.json and the grids.
+matrices are summed across processes and process 0 writes the metrics and the grids.
 """
 
 import functools
 import json
 import logging as pylogging
+import os
+import re
 import time
 from collections.abc import Iterable, Iterator
 
@@ -148,20 +154,40 @@ def cam_outputs(task, frozen, variables, ex, *, source=None) -> dict:
   )
 
 
+def process_batch_size(eval_cfg, mesh) -> int:
+  """This process's share of the global eval.batch_size: batch_size / P processes, rounded down
+  to a multiple of its device count (at least one image per device)."""
+  per_process = eval_cfg.batch_size // process()[1]
+  return max(per_process // mesh.size, 1) * mesh.size
+
+
+def plan_seg_batches(shapes, eval_cfg, *, multiple: int, mesh=None) -> list:
+  """`inference.plan_batches` of this process's images of shapes [(H, W)]: per network input
+  size, one batch no larger than the images at hand (rounded up to the device count) and at
+  most `process_batch_size`."""
+  mesh = local_mesh() if mesh is None else mesh
+  return inference.plan_batches(
+    shapes,
+    limit=process_batch_size(eval_cfg, mesh),
+    devices=mesh.size,
+    long_side=eval_cfg.long_side or None,
+    multiple=multiple,
+  )
+
+
 def seg_predictions(
   task, frozen, variables, images, eval_cfg, *, crf=False, mesh=None, batch_size=None
 ):
   """Multi-scale + flip decoder predictions for an iterable of uint8 images [H, W, 3].
 
   Yields (index, pred int32 [H, W]) in completion order, plus the averaged logits when crf.
-  Batches are sharded over `mesh` (default: this process's devices). batch_size (default
-  eval.batch_size) is the global batch, so each of P processes takes batch_size / P, rounded
-  down to a multiple of its device count (at least one image per device).
+  Batches are sharded over `mesh` (default: this process's devices). batch_size: this process's
+  batch, a multiple of its device count (e.g. from `plan_seg_batches`); default
+  `process_batch_size`.
   """
   ec = eval_cfg
   mesh = local_mesh() if mesh is None else mesh
-  per_process = (ec.batch_size if batch_size is None else batch_size) // process()[1]
-  bs = max(per_process // mesh.size, 1) * mesh.size
+  bs = process_batch_size(ec, mesh) if batch_size is None else batch_size
   yield from inference.iter_predictions(
     task.normalized_seg_logits,
     _normalized(images, task.options.normalization),
@@ -182,18 +208,29 @@ def _normalized(images: Iterable, normalization: str) -> Iterator[np.ndarray]:
     yield (np.asarray(im, np.float32) - mean) / std
 
 
-def predict_seg(task, frozen, variables, dataset: Iterable[dict], eval_cfg) -> Iterator[tuple]:
-  """(example, pred int32 [H, W]) of the decoder (+ dense CRF when eval.crf), completion order."""
+def predict_seg(task, frozen, variables, dataset, eval_cfg) -> Iterator[tuple]:
+  """(example, pred int32 [H, W]) of the decoder (+ dense CRF when eval.crf), completion order.
+
+  dataset: an EvalDataset. Its images are read size group by size group (`plan_seg_batches` of
+  their header sizes), each group in batches no larger than it, so a few images of several sizes
+  are not each padded to eval.batch_size."""
   ec = eval_cfg
-  pending = {}  # Examples waiting in a size bucket; bounded by the bucket batch size.
+  plan = plan_seg_batches(dataset.image_sizes(), ec, multiple=task.clip.cfg.patch_size)
+  for batch_size, positions in plan:
+    yield from _predict_seg_group(task, frozen, variables, dataset, positions, ec, batch_size)
+
+
+def _predict_seg_group(task, frozen, variables, dataset, positions, ec, batch_size):
+  pending = {}  # Examples waiting for their batch; at most batch_size - 1.
 
   def images():
-    for i, ex in enumerate(dataset):
-      pending[i] = ex
+    for k, ex in enumerate(dataset.iterate(positions)):
+      pending[k] = ex
       yield ex["image"]
 
-  for i, pred, *logits in seg_predictions(task, frozen, variables, images(), ec, crf=ec.crf):
-    ex = pending.pop(i)
+  preds = seg_predictions(task, frozen, variables, images(), ec, crf=ec.crf, batch_size=batch_size)
+  for k, pred, *logits in preds:
+    ex = pending.pop(k)
     if ec.crf:
       pred = crf.crf_predict(
         ex["image"],
@@ -282,19 +319,28 @@ def _protocol(eval_cfg, data_cfg, target) -> dict:
   )
 
 
-def confusion_key(split: str, target: str) -> str:
-  """The name of an evaluation's confusion heatmap among its images (TensorBoard tag)."""
-  return f"{split}_{target}/confusion_matrix"
+def split_label(split: str) -> str:
+  """The name of a split in output paths and metric keys: the split itself, or the stem of a
+  list file ("/data/lists/val.txt" -> "val"), with characters other than letters, digits, "_",
+  "-" and "." replaced by "_", so outputs always land inside the workdir's eval/ folder."""
+  if split.endswith(".txt") or "/" in split or os.sep in split:
+    split = epath.Path(split).stem
+  return re.sub(r"[^A-Za-z0-9_.-]", "_", split).strip(".") or "split"
 
 
-def _write(res, images, workdir, split, target) -> None:
-  """metrics.json (+ a per-run copy), the grids under eval/<split>_<target>/vis/ and the
-  confusion heatmap beside them (eval/<split>_<target>/confusion.png)."""
+def confusion_key(label: str, target: str) -> str:
+  """The name of an evaluation's confusion heatmap among its images (TensorBoard tag); label:
+  `split_label`."""
+  return f"{label}_{target}/confusion_matrix"
+
+
+def _write(res, images, workdir, label, target) -> None:
+  """eval/metrics_<label>_<target>.json, the grids under eval/<label>_<target>/vis/ and the
+  confusion heatmap beside them (eval/<label>_<target>/confusion.png)."""
   eval_dir = epath.Path(workdir) / "eval"
-  for name in ("metrics.json", f"metrics_{split}_{target}.json"):
-    files.write_bytes(eval_dir / name, json.dumps(res, indent=2).encode())
-  out_dir = eval_dir / f"{split}_{target}"
-  heatmap = confusion_key(split, target)
+  files.write_bytes(eval_dir / f"metrics_{label}_{target}.json", json.dumps(res, indent=2).encode())
+  out_dir = eval_dir / f"{label}_{target}"
+  heatmap = confusion_key(label, target)
   for key, g in images.items():
     path = (
       out_dir / "confusion.png"
@@ -303,6 +349,18 @@ def _write(res, images, workdir, split, target) -> None:
     )
     visualize.save_image(path, g)
   logging.info("wrote %s", out_dir)
+
+
+def write_metrics(workdir, results: dict) -> epath.Path:
+  """eval/metrics.json: {split label: {target: metrics}} of one evaluation (the grids left out);
+  returns its path. Each entry is also in its own metrics_<label>_<target>.json."""
+  table = {
+    sp: {t: {k: v for k, v in r.items() if k != "images"} for t, r in per.items()}
+    for sp, per in results.items()
+  }
+  path = epath.Path(workdir) / "eval" / "metrics.json"
+  files.write_bytes(path, json.dumps(table, indent=2).encode())
+  return path
 
 
 def evaluate(
@@ -318,7 +376,8 @@ def evaluate(
   write_outputs=True,
   clip_fingerprint="",
 ):
-  """Evaluates `target` on `split`; writes workdir/eval/metrics.json (+ per-run copy).
+  """Evaluates `target` on `split` (a split name or a list file); writes its predictions, grids
+  and workdir/eval/metrics_<label>_<target>.json (label: `split_label`).
 
   Returns the metrics, with "images": {name: grid} of the first eval.num_vis examples of this
   process's slice and the confusion heatmap (`confusion_key`) on process 0 (empty on the
@@ -342,7 +401,8 @@ def evaluate(
   )[target]
   args = (task, frozen, variables, dataset) + ((ec,) if target == "seg" else ())
   lead = process()[0] == 0
-  pred_dir = epath.Path(workdir) / "eval" / f"{split}_{target}" / "pred"
+  label = split_label(split)
+  pred_dir = epath.Path(workdir) / "eval" / f"{label}_{target}" / "pred"
   acc = metrics.ConfusionAccumulator(dc.num_classes, ignore=dc.ignore_label)
   vis_images, count, t0 = {}, 0, time.time()
   drawn = set(dataset.indices[: ec.num_vis])  # The first num_vis of this process's slice.
@@ -353,21 +413,22 @@ def evaluate(
     if write_outputs and ec.save_png:
       png.save_label_png(pred_dir / f"{ex['id']}.png", pred.astype(np.uint8))
     if lead and ex["index"] in drawn:
-      vis_images[f"{split}_{target}/{ex['id']}"] = vis_grid(
+      vis_images[f"{label}_{target}/{ex['id']}"] = vis_grid(
         task, frozen, variables, ex, pred, names, source=source
       )
   conf, count = _all_processes_sum(acc.conf, count)
   seconds = time.time() - t0
   res = metrics.scores(conf, names)
-  res.update(target=target, split=split, num_images=count, checkpoint_step=step, seconds=seconds)
+  res.update(target=target, split=split, split_label=label, num_images=count)
+  res.update(checkpoint_step=step, seconds=seconds)
   res.update(_protocol(ec, dc, target), clip_fingerprint=clip_fingerprint)
   if lead:
-    print(f"\n{split} / {target} @ step {step}: {count} images in {seconds:.1f}s")
+    print(f"\n{label} / {target} @ step {step}: {count} images in {seconds:.1f}s")
     print(metrics.format_table(res))
     title = f"{split} / {target} @ step {step}: rows ground truth, columns prediction, % of row"
     heatmap = visualize.confusion_heatmap(metrics.row_shares(conf), names, title=title)
-    vis_images[confusion_key(split, target)] = heatmap
+    vis_images[confusion_key(label, target)] = heatmap
     if write_outputs:
-      _write(res, vis_images, workdir, split, target)
+      _write(res, vis_images, workdir, label, target)
   res["images"] = vis_images
   return res

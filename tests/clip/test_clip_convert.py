@@ -183,9 +183,11 @@ def test_flax_msgpack(tmp_path):
 def test_cache_roundtrip_and_invalidation(hf_tiny, tmp_path, monkeypatch):
   src = tmp_path / "src"
   shutil.copytree(hf_tiny[0], src)
-  _, first = load_clip(src)  # Default cache: beside the weights.
-  cache = src / "model.safetensors.ssr_jax.npz"
-  assert cache.is_file()
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  _, first = load_clip(src)  # Default cache: the user cache dir, never beside the weights.
+  (cache,) = (tmp_path / "xdg" / "ssr_jax").iterdir()
+  assert cache.name.startswith("src_model.safetensors-") and cache.suffix == ".npz"
+  assert sorted(p.name for p in src.iterdir()) == sorted(p.name for p in hf_tiny[0].iterdir())
 
   calls = []
   real = convert._convert

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ssr_jax.data import check, files, pipeline, sources
+from ssr_jax.data import check, files, pipeline, sources, superpixels
 from ssr_jax.data.files import DataError
 from tests.data.conftest import data_config, random_image, write_voc_tree
 
@@ -135,14 +135,32 @@ def test_mask_values_out_of_range(tmp_path, name):
 
 
 def test_split_list_naming_missing_file(tmp_path):
+  """Missing files: one summary (counts, names, the likely cause and what to do)."""
   rng = np.random.default_rng(4)
   cfg, lst = voc(tmp_path, [random_image(rng, 20, 20)], [np.ones((20, 20), np.uint8)])
   with open(lst, "a") as f:
     f.write("ghost\n")
+  # Some listed images absent: a list of images data.root does not have.
   with pytest.raises(
-    DataError, match=r"2 file\(s\).*\n.*ghost\.jpg\n.*ghost\.png[\s\S]*SegmentationClassAug"
+    DataError,
+    match=r"1 of 2 images and 1 masks named by .*mylist\.txt are missing, e\.g\.\n.*ghost\.jpg\n"
+    r".*ghost\.png\nLikely cause: the list names images your data\.root does not have"
+    r".*--config\.data\.train_split=PATH",
   ):
     sources.get_dataset(cfg).split(lst)
+  # None of them: data.root is the wrong folder (the layout follows).
+  (tmp_path / "none.txt").write_text("ghost\nghost2\n")
+  with pytest.raises(
+    DataError, match=r"2 of 2 images and 2 masks .*\n[\s\S]*holds none of[\s\S]*JPEGImages/"
+  ):
+    sources.get_dataset(cfg).split(str(tmp_path / "none.txt"))
+  # Masks alone.
+  (tmp_path / "SegmentationClassAug" / "im0.png").unlink()
+  (tmp_path / "one.txt").write_text("im0\n")
+  with pytest.raises(
+    DataError, match=r"^1 masks named by .*one\.txt.*\n.*im0\.png\nLikely cause: the masks"
+  ):
+    sources.get_dataset(cfg).split(str(tmp_path / "one.txt"))
 
 
 def test_empty_dataset(tmp_path):
@@ -184,3 +202,24 @@ def test_check_reports_every_problem(tmp_path):
   assert "im1.png has values [40]" in text
   assert "im2.png is 29x30" in text
   assert "im4.jpg" in text
+
+
+def test_check_summarises_missing_files_and_checks_the_rest(tmp_path):
+  """A list naming absent images: one summary problem, and the files present still checked."""
+  rng = np.random.default_rng(8)
+  bad = np.ones((20, 20), np.uint8)
+  bad[0, 0] = 30
+  cfg, lst = voc(tmp_path, [random_image(rng, 20, 20)] * 2, [np.ones((20, 20), np.uint8), bad])
+  with open(lst, "a") as f:
+    f.write("".join(f"gone{i}\n" for i in range(30)))
+  r = check.check_split(cfg, lst, workers=2)
+  assert r.total == 32 and len(r.problems) == 2, r.problems
+  summary, values = r.problems
+  assert summary.startswith("30 of 32 images and 30 masks named by ")
+  assert summary.count("gone") == 10  # The first MAX_LISTED names, not all 60 files.
+  assert "Likely cause: the list names images your data.root does not have" in summary
+  assert "im1.png has values [30]" in values
+  # The superpixel command stops before any work, naming them all in one count.
+  with pytest.raises(DataError, match=r"^30 of 32 images named by [\s\S]*gone0\.jpg"):
+    superpixels.precompute(cfg, lst, workers=1, progress=False)
+  assert not (tmp_path / "Superpixels_opencv_100_s2_i5").exists()

@@ -111,12 +111,17 @@ def test_official_pth_and_cache(hf_vit, tmp_path, monkeypatch):
   assert dino_convert.load_converted(cache)[2]["sha256"] == sha
   monkeypatch.undo()
 
-  # A changed source is converted again; without cache_dir the cache goes beside the file.
+  # A changed source is converted again; without cache_dir the cache goes to the user cache
+  # dir, never beside the file.
   calls = []
   real = dino_convert._read_torch
   monkeypatch.setattr(dino_convert, "_read_torch", lambda p: calls.append(p) or real(p))
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  beside = lambda: sorted(p.name for p in tmp_path.iterdir() if p.name != "xdg")
+  before = beside()
   load_dino(pth, heads=4)
-  assert (tmp_path / "dino_tiny.pth.ssr_jax.npz").is_file() and len(calls) == 1
+  (default,) = (tmp_path / "xdg" / "ssr_jax").iterdir()
+  assert default.name.startswith("dino_tiny.pth-") and len(calls) == 1 and beside() == before
   load_dino(pth, heads=4)
   assert len(calls) == 1
   torch.save(to_dino_state_dict(tm), pth)  # Same tensors, new mtime.

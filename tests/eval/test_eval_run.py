@@ -111,9 +111,9 @@ def _as_process(monkeypatch, index, count):
 
 
 def _check_table5_metrics(config, workdir, printed):
-  """metrics.json holds precision, recall and FP/TP of the written predictions against the
-  masks (per-class loops here), and the printed table shows them."""
-  with open(workdir / "eval" / "metrics.json") as f:
+  """metrics_val_seg.json holds precision, recall and FP/TP of the written predictions against
+  the masks (per-class loops here), and the printed table shows them."""
+  with open(workdir / "eval" / "metrics_val_seg.json") as f:
     res = json.load(f)
   pred_dir = workdir / "eval" / "val_seg" / "pred"
   pairs = [
@@ -162,12 +162,21 @@ def test_each_process_scores_its_slice_and_only_process_0_writes(tmp_path, monke
   other = run.evaluate(config, str(tmp_path / "p1"), **kw)
   assert calls == [(1, 2)]
   assert other["num_images"] == 4  # Its 2 images, counted for both processes.
-  assert other["images"] == {} and not os.path.exists(tmp_path / "p1" / "eval" / "metrics.json")
+  assert other["images"] == {}
+  assert not os.path.exists(tmp_path / "p1" / "eval" / "metrics_val_seg.json")
   preds = sorted(os.listdir(tmp_path / "p1" / "eval" / "val_seg" / "pred"))
   assert preds == sorted(f"{ids[i]}.png" for i in (1, 3))  # Every process writes its own.
 
   _as_process(monkeypatch, 0, 2)
   lead = run.evaluate(config, str(tmp_path / "p0"), **kw)
   assert lead["num_images"] == 4 and len(lead["images"]) == 2 + 1  # Its 2 images + heatmap.
-  assert os.path.exists(tmp_path / "p0" / "eval" / "metrics.json")
+  assert os.path.exists(tmp_path / "p0" / "eval" / "metrics_val_seg.json")
   assert len(os.listdir(tmp_path / "p0" / "eval" / "val_seg" / "vis")) == 2
+
+
+def test_split_label_keeps_outputs_in_the_workdir():
+  assert run.split_label("val") == "val" and run.split_label("train_aug") == "train_aug"
+  assert run.split_label("/data/lists/myval.txt") == "myval"
+  assert run.split_label("gs://bucket/lists/val.txt") == "val"
+  assert run.split_label("lists/my list (v2).txt") == "my_list__v2_"
+  assert run.split_label("../..") == "split" and run.split_label("..txt") == "split"

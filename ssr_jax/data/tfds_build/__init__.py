@@ -34,13 +34,16 @@ inputs are listed by file name and nothing is published. Superpixels are taken f
 precompute's folder (run `python -m ssr_jax.data.superpixels` first; its error says so). A gs://
 tfds_data_dir works: each shard is written locally and uploaded as soon as it is complete (a
 rerun skips the uploaded ones).
+
+The command is this package's `__main__.py`: TFDS takes a builder's package from its module
+(`dataset_info.json`'s moduleName; Python 3.11 fails with "'__main__' is not a package"), and
+spawned shard writers import this module by name, so the builders never live in `__main__`.
 """
 
 import dataclasses
 import json
 import logging
 import os
-import sys
 import tempfile
 
 import numpy as np
@@ -272,9 +275,10 @@ def build(
   spec = builder._spec
   final = epath.Path(builder.data_path)
   remote = "://" in os.fspath(final)
+  # The splits' files are checked before anything is written.
+  plans = {p.name: p for p in (plan_split(data_cfg, s, spec) for s in splits)}
   local = epath.Path(tempfile.mkdtemp(prefix="ssr_tfds_")) if remote else final
   local.mkdir(parents=True, exist_ok=True)
-  plans = {p.name: p for p in (plan_split(data_cfg, s, spec) for s in splits)}
   meta, kept = _published(final, plans)
   metadata = index_metadata(spec, plans)
   split_infos, tasks, problems = [], [], []
@@ -349,24 +353,6 @@ def _size(final: epath.Path, local_path: str, remote: bool) -> int:
   return os.path.getsize(local_path)
 
 
-def main(argv):
-  from absl import flags
-
-  cfg = flags.FLAGS.config
-  splits = flags.FLAGS.splits.split(",") if flags.FLAGS.splits else default_splits(cfg)
-  mode = flags.FLAGS.superpixels
-  if mode not in ("auto", "yes", "no"):
-    raise SystemExit("--superpixels takes auto, yes or no")
-  with_sp = needs_superpixels(cfg) if mode == "auto" else mode == "yes"
-  try:
-    path = build(cfg.data, splits, superpixels=with_sp, workers=flags.FLAGS.workers)
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(f"TFDS build ready: {path} (splits {', '.join(splits)})")
-  return 0
-
-
 def default_splits(config) -> list[str]:
   """The splits a run of this config reads: training, validation and evaluation."""
   out = [config.data.train_split, config.data.val_split, *config.eval.splits]
@@ -378,15 +364,3 @@ def needs_superpixels(config) -> bool:
   from ssr_jax.model import ssr
 
   return any(ssr.sgc_inputs(config.model.sgc.enabled, config.model.sgc.grouping))
-
-
-if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-
-  config_flags.DEFINE_config_file("config", None, "Config file (e.g. configs/voc.py).")
-  flags.DEFINE_string("splits", "", "Comma-separated splits (default: those the config reads).")
-  flags.DEFINE_string("superpixels", "auto", "auto (when SGC reads them), yes or no.")
-  flags.DEFINE_integer("workers", 0, "Processes (0 = one per usable core).")
-  flags.mark_flags_as_required(["config"])
-  app.run(lambda argv: sys.exit(main(argv)))
