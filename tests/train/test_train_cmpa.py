@@ -116,3 +116,15 @@ def test_one_and_eight_devices_agree(straight, tmp_path_factory):
       np.testing.assert_allclose(
         a, b, rtol=1e-4, atol=2e-4, err_msg=tree + jax.tree_util.keystr(path)
       )
+
+
+def test_derived_tau_is_what_the_guard_checks():
+  """CMPA's tau = exp(log_temperature), declared to the NaN guard: inf once log_temperature
+  passes log(float32 max) ~ 88.72, while the parameter itself is still finite."""
+  task, _ = random_build(_train_config())
+  variables = task.init(jax.random.PRNGKey(0), fake_batch(BATCH, CROP, 3, seed=0))
+  np.testing.assert_allclose(task.derived(variables)["tau"], 0.05, rtol=1e-6)  # The paper's.
+  params = dict(variables["params"], log_temperature=np.float32(88.8))
+  assert np.isinf(task.derived({**variables, "params": params})["tau"])
+  plain, _ = random_build(_config(cmpa=None))
+  assert plain.derived(plain.init(jax.random.PRNGKey(0), fake_batch(BATCH, CROP, 3))) == {}
