@@ -121,6 +121,14 @@ def main(argv):
   except experiment.UserError as e:
     logging.error("%s", e)
     raise SystemExit(f"error: {e}") from None
+  else:
+    if config.train.distributed:
+      import jax
+
+      # Its barrier waits for the slowest host (under jax's own timeout), so it comes before the
+      # backstop; after an error it is left to the exit handlers, under the backstop, since the
+      # other hosts may never reach it.
+      jax.distributed.shutdown()
   finally:
     bound_exit(EXIT_GRACE_S)
 
