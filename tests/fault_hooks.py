@@ -8,6 +8,7 @@ Faults (deterministic points, unlike a timer):
   sigkill_in_save=STEP: SIGKILL once checkpoint STEP is completely written, just before orbax
     renames it into place (the last moment of a save);
   sigterm_in_eval: SIGTERM as the first evaluation starts;
+  sigterm_in_prepare: SIGTERM as the demo's data preparation starts;
   slow_input=SECONDS: every example of the input stream takes that long to be produced, so the
     input pipeline always has work in flight when the process ends.
 """
@@ -62,16 +63,14 @@ def _in_save(step: int) -> None:
   atomicity.AtomicRenameTemporaryPath.finalize = killing_finalize
 
 
-def _in_eval() -> None:
-  from ssr_jax.eval import run
-
-  evaluate = run.evaluate
+def _sigterm_on_call(module, name: str) -> None:
+  fn = getattr(module, name)
 
   def signalled(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGTERM)
-    return evaluate(*args, **kwargs)
+    return fn(*args, **kwargs)
 
-  run.evaluate = signalled
+  setattr(module, name, signalled)
 
 
 def _slow_input(seconds: float) -> None:
@@ -95,7 +94,13 @@ def install(fault: str) -> None:
   elif name == "sigkill_in_save":
     _in_save(int(arg))
   elif name == "sigterm_in_eval":
-    _in_eval()
+    from ssr_jax.eval import run
+
+    _sigterm_on_call(run, "evaluate")
+  elif name == "sigterm_in_prepare":
+    from ssr_jax import demo
+
+    _sigterm_on_call(demo, "prepare")
   elif name == "slow_input":
     _slow_input(float(arg))
   else:
