@@ -7,9 +7,15 @@ overridden on the command line, e.g. `--config.train.num_steps=100
 Several hosts (a Cloud TPU pod, a SLURM or Open MPI job, or processes started by hand) need
 `--config.train.distributed=True`: the distributed system is initialised here, before anything
 touches a device (jax refuses afterwards).
+
+The process always ends: after the work (done, failed, or stopped by SIGTERM), the input
+pipelines are already closed and the checkpoint saves finished, and if the way out (thread joins,
+exit handlers, interpreter shutdown) still takes more than EXIT_GRACE_S, the thread stacks are
+printed and the process exits with status 1.
 """
 
 import difflib
+import faulthandler
 import importlib.util
 import os
 import sys
@@ -23,6 +29,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 MODES = ("train", "eval", "train_and_eval", "ablation")
+EXIT_GRACE_S = 30.0
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
@@ -83,6 +90,16 @@ def initialize_distributed(train_cfg) -> None:
   )
 
 
+def bound_exit(grace_s: float) -> None:
+  """Last resort against a hang on the way out: grace_s seconds from now, faulthandler prints
+  every thread's stack to stderr and ends the process with status 1. Its timer is a C thread that
+  needs no GIL, so it fires even inside interpreter shutdown (where tf.data iterators once hung)."""
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  faulthandler.dump_traceback_later(grace_s, exit=True)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -107,6 +124,16 @@ def main(argv):
   except experiment.UserError as e:
     logging.error("%s", e)
     raise SystemExit(f"error: {e}") from None
+  else:
+    if config.train.distributed:
+      import jax
+
+      # Its barrier waits for the slowest host (under jax's own timeout), so it comes before the
+      # backstop; after an error it is left to the exit handlers, under the backstop, since the
+      # other hosts may never reach it.
+      jax.distributed.shutdown()
+  finally:
+    bound_exit(EXIT_GRACE_S)
 
 
 if __name__ == "__main__":

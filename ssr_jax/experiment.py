@@ -12,9 +12,17 @@ For data.name == "synthetic", `demo.prepare` first generates the data and points
 and dino.weights at the tiny CLIP and DINO. Nothing below this module calls back into it. This
 module and the train/eval drivers see the whole ConfigDict; everything below them gets
 sub-configs or plain values.
+
+SIGTERM (preemption), in any mode: training finishes its step, saves a checkpoint and stops
+(train/loop.py); anything else (evaluation, data preparation) stops where it is. Nothing
+after that runs (no evaluation of an unfinished model): `run` reports the run incomplete in one
+line and returns normally, so the process exits 0; rerunning the same command resumes.
 """
 
+import contextlib
 import json
+import signal
+import threading
 import time
 
 import jax
@@ -35,7 +43,7 @@ from ssr_jax.dino import convert as dino_convert
 from ssr_jax.eval import run as eval_run
 from ssr_jax.model.ssr import build_task, sgc_inputs
 from ssr_jax.train import loop as train_loop
-from ssr_jax.train.checkpoint import CheckpointMismatchError
+from ssr_jax.train.checkpoint import CheckpointDamagedError, CheckpointMismatchError
 from ssr_jax.train.metric_writer import MetricWriter
 
 # --mode ablation: (key, name, settings) rows, each trained and evaluated with the same seeds.
@@ -62,6 +70,29 @@ CONFIGURED = ("configured", "as configured")
 
 class UserError(Exception):
   """A problem the user can fix (config, paths, data); printed without a traceback."""
+
+
+class Preempted(BaseException):
+  """SIGTERM: the run stops early. A BaseException, like KeyboardInterrupt, so that no `except
+  Exception` on the way (a checkpoint read, a data check) takes it for a failure of its own."""
+
+
+@contextlib.contextmanager
+def sigterm_stops(what: str):
+  """While active (on the main thread), SIGTERM raises Preempted(what) in the main thread; the
+  training loop overrides this with its save-then-stop handler while it trains."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def handle(signum, frame):
+    raise Preempted(what)
+
+  previous = signal.signal(signal.SIGTERM, handle)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def load_dino(config):
@@ -359,15 +390,28 @@ def ablation(config, workdir) -> list:
 def run(mode, config, workdir):
   """Runs a launch.py mode; problems the user can fix surface as UserError (no traceback), and
   config values that cannot work as one ConfigError listing them all, before anything is read,
-  generated or written."""
+  generated or written.
+
+  Returns None, after one line saying the run is incomplete, when a SIGTERM stopped it.
+  """
   trains = mode != "eval"
   check_config(config, num_devices=jax.device_count() if trains else None)
   try:
-    return _run(mode, config, workdir)
+    with sigterm_stops(f"--mode {mode}"):
+      return _run(mode, config, workdir)
+  except Preempted as e:
+    if jax.process_index() == 0:
+      print(
+        f"SIGTERM: {e} stopped early; the run is incomplete. Training resumes from its latest "
+        "checkpoint and evaluation restarts: rerun the same command.",
+        flush=True,
+      )
+    return None
   except (
     DataError,
     FileNotFoundError,
     CheckpointMismatchError,
+    CheckpointDamagedError,
     train_loop.NonFiniteError,
     demo.DemoError,
   ) as e:

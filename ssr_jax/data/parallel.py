@@ -4,12 +4,22 @@ Worker processes are spawned, not forked: callers (training, the demo, tests) ha
 imported JAX, whose threads make fork() unsafe. Spawned workers re-import the main module, so
 when it has no file (python -c, stdin, notebooks) threads are used instead. workers <= 1 runs
 in this process.
+
+Every worker process of `process_pool` ends itself within a second of its parent's death
+(parent watch), so a killed run (SIGKILL, OOM killer) leaves no orphans behind, and ignores
+SIGTERM: a scheduler signals the whole process group on preemption, and the parent, which decides
+how to stop (save a checkpoint first), would otherwise find its pool broken.
 """
 
 import concurrent.futures
 import multiprocessing
 import os
+import signal
 import sys
+import threading
+import time
+
+PARENT_POLL_S = 0.5
 
 
 def usable_cpus() -> int:
@@ -27,6 +37,30 @@ def main_is_importable() -> bool:
   return bool(path) and os.path.isfile(path)
 
 
+def _watch_parent(parent: int) -> None:
+  while os.getppid() == parent:
+    time.sleep(PARENT_POLL_S)
+  os._exit(1)  # Orphaned: the parent is gone, nobody will collect our results.
+
+
+def _init_worker(parent: int, initializer) -> None:
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+  if initializer is not None:
+    initializer()
+
+
+def process_pool(workers: int, *, initializer=None) -> concurrent.futures.ProcessPoolExecutor:
+  """A pool of `workers` spawned processes that die with this one and ignore SIGTERM.
+
+  initializer (picklable, no arguments) runs once in each worker after that set-up.
+  """
+  ctx = multiprocessing.get_context("spawn")  # Not fork: JAX's threads make it unsafe.
+  return concurrent.futures.ProcessPoolExecutor(
+    workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(), initializer)
+  )
+
+
 def imap(fn, tasks, *, workers: int, chunksize: int = 16, initializer=None):
   """Yields fn(task) for each task, in order; fn and tasks must be picklable if workers > 1.
 
@@ -36,9 +70,7 @@ def imap(fn, tasks, *, workers: int, chunksize: int = 16, initializer=None):
     yield from map(fn, tasks)
     return
   if main_is_importable():
-    ctx = multiprocessing.get_context("spawn")
-    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer)
-    with pool:
+    with process_pool(workers, initializer=initializer) as pool:
       yield from pool.map(fn, tasks, chunksize=chunksize)
   else:
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:

@@ -30,7 +30,6 @@ import collections
 import concurrent.futures
 import functools
 import logging
-import multiprocessing
 from collections.abc import Iterator
 
 import numpy as np
@@ -97,8 +96,7 @@ class TrainIterator:
 def _numpy_batches(source: TrainSource, start_step, *, workers, prefetch, worker_type):
   if worker_type == "process" and parallel.main_is_importable():
     # Past the GIL: each task pickles only paths and draws; results are the small crops.
-    ctx = multiprocessing.get_context("spawn")  # Not fork: JAX's threads make it unsafe.
-    pool = concurrent.futures.ProcessPoolExecutor(max(1, workers), mp_context=ctx)
+    pool = parallel.process_pool(max(1, workers))
   elif worker_type in ("thread", "process"):
     pool = concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="ssr-data")
   else:

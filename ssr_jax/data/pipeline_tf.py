@@ -230,19 +230,29 @@ def batches(source: TrainSource, start_step: int, *, workers: int, prefetch: int
   options = tf.data.Options()
   options.threading.max_intra_op_parallelism = 1  # Parallel over examples, not inside ops.
   ds = ds.with_options(options)
+  # The iterator is released here, on close or error, never left to interpreter shutdown: its
+  # destructor there waits for a map thread that waits for the GIL of the generator above (a
+  # hang after any fatal error). Hence also no TF error chained to what is raised: its traceback
+  # would keep the iterator alive.
   it = iter(ds)
-  step = start_step
-  while True:
-    try:
-      img, m, sp, cl, idx = next(it)
-    except tf.errors.OpError as e:
-      _diagnose(source, source.positions(step), e)
-    yield assemble(source.split, idx.numpy(), img.numpy(), m.numpy(), sp.numpy(), cl.numpy())
-    step += 1
+  try:
+    step = start_step
+    while True:
+      failure = None
+      try:
+        img, m, sp, cl, idx = next(it)
+      except tf.errors.OpError as e:
+        failure = e.message
+      if failure is not None:
+        _diagnose(source, source.positions(step), failure)
+      yield assemble(source.split, idx.numpy(), img.numpy(), m.numpy(), sp.numpy(), cl.numpy())
+      step += 1
+  finally:
+    del it
 
 
-def _diagnose(source: TrainSource, positions, error):
+def _diagnose(source: TrainSource, positions, message: str):
   """Re-runs the failing batch with the numpy loader to name the bad file; always raises."""
   for g in positions:  # Raises the DataError that names the file.
     load_example(source, g)
-  raise RuntimeError(f"tf.data input pipeline failed: {error.message}") from error
+  raise RuntimeError(f"tf.data input pipeline failed: {message}")

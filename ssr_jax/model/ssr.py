@@ -421,6 +421,14 @@ class SSRTask:
       params["proj"] = self.proj.init(rng, feats)["params"]
     return {"params": params, **variables}
 
+  def derived(self, variables) -> dict:
+    """Values computed from the variables that must stay finite (the train step's NaN guard):
+    CMPA's tau = exp(log_temperature), inf from log_temperature ~88.7 on (float32) while that
+    parameter itself is still finite. {} without CMPA's heads."""
+    if "log_temperature" not in variables["params"]:
+      return {}
+    return {"tau": jnp.exp(variables["params"]["log_temperature"])}
+
   def loss(self, variables, frozen, batch, *, step, rng):
     """Total loss, its terms and the updated collections (§1.6, §2.5). Pseudo-labels are
     stop-gradient. Returns (loss, (metrics, collections))."""
@@ -529,7 +537,7 @@ class SSRTask:
     n_valid = jnp.maximum(valid.sum(), 1)
     metrics = dict(
       proto=loss,
-      tau=jnp.exp(params["log_temperature"]),
+      tau=self.derived(variables)["tau"],
       # Share of the batch's (image, class) samples whose nearest image prototype is their class.
       cluster_agree=jnp.sum((img_cluster == ids) & valid) / n_valid,
     )

@@ -12,26 +12,73 @@ metrics live inside each step directory, so the best checkpoint also survives re
 Atomicity: orbax writes a step to `<step>.orbax-checkpoint-tmp*` and renames it when complete; a
 save killed before the rename leaves only that temporary directory, which `latest_step` and
 `restore` never consider and the next (writable) manager deletes.
+
+Damage (a bad disk, a file truncated or deleted after the save): a resume restores the newest
+checkpoint that reads back whole (`restore_newest_intact`); each newer, damaged one is moved, never
+deleted, to `checkpoints/corrupt/<step>-<what>`, with one log line naming it and why. A damaged
+checkpoint is one whose files are missing or unparsable (`damage`) or whose arrays cannot be read;
+a readable checkpoint of another model stays a CheckpointMismatchError (nothing is moved).
 """
 
 import contextlib
 import json
 import logging
 import os
+import re
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "checkpoints"
+CORRUPT_SUBDIR = "corrupt"  # Under CHECKPOINT_SUBDIR: damaged checkpoints moved aside.
 BEST_METRIC = "miou"
+# Files every checkpoint has (JSON ones parsed), then the OCDBT root of an OCDBT-format state.
+_JSON_FILES = ("state/_METADATA", "config/metadata")
+_OCDBT_MANIFEST = "state/manifest.ocdbt"
 
 
 class CheckpointMismatchError(ValueError):
   """The saved state's tree does not match the target's (a different model config)."""
+
+
+class CheckpointDamagedError(RuntimeError):
+  """A checkpoint cannot be read back: files missing, truncated or unparsable."""
+
+
+def damage(step_dir) -> tuple[str, str] | None:
+  """(tag, reason) when a step directory's files show it cannot be a whole checkpoint, else None.
+
+  tag: a short name for directory names ("missing-state-METADATA"); reason: for people ("state/
+  _METADATA is missing"). Checks presence and JSON syntax only (milliseconds); truncated array
+  data shows when it is read.
+  """
+  step_dir = epath.Path(step_dir)
+  needed = list(_JSON_FILES)
+  if any((step_dir / "state").glob("ocdbt.process_*")):
+    needed.append(_OCDBT_MANIFEST)
+  for rel in needed:
+    name = re.sub(r"[^A-Za-z0-9.]+", "-", rel).strip("-")
+    path = step_dir / rel
+    if not path.exists():
+      return f"missing-{name}", f"{rel} is missing"
+    if rel in _JSON_FILES:
+      try:
+        json.loads(path.read_text())
+      except (ValueError, UnicodeDecodeError) as e:
+        return f"unparsable-{name}", f"{rel} is not valid JSON ({e})"
+  return None
+
+
+def _unreadable(e: Exception, limit: int = 200) -> tuple[str, str]:
+  """damage()'s (tag, reason) for a checkpoint whose arrays fail to read with `e`."""
+  line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  line = line if len(line) <= limit else line[: limit - 3] + "..."
+  return "unreadable-state", f"its arrays cannot be read: {line}"
 
 
 class _NoMissingMetricsWarning(logging.Filter):
@@ -238,6 +285,21 @@ class Checkpointer:
     """Re-reads the directory (after another process wrote to it)."""
     self._manager.reload()
 
+  def move_aside(self, step: int, tag: str) -> epath.Path:
+    """Moves checkpoint `step` to `corrupt/<step>-<tag>` (never over an earlier one); returns
+    the new path. Process 0 moves it; collective (every process calls it)."""
+    root = self.directory / CORRUPT_SUBDIR
+    dest, n = root / f"{step}-{tag}", 1
+    while dest.exists():
+      n += 1
+      dest = root / f"{step}-{tag}-{n}"
+    if jax.process_index() == 0:
+      root.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(step)).rename(dest)
+    multihost_utils.sync_global_devices(f"ssr_jax moved checkpoint {step} aside")
+    self.reload()
+    return dest
+
   def close(self) -> None:
     self._manager.close()
 
@@ -293,6 +355,47 @@ def restore_checked(ckpt: Checkpointer, target, *, step: int, config, clip_finge
     ) from None
 
 
+def restore_newest_intact(ckpt: Checkpointer, target, *, config, clip_fingerprint: str):
+  """(state, step) of the newest checkpoint that restores whole (see restore_checked).
+
+  The damaged ones newer than it are moved aside (`Checkpointer.move_aside`), each with one
+  warning line naming it and why. Raises CheckpointDamagedError, moving nothing, if none restores
+  (nothing to resume from, and the user may still recover them), FileNotFoundError if there is no
+  checkpoint, and CheckpointMismatchError if the newest readable one is of another model.
+  """
+  damaged = []
+  for step in reversed(ckpt.all_steps()):
+    problem = damage(ckpt.directory / str(step))
+    if problem is None:
+      try:
+        state = restore_checked(
+          ckpt, target, step=step, config=config, clip_fingerprint=clip_fingerprint
+        )
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # TensorStore and orbax raise plain ValueError/Exception.
+        problem = _unreadable(e)
+    if problem is None:
+      for bad, (tag, why) in damaged:
+        dest = ckpt.move_aside(bad, tag)
+        log.warning(
+          "Checkpoint %s is damaged (%s): moved it to %s, resuming from step %d.",
+          ckpt.directory / str(bad),
+          why,
+          dest,
+          step,
+        )
+      return state, step
+    damaged.append((step, problem))
+  if not damaged:
+    raise FileNotFoundError(f"No finished checkpoint in {ckpt.directory}.")
+  listed = "; ".join(f"{s}: {why}" for s, (_, why) in damaged)
+  raise CheckpointDamagedError(
+    f"No intact checkpoint in {ckpt.directory} ({listed}). Nothing was moved or deleted: restore "
+    f"them from a copy, or move them into {ckpt.directory / CORRUPT_SUBDIR} to start over."
+  )
+
+
 def restore(workdir, target_state, *, step: int | None = None):
   """Restores a TrainState from `workdir/checkpoints` onto the target's structure and shardings.
 
@@ -317,10 +420,17 @@ def restore_variables(workdir, target, *, step: int | None = None):
   """
   with Checkpointer(workdir, read_only=True) as ckpt:
     step = ckpt._resolve(step)
-    saved = ckpt._manager.item_metadata(step)["state"]
     path = ckpt.directory / str(step) / "state"
-  saved = getattr(saved, "tree", saved)
+    problem = damage(path.parent)
+    if problem is None:
+      try:
+        saved = ckpt._manager.item_metadata(step)["state"]
+      except Exception as e:  # TensorStore and orbax raise plain ValueError/Exception.
+        problem = _unreadable(e)
   where = f"Checkpoint {path.parent}"
+  if problem is not None:
+    raise _damaged_for_eval(where, problem[1])
+  saved = getattr(saved, "tree", saved)
   local = jax.sharding.NamedSharding(
     jax.sharding.Mesh(jax.local_devices(), ("data",)), jax.sharding.PartitionSpec()
   )
@@ -346,14 +456,24 @@ def restore_variables(workdir, target, *, step: int | None = None):
       item["params"] = abstract(sub)
     else:
       item.setdefault("model_state", {})[name] = abstract(sub)
-  restored = ocp.PyTreeCheckpointer().restore(
-    path,
-    args=ocp.args.PyTreeRestore(
-      item=item,
-      restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-      partial_restore=True,  # Reads these subtrees only: no optimizer state is loaded or needed.
-    ),
-  )
+  try:
+    restored = ocp.PyTreeCheckpointer().restore(
+      path,
+      args=ocp.args.PyTreeRestore(
+        item=item,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True,  # Reads these subtrees only: no optimizer state is loaded or needed.
+      ),
+    )
+  except Exception as e:  # TensorStore and orbax raise plain ValueError/Exception.
+    raise _damaged_for_eval(where, _unreadable(e)[1]) from None
   out = {"params": restored["params"]} if "params" in target else {}
   out.update(restored.get("model_state", {}))
   return out, int(step)
+
+
+def _damaged_for_eval(where: str, why: str) -> CheckpointDamagedError:
+  return CheckpointDamagedError(
+    f"{where} is damaged ({why}): evaluate another step with --config.eval.checkpoint_step=STEP, "
+    "or rerun training, which moves it aside and resumes from the newest intact one."
+  )

@@ -11,13 +11,19 @@ parameters, optimizer state, PRNG key and step, and the data iterator restarted 
 
 Host-device syncs happen only at log steps (every train.log_every), evaluations and checkpoint
 saves. The NaN guard is checked there: the state's sticky `nonfinite_step` says whether (and at
-which step) a loss or gradient first became non-finite, and that step's `finite/*` measurements,
-kept on device until the next log step, say which terms. Under nan_policy "halt" a state that has
-seen a non-finite update is never checkpointed.
+which step) an update first went bad (a non-finite loss or gradient, or a non-finite value in the
+params, model state, optimizer state or task-derived values it made; step.py), and that step's
+`finite/*` measurements, kept on device until the next log step, say which terms. Under
+nan_policy "halt" a state that has seen a bad update is never checkpointed, so every checkpoint
+holds finite values only.
 
 Preemption: SIGTERM sets a flag; at the next step boundary (single process) or the next log step
 (multi-process, where all processes agree on the step through an all-gather of the flag) the loop
-saves a checkpoint, logs it and returns the state, so the caller can exit 0.
+saves a checkpoint (skipping any evaluation due there, unless it is the last step), logs it and
+returns the state, whose step is then short of train.num_steps, so the caller can exit 0.
+
+Every exit, normal or not, ends the input iterator (`close()`: its threads, worker processes and
+tf.data iterator) and waits for the checkpoint saves in flight before returning or raising.
 
 Multi-host: the entry point (launch.py) calls `jax.distributed.initialize()` before anything
 touches a jax device; train() assumes it is done. `make_iterator` must yield this process's share
@@ -38,7 +44,12 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from ssr_jax import config_check
-from ssr_jax.train.checkpoint import Checkpointer, abstract_state, config_json, restore_checked
+from ssr_jax.train.checkpoint import (
+  Checkpointer,
+  abstract_state,
+  config_json,
+  restore_newest_intact,
+)
 from ssr_jax.train.metric_writer import MetricWriter, console_line, summarize
 from ssr_jax.train.sharding import make_mesh, put_batch, replicated
 from ssr_jax.train.state import TrainState, create_train_state, make_optimizer
@@ -56,17 +67,19 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
-  """A loss or gradient became non-finite under train.nan_policy = "halt".
+  """An update went bad under train.nan_policy = "halt": a non-finite loss or gradient, or a
+  non-finite value in the state it made (step.py's guard).
 
   step: the first bad step (the `step` the task's loss saw); terms: the non-finite quantities at
-  that step ("loss", task metric names, "grads"); checkpoint_step: the latest checkpoint, which
-  predates the bad update (None if there is none yet).
+  that step ("loss", task metric names, "grads", "state/params", "state/tau", ...);
+  checkpoint_step: the latest checkpoint, which predates the bad update and, like every saved
+  state, passed the guard (None if there is none yet).
   """
 
   def __init__(self, step: int, terms: list[str], checkpoint_step: int | None, directory):
     self.step, self.terms, self.checkpoint_step = step, terms, checkpoint_step
     where = (
-      f"the latest checkpoint, step {checkpoint_step} in {directory}, predates it and is intact"
+      f"the last good checkpoint is step {checkpoint_step} in {directory}"
       if checkpoint_step is not None
       else f"no checkpoint was saved yet in {directory}"
     )
@@ -77,7 +90,12 @@ class NonFiniteError(RuntimeError):
 
 
 class _SigtermFlag:
-  """Context manager: while active, SIGTERM only sets `.requested` (main thread only)."""
+  """Context manager: while active, SIGTERM only sets `.requested` (main thread only).
+
+  On a normal exit after a SIGTERM, the previous handler, if a Python one, is then called, so the
+  caller's own SIGTERM handling (experiment.py's: stop, report the run incomplete) follows the
+  loop's save.
+  """
 
   def __init__(self):
     self.requested = False
@@ -93,12 +111,22 @@ class _SigtermFlag:
       log.warning("train() is not on the main thread: SIGTERM will not trigger a clean stop.")
     return self
 
-  def __exit__(self, *exc):
+  def __exit__(self, exc_type, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+      if self.requested and exc_type is None and callable(self._previous):
+        self._previous(signal.SIGTERM, None)
 
 
 # ---------------------------------------------------------------- input
+
+
+def _close(batches) -> None:
+  """Ends an input iterator now (its threads, processes, tf.data iterator), not at interpreter
+  shutdown, where tf.data's would hang the exit."""
+  close = getattr(batches, "close", None)
+  if close is not None:
+    close()
 
 
 def _next_batch(batches, step: int, num_steps: int):
@@ -125,26 +153,28 @@ def _check_batch_size(gbatch, batch_size: int) -> None:
 
 
 def init_or_resume(
-  task, tx, gbatch, *, ckpt: Checkpointer, start: int, config, clip_fingerprint: str, mesh
-) -> TrainState:
-  """A fresh state (start == 0) or the checkpoint of step `start`, replicated on `mesh`.
+  task, tx, gbatch, *, ckpt: Checkpointer, config, clip_fingerprint: str, mesh
+) -> tuple[TrainState, int]:
+  """(state, step): a fresh state at step 0 when `ckpt` has no checkpoint, else the newest intact
+  checkpoint (damaged newer ones moved aside: checkpoint.restore_newest_intact), replicated on
+  `mesh`.
 
-  gbatch: the first global batch (its shapes define the state's). The resumed state is checked
-  against the checkpoint (config fields named on a mismatch; a CLIP fingerprint change warns).
+  gbatch: a global batch (its shapes define the state's). The resumed state is checked against
+  the checkpoint (config fields named on a mismatch; a CLIP fingerprint change warns).
   """
   create = functools.partial(create_train_state, task, tx)
   rng = jax.random.PRNGKey(config.seed)
   repl = replicated(mesh)
-  if not start:
+  if ckpt.latest_step() is None:
     # Parameters are created already replicated (no host copy, nothing to donate by mistake).
-    return jax.jit(create, out_shardings=repl)(rng, gbatch)
+    return jax.jit(create, out_shardings=repl)(rng, gbatch), 0
   target = abstract_state(jax.eval_shape(create, rng, gbatch), repl)
-  state = restore_checked(
-    ckpt, target, step=start, config=config, clip_fingerprint=clip_fingerprint
+  state, start = restore_newest_intact(
+    ckpt, target, config=config, clip_fingerprint=clip_fingerprint
   )
   if jax.process_index() == 0:
     log.info("Resumed from %s at step %d.", ckpt.directory / str(start), start)
-  return state
+  return state, start
 
 
 # ---------------------------------------------------------------- NaN guard
@@ -183,7 +213,7 @@ def warn_skipped(measurements: list[dict], *, first_step: int) -> None:
   skipped = [i for i, m in enumerate(measurements) if update_skipped(m)]
   if skipped and jax.process_index() == 0:
     log.warning(
-      "Skipped %d update(s) with non-finite loss/gradients (first at step %d: %s).",
+      "Skipped %d bad update(s) (non-finite values; first at step %d: %s).",
       len(skipped),
       first_step + skipped[0],
       ", ".join(nonfinite_terms(measurements[skipped[0]])),
@@ -317,38 +347,42 @@ def train(
   is_main = jax.process_index() == 0
   tx, schedule = make_optimizer(tc)
   ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints)
-  writer = None
-  try:
-    # -------------------------------------------------------------- state: fresh or resumed
-    start = ckpt.latest_step() or 0
-    batches = iter(make_iterator(start))
-    gbatch = put_batch(_next_batch(batches, start, tc.num_steps), mesh)
-    _check_batch_size(gbatch, tc.batch_size)
-    state = init_or_resume(
-      task,
-      tx,
-      gbatch,
-      ckpt=ckpt,
-      start=start,
-      config=config,
-      clip_fingerprint=clip_fingerprint,
-      mesh=mesh,
-    )
-    frozen = jax.device_put(frozen, replicated(mesh))
-    step_fn = JittedTrainStep(task, tx, schedule=schedule, nan_policy=tc.nan_policy, mesh=mesh)
-    writer = MetricWriter(workdir, enabled=is_main, resume_step=start)
-    save = functools.partial(
-      save_checkpoint,
-      ckpt,
-      config_record=config_json(config),
-      seed=config.seed,
-      clip_fingerprint=clip_fingerprint,
-    )
-    guard = functools.partial(halt_if_nonfinite, nan_policy=tc.nan_policy, ckpt=ckpt)
+  writer = batches = None
+  # From here on (set-up, loop, clean-up), SIGTERM means: finish the step, save, stop.
+  with _SigtermFlag() as sigterm:
+    try:
+      # -------------------------------------------------------------- state: fresh or resumed
+      latest = ckpt.latest_step() or 0
+      batches = iter(make_iterator(latest))
+      gbatch = put_batch(_next_batch(batches, latest, tc.num_steps), mesh)
+      _check_batch_size(gbatch, tc.batch_size)
+      state, start = init_or_resume(
+        task,
+        tx,
+        gbatch,
+        ckpt=ckpt,
+        config=config,
+        clip_fingerprint=clip_fingerprint,
+        mesh=mesh,
+      )
+      if start != latest:  # The latest checkpoint was damaged: the data restarts further back.
+        _close(batches)
+        batches = iter(make_iterator(start))
+        gbatch = put_batch(_next_batch(batches, start, tc.num_steps), mesh)
+      frozen = jax.device_put(frozen, replicated(mesh))
+      step_fn = JittedTrainStep(task, tx, schedule=schedule, nan_policy=tc.nan_policy, mesh=mesh)
+      writer = MetricWriter(workdir, enabled=is_main, resume_step=start)
+      save = functools.partial(
+        save_checkpoint,
+        ckpt,
+        config_record=config_json(config),
+        seed=config.seed,
+        clip_fingerprint=clip_fingerprint,
+      )
+      guard = functools.partial(halt_if_nonfinite, nan_policy=tc.nan_policy, ckpt=ckpt)
 
-    # -------------------------------------------------------------- loop
-    step, pending, timer = start, [], Throughput(start)  # pending: measurements not yet logged
-    with _SigtermFlag() as sigterm:
+      # -------------------------------------------------------------- loop
+      step, pending, timer = start, [], Throughput(start)  # pending: measurements not yet logged
       while step < tc.num_steps:
         if gbatch is None:
           gbatch = put_batch(_next_batch(batches, step, tc.num_steps), mesh)
@@ -378,9 +412,10 @@ def train(
           warn_skipped(fetched, first_step=step - len(fetched))
           stop = any_process(sigterm.requested)
 
-        # eval
+        # eval (not on the way out of a preemption: the grace period is for the save)
         eval_metrics = None
-        if eval_fn is not None and tc.eval_every > 0 and (_every(step, tc.eval_every) or last):
+        evaluate = eval_fn is not None and tc.eval_every > 0 and not (stop and not last)
+        if evaluate and (_every(step, tc.eval_every) or last):
           guard(state, pending, step=step)
           eval_metrics = evaluate_and_log(eval_fn, state, step=step, writer=writer)
           timer.restart(step)  # Keep eval time out of the throughput figures.
@@ -397,11 +432,13 @@ def train(
               ckpt.directory,
             )
           break
-    if is_main:
-      log.info("Train step compiled %d time(s).", step_fn.trace_count)
-    return state
-  finally:
-    ckpt.wait_until_finished()
-    ckpt.close()
-    if writer is not None:
-      writer.close()
+      if is_main:
+        log.info("Train step compiled %d time(s).", step_fn.trace_count)
+      return state
+    finally:
+      if batches is not None:
+        _close(batches)
+      ckpt.wait_until_finished()
+      ckpt.close()
+      if writer is not None:
+        writer.close()

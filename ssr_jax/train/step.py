@@ -8,6 +8,10 @@ collections: mutable state such as BatchNorm statistics}):
 `step` is the traced int32 step, so behaviour switches (e.g. the RFM switch step, CMPA's
 prototype refresh) are jnp.where / lax.cond inside one compiled program. `frozen` (frozen CLIP
 params, text embeddings) is passed through untouched and gets no gradient.
+Optionally, `task.derived(variables) -> {name: array}`: values computed from the variables that
+must stay finite for the state to be usable (e.g. CMPA's tau = exp(log_temperature), which
+overflows to inf while log_temperature is still finite); the NaN guard checks them on every
+updated state.
 """
 
 import jax
@@ -35,9 +39,20 @@ def nonfinite_terms(measurements: dict) -> list[str]:
   )
 
 
+# An update trips the guard when its loss, its gradients or the state it makes (flags STATE_PREFIX
+# + "params", "model_state", "opt_state" and each task-derived value) is non-finite; a task
+# metric's flag only names it.
+STATE_PREFIX = "state/"
+
+
 def update_skipped(measurements: dict) -> bool:
-  """Whether the step's loss or gradients were non-finite (the guard's condition)."""
-  return not (measurements[FINITE_PREFIX + "loss"] and measurements[FINITE_PREFIX + "grads"])
+  """Whether the guard tripped at this step (one step's host measurements)."""
+  return not all(v for k, v in measurements.items() if _guarded(k))
+
+
+def _guarded(key: str) -> bool:
+  name = key[len(FINITE_PREFIX) :] if key.startswith(FINITE_PREFIX) else None
+  return name is not None and (name in ("loss", "grads") or name.startswith(STATE_PREFIX))
 
 
 def _all_finite(tree) -> jax.Array:
@@ -52,14 +67,16 @@ def make_train_step(task, tx: optax.GradientTransformation, *, schedule, nan_pol
 
   schedule: the learning-rate schedule inside `tx` (from `make_optimizer`), used to log `lr`.
   nan_policy: "halt" applies every update (the host stops at its next check and never checkpoints
-    a state that has seen a non-finite update); "skip" keeps params, model_state and opt_state
-    unchanged at a step whose loss or gradients are non-finite (like optax.apply_if_finite, a
-    skipped step does not advance the optimizer's schedule).
+    a state that has seen a bad update); "skip" keeps params, model_state and opt_state
+    unchanged at a step whose update is bad (like optax.apply_if_finite, a skipped step does not
+    advance the optimizer's schedule).
   metrics: "loss", every task metric, "lr" (the rate this update used), "grad_norm" (global norm,
     before clipping), "param_norm" (before the update), and bool "finite/<name>" for the loss, each
-    task metric and "grads". Non-finite loss or gradients trip the guard: the state's sticky
-    `nonfinite_step` keeps the first such step and `nonfinite_count` counts them. A non-finite task
-    metric alone does not, but the host names it (from these flags) when the guard trips there.
+    task metric, "grads", and the updated state's "state/params", "state/model_state",
+    "state/opt_state" and "state/<name>" of each `task.derived` value. An update is bad when any
+    of these but the task metrics' is false: the state's sticky `nonfinite_step` keeps the first
+    such step and `nonfinite_count` counts them. A non-finite task metric alone does not trip the
+    guard, but the host names it (from these flags) when the guard trips there.
   """
   if nan_policy not in NAN_POLICIES:
     raise ValueError(f"train.nan_policy={nan_policy!r}: expected one of {NAN_POLICIES}.")
@@ -74,20 +91,28 @@ def make_train_step(task, tx: optax.GradientTransformation, *, schedule, nan_pol
 
     (loss, (terms, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     clash = sorted(
-      set(terms) & set(RESERVED_METRICS) | {k for k in terms if k.startswith("finite")}
+      set(terms) & set(RESERVED_METRICS)
+      | {k for k in terms if k.startswith(("finite", STATE_PREFIX))}
     )
     if clash:
       raise ValueError(
-        f"task.loss returned metrics {clash}: {RESERVED_METRICS} and 'finite*' are names the "
-        "train step adds itself; rename them in the task."
+        f"task.loss returned metrics {clash}: {RESERVED_METRICS}, 'finite*' and "
+        f"'{STATE_PREFIX}*' are names the train step adds itself; rename them in the task."
       )
     finite = {"loss": jnp.isfinite(loss), "grads": _all_finite(grads)}
     finite.update({k: jnp.all(jnp.isfinite(v)) for k, v in terms.items()})
-    ok = finite["loss"] & finite["grads"]
 
     with jax.named_scope("optimizer"):
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
+    # The state this update makes is what gets checkpointed: check it, not only its inputs.
+    finite[STATE_PREFIX + "params"] = _all_finite(params)
+    finite[STATE_PREFIX + "model_state"] = _all_finite(model_state)
+    finite[STATE_PREFIX + "opt_state"] = _all_finite(opt_state)
+    if hasattr(task, "derived"):
+      derived = task.derived({"params": params, **model_state})
+      finite.update({STATE_PREFIX + k: _all_finite(v) for k, v in derived.items()})
+    ok = jnp.all(jnp.stack([f for k, f in finite.items() if _guarded(FINITE_PREFIX + k)]))
     if skip:
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
       params = keep(params, state.params)

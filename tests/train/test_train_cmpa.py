@@ -11,7 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from ssr_jax.testing import fake_batch, random_build
+from ssr_jax import experiment
+from ssr_jax.clip.model import CLIP
+from ssr_jax.testing import TINY_CLIP, fake_batch, random_build
 from ssr_jax.train.loop import train
 from ssr_jax.train.sharding import make_mesh
 from tests.model.test_ssr import _config
@@ -116,3 +118,16 @@ def test_one_and_eight_devices_agree(straight, tmp_path_factory):
       np.testing.assert_allclose(
         a, b, rtol=1e-4, atol=2e-4, err_msg=tree + jax.tree_util.keystr(path)
       )
+
+
+def test_derived_tau_is_what_the_guard_checks():
+  """CMPA's tau = exp(log_temperature), declared to the NaN guard: inf once log_temperature
+  passes log(float32 max) ~ 88.72, while the parameter itself is still finite."""
+  task = experiment.make_task(_config(cmpa="clip"), clip=CLIP(TINY_CLIP))
+  shapes = jax.eval_shape(task.init, jax.random.PRNGKey(0), fake_batch(BATCH, CROP, 3))
+  assert shapes["params"]["log_temperature"].shape == ()  # Where derived() reads it.
+  tau = task.derived({"params": {"log_temperature": np.log(np.float32(0.05))}})["tau"]
+  np.testing.assert_allclose(tau, 0.05, rtol=1e-6)
+  assert np.isinf(task.derived({"params": {"log_temperature": np.float32(88.8)}})["tau"])
+  plain = experiment.make_task(_config(cmpa=None), clip=CLIP(TINY_CLIP))
+  assert plain.derived({"params": {"decoder": {}}}) == {}

@@ -8,7 +8,7 @@ import struct
 import jax
 import numpy as np
 import pytest
-from toy_train_task import ToyData, ToyTask, toy_frozen, toy_state
+from toy_train_task import TemperatureTask, ToyData, ToyTask, toy_frozen, toy_state
 
 from configs.base import get_config
 from ssr_jax.train.checkpoint import Checkpointer, abstract_state, checkpoint_dir
@@ -17,6 +17,9 @@ from ssr_jax.train.sharding import make_mesh, replicated
 
 STEPS = 12
 TASK = ToyTask(switch_step=5)
+# What a NaN loss at one step makes non-finite: its terms, its gradients, and (under "halt", where
+# the update is applied) the params and optimizer state it makes.
+BAD = ["aux", "grads", "loss", "state/opt_state", "state/params"]
 
 
 def _config(**train_overrides):
@@ -120,7 +123,7 @@ def test_sigterm_saves_at_next_step_and_resume_continues(straight, tmp_path, cap
   data = ToyData(8, sigterm_at=6)  # Arrives while step 6's batch is fetched.
   with caplog.at_level(logging.INFO, logger="ssr_jax.train.loop"):
     state = train(_config(), tmp_path, task=TASK, frozen=toy_frozen(), make_iterator=data)
-  assert int(state.step) == 7 and data.consumed[-1] == 6
+  assert int(state.step) == 7 and data.consumed[-1] == 6 and data.closed == 1
   assert "SIGTERM: saved a checkpoint at step 7" in caplog.text
   assert signal.getsignal(signal.SIGTERM) is before  # Handler restored.
   with Checkpointer(tmp_path) as ckpt:
@@ -134,13 +137,18 @@ def test_sigterm_saves_at_next_step_and_resume_continues(straight, tmp_path, cap
 def test_nan_halt_names_step_and_term_and_keeps_good_checkpoint(tmp_path):
   cfg = _config(checkpoint_every=2, log_every=4)
   task = ToyTask(switch_step=0, nan_step=5)
+  data = ToyData(8)
   with pytest.raises(NonFiniteError) as e:
-    train(cfg, tmp_path, task=task, frozen=toy_frozen(), make_iterator=ToyData(8))
+    train(cfg, tmp_path, task=task, frozen=toy_frozen(), make_iterator=data)
+  # The input was ended before the error left train(), though the error (whose traceback holds
+  # train's frame) is still alive: nothing is left to interpreter shutdown.
+  assert data.closed == 1
   err = e.value
   # Caught at the save of step 6, between log steps: the terms come from step 5's measurements
   # (step 6's, after the NaN update, would add "mse").
-  assert err.step == 5 and err.terms == ["aux", "grads", "loss"]
-  assert "Non-finite aux, grads, loss at step 5" in str(err)
+  assert err.step == 5 and err.terms == BAD
+  assert f"Non-finite {', '.join(BAD)} at step 5" in str(err)
+  assert "the last good checkpoint is step 4" in str(err)
   # The save at step 6 (after the bad update) was refused; step 4 is the latest and is intact.
   assert err.checkpoint_step == 4
   with Checkpointer(tmp_path) as ckpt:
@@ -151,6 +159,27 @@ def test_nan_halt_names_step_and_term_and_keeps_good_checkpoint(tmp_path):
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(target.params))
 
 
+def test_nan_halt_on_overflowing_derived_value_never_saves_it(tmp_path):
+  """tau = exp(log_temperature) overflows while log_temperature, the loss and the gradients are
+  finite: the update that makes it trips the guard, that state is never saved, and the named
+  checkpoint is one whose tau is finite."""
+  cfg = _config(checkpoint_every=1, log_every=4, warmup_steps=0)
+  cfg.train.heads.learning_rate = 30.0  # Adam moves log_temperature by about that per step.
+  task = TemperatureTask(switch_step=0, push=1.0)
+  with pytest.raises(NonFiniteError) as e:
+    train(cfg, tmp_path, task=task, frozen=toy_frozen(), make_iterator=ToyData(8))
+  err = e.value
+  assert err.terms == ["state/tau"] and f"the last good checkpoint is step {err.step}" in str(err)
+  with Checkpointer(tmp_path) as ckpt:
+    assert ckpt.all_steps()[-1] == err.checkpoint_step == err.step
+    mesh = make_mesh()
+    good = toy_state(mesh, task=task, train_cfg=cfg.train)
+    saved = ckpt.restore(abstract_state(jax.eval_shape(lambda: good), replicated(mesh)))
+  log_t = float(saved.params["log_temperature"])
+  assert 30.0 < log_t < np.log(np.finfo(np.float32).max)  # Moved up, and exp() still finite.
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(saved))
+
+
 @pytest.mark.parametrize("nan_step", [4, 5, 7])
 def test_nan_halt_at_log_step_names_first_bad_step(tmp_path, nan_step):
   """Caught at the log step 8 only: the first bad step of the fetched interval is reported, not
@@ -159,7 +188,7 @@ def test_nan_halt_at_log_step_names_first_bad_step(tmp_path, nan_step):
   task = ToyTask(switch_step=0, nan_step=nan_step)
   with pytest.raises(NonFiniteError) as e:
     train(cfg, tmp_path, task=task, frozen=toy_frozen(), make_iterator=ToyData(8))
-  assert e.value.step == nan_step and e.value.terms == ["aux", "grads", "loss"]
+  assert e.value.step == nan_step and e.value.terms == BAD
   assert e.value.checkpoint_step is None
 
 
@@ -176,7 +205,7 @@ def test_nan_halt_before_eval(tmp_path):
       make_iterator=ToyData(8),
       eval_fn=lambda state, step: seen.append(step) or {"miou": 0.0},
     )
-  assert e.value.step == 2 and e.value.terms == ["aux", "grads", "loss"] and not seen
+  assert e.value.step == 2 and e.value.terms == BAD and not seen
 
 
 def test_nan_skip_completes_with_finite_params(tmp_path, caplog):
@@ -188,9 +217,8 @@ def test_nan_skip_completes_with_finite_params(tmp_path, caplog):
   assert int(state.step) == STEPS and int(state.nonfinite_count) == 1
   assert int(state.nonfinite_step) == 5
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(state)))
-  assert (
-    "Skipped 1 update(s) with non-finite loss/gradients (first at step 5: aux, grads, loss)"
-    in (caplog.text)
+  assert f"Skipped 1 bad update(s) (non-finite values; first at step 5: {', '.join(BAD)})" in (
+    caplog.text
   )
 
 

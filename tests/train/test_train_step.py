@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from toy_train_task import ToyTask, toy_batch, toy_frozen
+from toy_train_task import TemperatureTask, ToyTask, toy_batch, toy_frozen
 
 from configs.base import get_config
 from ssr_jax.train.sharding import make_mesh, put_batch, replicated
@@ -84,8 +84,10 @@ def test_halt_policy_keeps_first_bad_step_sticky():
       bad_metrics = metrics
   assert int(state.nonfinite_step) == 3
   # The host names the bad terms from that step's finiteness flags; later steps add "mse".
-  assert nonfinite_terms(jax.device_get(bad_metrics)) == ["aux", "grads", "loss"]
-  assert nonfinite_terms(jax.device_get(metrics)) == ["aux", "grads", "loss", "mse"]
+  # The state that update made is flagged too (NaN params and Adam moments).
+  bad = ["aux", "grads", "loss", "state/opt_state", "state/params"]
+  assert nonfinite_terms(jax.device_get(bad_metrics)) == bad
+  assert nonfinite_terms(jax.device_get(metrics)) == sorted(bad + ["mse"])
   # The update was applied (params NaN from then on, so every later step is non-finite too).
   assert int(state.nonfinite_count) == 3
   assert np.isnan(np.asarray(state.params["out"]["kernel"])).any()
@@ -138,5 +140,19 @@ def test_guard_names_any_number_of_task_metrics():
   state, frozen, step, mesh, _, _ = _setup(Many(switch_step=0, nan_step=0))
   state, metrics = step(state, frozen, put_batch(toy_batch(0, batch_size=8), mesh))
   assert int(state.nonfinite_step) == 0
-  want = ["aux", "grads", "loss"] + [f"t{i:02d}" for i in range(40)]
+  want = ["aux", "grads", "loss"] + ["state/opt_state", "state/params"]
+  want += [f"t{i:02d}" for i in range(40)]
   assert nonfinite_terms(jax.device_get(metrics)) == want
+
+
+def test_guard_checks_the_updated_state_not_only_loss_and_gradients():
+  """A model-state statistic overflowing to inf (1e10 ** 4 > float32's 3.4e38 at the update of
+  step 3) trips the guard by itself: loss, gradients and params are all finite there."""
+  state, frozen, step, mesh, _, _ = _setup(TemperatureTask(growth=1e10))
+  for s in range(5):
+    state, metrics = step(state, frozen, put_batch(toy_batch(s, batch_size=8), mesh))
+    if s == 3:
+      bad = jax.device_get(metrics)
+  assert int(state.nonfinite_step) == 3
+  assert nonfinite_terms(bad) == ["state/model_state"]
+  assert np.isfinite(float(bad["loss"])) and float(state.model_state["stats"]["scale"]) == np.inf

@@ -77,10 +77,35 @@ class ToyTask:
     return mse + aux, ({"mse": mse, "aux": aux}, {})
 
 
+@dataclasses.dataclass(frozen=True)
+class TemperatureTask(ToyTask):
+  """ToyTask with CMPA-like state: a learnable log-temperature whose tau = exp(.) the task
+  declares as derived, pushed up by a linear loss term (`push`; tau overflows float32 from ~88.7
+  on while the parameter and the loss stay finite), and a running statistic in model_state that
+  grows `growth`-fold at every step."""
+
+  push: float = 0.0
+  growth: float = 1.0
+
+  def init(self, rng, batch):
+    variables = super().init(rng, batch)
+    variables["params"]["log_temperature"] = jnp.zeros(())
+    return {**variables, "stats": {"scale": jnp.ones(())}}
+
+  def derived(self, variables):
+    return {"tau": jnp.exp(variables["params"]["log_temperature"])}
+
+  def loss(self, variables, frozen, batch, *, step, rng):
+    loss, (metrics, _) = super().loss(variables, frozen, batch, step=step, rng=rng)
+    loss = loss - self.push * variables["params"]["log_temperature"]
+    return loss, (metrics, {"stats": {"scale": variables["stats"]["scale"] * self.growth}})
+
+
 class ToyData:
   """`make_iterator(start_step)` for the toy batches; records what was asked for.
 
-  starts: the start_step of every iterator made; consumed: the step of every batch yielded.
+  starts: the start_step of every iterator made; consumed: the step of every batch yielded;
+  closed: how many of the iterators were closed (or ended).
   sigterm_at: send SIGTERM to this process when yielding that step's batch.
   crash_at: raise RuntimeError instead of yielding that step's batch (a simulated crash).
   """
@@ -88,21 +113,24 @@ class ToyData:
   def __init__(self, batch_size: int, *, seed: int = 0, sigterm_at=None, crash_at=None):
     self.batch_size, self.seed = batch_size, seed
     self.sigterm_at, self.crash_at = sigterm_at, crash_at
-    self.starts, self.consumed = [], []
+    self.starts, self.consumed, self.closed = [], [], 0
 
   def __call__(self, start_step: int):
     self.starts.append(start_step)
 
     def batches():
       step = start_step
-      while True:
-        if step == self.crash_at:
-          raise RuntimeError(f"simulated crash at step {step}")
-        if step == self.sigterm_at:
-          os.kill(os.getpid(), signal.SIGTERM)
-        self.consumed.append(step)
-        yield toy_batch(step, batch_size=self.batch_size, seed=self.seed)
-        step += 1
+      try:
+        while True:
+          if step == self.crash_at:
+            raise RuntimeError(f"simulated crash at step {step}")
+          if step == self.sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+          self.consumed.append(step)
+          yield toy_batch(step, batch_size=self.batch_size, seed=self.seed)
+          step += 1
+      finally:
+        self.closed += 1
 
     return batches()
 
