@@ -19,7 +19,7 @@ import sys
 import numpy as np
 from etils import epath
 
-from ssr_jax.data import dataset, files, sources
+from ssr_jax.data import dataset, files, folder, sources
 from ssr_jax.data import superpixels as sp_lib
 from ssr_jax.data.files import DataError
 
@@ -31,6 +31,8 @@ class Report:
   unlabeled: int = 0
   problems: list = dataclasses.field(default_factory=list)
   superpixel_dir: str = ""  # "" when no superpixel folder exists.
+  masks: int = 0  # Images with a mask.
+  notes: list = dataclasses.field(default_factory=list)  # Not problems (e.g. ignored files).
 
 
 def _check_one(image_path, mask_path, sp_path, cl_path, num_classes, num_clusters):
@@ -41,8 +43,9 @@ def _check_one(image_path, mask_path, sp_path, cl_path, num_classes, num_cluster
   except DataError as e:
     problems.append(str(e))
   try:
-    mask = files.read_mask(mask_path, num_classes)
-    labels = dataset.mask_labels(mask, num_classes)
+    if mask_path:  # "" = no mask (folder datasets).
+      mask = files.read_mask(mask_path, num_classes)
+      labels = dataset.mask_labels(mask, num_classes)
   except DataError as e:
     problems.append(str(e))
   if image is not None and mask is not None and mask.shape != image.shape[:2]:
@@ -79,6 +82,14 @@ def check_split(data_cfg, split: str, *, workers: int = 0, progress: bool = Fals
     report.problems.append(str(e))
     return report
   report.total = len(sf.ids)
+  report.masks = sum(1 for m in sf.masks if m)
+  if ds.name == "folder":
+    extra = folder.unlisted_images(ds.root, folder.index_of(data_cfg))
+    if extra:
+      report.notes.append(
+        f"{len(extra)} image(s) under images/ have no row in {folder.LABELS} and are ignored, "
+        f"e.g. {extra[0]}"
+      )
   if not sf.ids:
     report.problems.append(f"split {split!r} is empty ({sf.list_file})")
     return report
@@ -117,6 +128,8 @@ def check_split(data_cfg, split: str, *, workers: int = 0, progress: bool = Fals
     report.problems.append(
       f"recompute bad superpixel files with: {sp_lib.command(data_cfg, split)}"
     )
+  if sf.labels is not None:  # Given by the reader (folder): what training reads.
+    labels = list(sf.labels)
   report.unlabeled = int(sum(1 for lab in labels if not np.any(lab)))
   return report
 
@@ -139,9 +152,11 @@ def main(argv):
       raise SystemExit(f"error: {e}") from None
     sp = f", superpixels in {r.superpixel_dir}" if r.superpixel_dir else ", no superpixel folder"
     print(
-      f"{split}: {r.total} images, {r.unlabeled} without a foreground label{sp}, "
-      f"{len(r.problems)} problem(s)"
+      f"{split}: {r.total} images, {r.masks} with masks, {r.unlabeled} without a foreground label "
+      f"(skipped by training){sp}, {len(r.problems)} problem(s)"
     )
+    for note in r.notes:
+      print(f"  note: {note}")
     for p in r.problems:
       print(f"  {p}")
     bad += len(r.problems)
