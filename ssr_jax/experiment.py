@@ -9,9 +9,10 @@ Modes mean the same for every dataset (VOC, COCO, the synthetic demo):
 - ablation: train_and_eval of each row of VARIANTS (the paper's ladder) with the same seeds,
   one table.
 For data.name == "synthetic", `demo.prepare` first generates the data and points clip.weights
-and dino.weights at the tiny CLIP and DINO. Nothing below this module calls back into it. This
-module and the train/eval drivers see the whole ConfigDict; everything below them gets
-sub-configs or plain values.
+and dino.weights at the tiny CLIP and DINO; for "folder", `sources.configure` reads the class
+count, prompts and max_classes from the folder (or its TFDS build). Nothing below this module
+calls back into it. This module and the train/eval drivers see the whole ConfigDict;
+everything below them gets sub-configs or plain values.
 """
 
 import json
@@ -27,7 +28,7 @@ from ssr_jax.clip import load_clip
 from ssr_jax.clip.convert import weights_fingerprint
 from ssr_jax.clip.preprocess import compute_dtype
 from ssr_jax.clip.prompts import text_classifier
-from ssr_jax.data import pipeline
+from ssr_jax.data import pipeline, sources
 from ssr_jax.data.files import DataError
 from ssr_jax.dino import convert as dino_convert
 from ssr_jax.eval import run as eval_run
@@ -160,7 +161,8 @@ def train(config, workdir):
       split=config.data.val_split,
       write_outputs=False,
     )
-    return dict(miou=res["miou"], images=res.get("images", {}))
+    miou = float("nan") if res["miou"] is None else res["miou"]  # None: the split has no masks.
+    return dict(miou=miou, images=res.get("images", {}))
 
   return train_loop.train(
     config,
@@ -206,10 +208,19 @@ def evaluate(config, workdir) -> dict:
       )
   if jax.process_index() == 0:
     for split, res in results.items():
-      figures = "  ".join(f"{t} {r['miou']:.3f}" for t, r in res.items())
+      figures = "  ".join(f"{t} {_score(r['miou'])}" for t, r in res.items())
       print(f"mIoU on {split}: {figures}")
+      zero_shot = next((r["zero_shot"]["map"] for r in res.values() if "zero_shot" in r), None)
+      seg = res.get("seg", {}).get("seg_classification", {}).get("map")
+      if zero_shot is not None:
+        print(f"image-level mAP on {split}: zero-shot CLIP {_score(zero_shot)}  seg {_score(seg)}")
     print(f"metrics, predictions and visualisations: {epath.Path(workdir) / 'eval'}")
   return results
+
+
+def _score(v) -> str:
+  """A metric in a one-line summary: 3 decimals, or "-" where undefined (no masks)."""
+  return "-" if v is None else f"{v:.3f}"
 
 
 def variant_config(config, *, cmpa: bool, dino: float, sgc: str | None):
@@ -257,7 +268,7 @@ def ablation(config, workdir) -> list:
   ]
   for n, per_split in rows:
     for sp, r in per_split.items():
-      lines.append(f"| {n} | {sp} | " + " | ".join(f"{r[t]:.3f}" for t in targets) + " |")
+      lines.append(f"| {n} | {sp} | " + " | ".join(_score(r[t]) for t in targets) + " |")
   text = "\n".join(lines) + "\n"
   if jax.process_index() == 0:
     (epath.Path(workdir) / "ablation.md").write_text(text)
@@ -287,6 +298,7 @@ def _run(mode, config, workdir):
   logging.info("mode=%s workdir=%s devices=%s", mode, workdir, jax.devices())
   if config.data.name == "synthetic":
     config = demo.prepare(config, workdir)
+  config = sources.configure(config)  # A folder dataset's classes, prompts and max_classes.
   result = None
   if mode == "ablation":
     result = ablation(config, workdir)
