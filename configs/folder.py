@@ -11,13 +11,13 @@ and DINO shipped with the package), for the synthetic set converted to a folder
 (`python -m ssr_jax.data.make_folder`): minutes on a laptop CPU.
 """
 
+import importlib.util
 import os
 
 from configs import base, demo
 
-ASSETS = os.path.join(
-  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ssr_jax", "assets"
-)
+# The tiny CLIP and DINO shipped inside the package, wherever it is installed.
+ASSETS = os.path.join(importlib.util.find_spec("ssr_jax").submodule_search_locations[0], "assets")
 
 
 def get_config(variant: str = ""):
@@ -37,6 +37,5 @@ def get_config(variant: str = ""):
   if variant == "tiny":
     c.clip.weights = os.path.join(ASSETS, "tiny_clip.npz")
     c.dino.weights = os.path.join(ASSETS, "tiny_dino.npz")
-  else:
-    c.eval.splits = ("val",)
+  c.eval.splits = ("val",)  # The held-out images (the demo also scores its train split).
   return c

@@ -23,7 +23,6 @@ import sys
 
 from etils import epath
 
-from ssr_jax.clip.prompts import VOC_BG, VOC_FG
 from ssr_jax.data import dataset, files, folder, synthetic, voc
 from ssr_jax.data.files import DataError
 
@@ -36,6 +35,8 @@ def _source(kind: str, src: str) -> tuple[dataset.Dataset, tuple[str, ...], tupl
     ds = synthetic.open_dataset(src)
     return ds, ds.class_names, ds.bg_names
   if kind == "voc":
+    from ssr_jax.clip.prompts import VOC_BG, VOC_FG  # Late: it imports jax (seconds).
+
     return voc.open_dataset(src), VOC_FG, VOC_BG
   raise DataError(f"--from {kind!r}: use one of {SOURCES}")
 
@@ -48,25 +49,28 @@ def class_lines(names, prompts) -> list[str]:
 def convert(kind: str, src: str, out: str, splits, *, masks: str = "all", workers: int = 8) -> dict:
   """Writes the folder dataset at out; returns {split: number of images}.
 
+  splits: split names of the source, or (VOC) paths to list files, each named by its stem.
   masks: "all", "none" or comma-separated splits whose masks are copied.
   """
   if epath.Path(out).exists():
     raise DataError(f"--out {out} exists; give a new folder")
   ds, prompts, bg = _source(kind, src)
-  keep = set(splits) if masks == "all" else set() if masks == "none" else set(masks.split(","))
-  unknown = keep - set(splits)
+  names = [epath.Path(s).stem if s.endswith(".txt") else s for s in splits]
+  keep = set(names) if masks == "all" else set() if masks == "none" else set(masks.split(","))
+  unknown = keep - set(names)
   if unknown:
     raise DataError(f"--masks names {sorted(unknown)}, which are not in --splits {splits}")
   rows, copies, seen = [], [], {}
-  for split in splits:
-    s = ds.split(split)
+  for split_arg in splits:
+    s = ds.split(split_arg)
+    split = epath.Path(split_arg).stem if split_arg.endswith(".txt") else split_arg  # A list.
     for i, img, m, lab in zip(s.ids, s.image_paths, s.mask_paths, s.labels):
       if i in seen:
         raise DataError(f"image {i} is in splits {seen[i]} and {split}; convert disjoint splits")
       seen[i] = split
       rel = f"{i}{os.path.splitext(img)[1].lower()}"
-      names = [ds.class_names[v - 1] for v in dataset.label_values(lab[None])[0]]
-      rows.append([rel, folder.LABEL_SEP.join(names), split])
+      tags = [ds.class_names[v - 1] for v in dataset.label_values(lab[None])[0]]
+      rows.append([rel, folder.LABEL_SEP.join(tags), split])
       copies.append((img, f"{folder.IMAGES}/{rel}"))
       if split in keep:
         copies.append((m, f"{folder.MASKS}/{i}.png"))
@@ -82,7 +86,7 @@ def convert(kind: str, src: str, out: str, splits, *, masks: str = "all", worker
   files.write_bytes(tmp / folder.CLASSES, "".join(f"{x}\n" for x in lines).encode())
   files.write_bytes(tmp / folder.BACKGROUND, "".join(f"{b}\n" for b in bg).encode())
   tmp.rename(out)  # Complete: published under its name.
-  return {s: sum(1 for r in rows if r[2] == s) for s in splits}
+  return {s: sum(1 for r in rows if r[2] == s) for s in names}
 
 
 def main(argv=None):

@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import synthetic_config
+from conftest import synthetic_config, write_voc_tree
 from PIL import Image
 from test_pipeline import assert_batches_equal, take
 
@@ -20,6 +20,7 @@ from ssr_jax.data import (
   sources,
   superpixels,
   synthetic,
+  voc,
 )
 from ssr_jax.data.files import DataError
 
@@ -271,3 +272,37 @@ def test_check_reports_masks_unlisted_and_unlabeled(shapes, tmp_path):
   r = check.check_split(cfg, "val", workers=1)
   assert r.total == 8 and r.masks == 8 and not r.problems and r.superpixel_dir
   assert any("1 image(s) under images/ have no row" in n for n in r.notes)
+
+
+def test_voc_folder_converts(tmp_path):
+  """A VOC-layout subset with palette masks, own split lists -> the folder layout: the same
+  bytes, labels and WeCLIP's prompts; the classes no training image carries are named."""
+  rng = np.random.default_rng(2)
+  ids = ["2007_000032", "2007_000039", "2007_000063", "2008_000002"]
+  images = [rng.integers(0, 255, (24, 32, 3), np.uint8) for _ in ids]
+  masks = [rng.choice([0, 1, 15, 255], (24, 32)).astype(np.uint8) for _ in ids]
+  masks[3][:] = 0  # No foreground: a row without labels.
+  voc_root = tmp_path / "VOC2012"
+  train = write_voc_tree(voc_root, images[:3], masks[:3], ids=ids[:3], list_name="mytrain.txt")
+  val = write_voc_tree(voc_root, images[3:], masks[3:], ids=ids[3:], list_name="myval.txt")
+  out = tmp_path / "voc_folder"
+  assert make_folder.convert("voc", str(voc_root), str(out), [train, val]) == {
+    "mytrain": 3,
+    "myval": 1,
+  }
+  index, problems = folder.read_index(str(out), val_fraction=0.1, split_seed=0)
+  assert not problems and index.class_names == voc.CLASSES
+  assert (
+    index.prompts[14] == "person with clothes,people,human" and index.prompts[2] == "bird avian"
+  )
+  assert "person: person with clothes,people,human" in (out / "classes.txt").read_text()
+  got = {r.path: (r.labels, r.split) for r in index.rows}
+  for i, m, split in zip(ids, masks, ["mytrain"] * 3 + ["myval"]):
+    assert got[f"{i}.jpg"] == (tuple(v for v in (1, 15) if (m == v).any()), split)
+    assert (out / "masks" / f"{i}.png").read_bytes() == (
+      voc_root / f"SegmentationClassAug/{i}.png"
+    ).read_bytes()
+  cfg = folder_cfg(out, train_split="mytrain", val_split="myval")
+  with pytest.raises(DataError, match="18 problem") as e:  # 20 classes, 2 of them in training.
+    sources.get_dataset(cfg)
+  assert "class 'aeroplane'" not in str(e.value) and "class 'bicycle'" in str(e.value)
