@@ -45,6 +45,7 @@ import difflib
 import functools
 import hashlib
 import io
+import os
 
 import numpy as np
 from etils import epath
@@ -367,10 +368,15 @@ def _stamp(root) -> tuple:
   """What makes a cached scan stale: the text files' size and mtime."""
   out = []
   for name in (LABELS, CLASSES, BACKGROUND):
+    path = epath.Path(root) / name
     try:
-      st = (epath.Path(root) / name).stat()
-      out.append((st.length, st.mtime))
-    except (FileNotFoundError, OSError):
+      if "://" in str(path):
+        st = path.stat()
+        out.append((st.length, st.mtime))
+      else:  # Nanoseconds: a rewrite within the same second is seen.
+        st = os.stat(path)
+        out.append((st.st_size, st.st_mtime_ns))
+    except OSError:
       out.append(None)
   return tuple(out)
 
