@@ -345,11 +345,12 @@ def scan(root: str, *, val_fraction: float, split_seed: int, splits=(), train_sp
       problems.append(f"split {s!r} named by the config is not in {how}; it has {', '.join(have)}")
   if train_split in have:
     seen = {v for r in index.rows if r.split == train_split for v in r.labels}
+    held = "" if index.has_split_column else " (or the hold-out took them: data.folder.split_seed)"
     for c, name in enumerate(index.class_names, 1):
       if c not in seen:
         problems.append(
           f"class {name!r} (class {c} of {CLASSES}) labels no image of the training split "
-          f"{train_split!r}: tag images with it or remove it"
+          f"{train_split!r}{held}: tag images with it or remove it"
         )
   return index, tuple(m for m, _ in checked), problems
 
