@@ -281,6 +281,8 @@ def ablation(config, workdir) -> list:
 def run(mode, config, workdir):
   """Runs a launch.py mode; problems the user can fix surface as UserError (no traceback)."""
   try:
+    # First: a folder dataset's classes, prompts and max_classes, which all else reads.
+    config = sources.configure(config)
     return _run(mode, config, workdir)
   except (
     DataError,
@@ -298,7 +300,6 @@ def _run(mode, config, workdir):
   logging.info("mode=%s workdir=%s devices=%s", mode, workdir, jax.devices())
   if config.data.name == "synthetic":
     config = demo.prepare(config, workdir)
-  config = sources.configure(config)  # A folder dataset's classes, prompts and max_classes.
   result = None
   if mode == "ablation":
     result = ablation(config, workdir)

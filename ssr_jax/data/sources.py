@@ -73,18 +73,21 @@ def configure(config):
   model.class_names (classes.txt's prompts), model.bg_names and model.max_classes, from data.root
   or, with data.source "tfds", from the build's metadata. configs/folder.py leaves them 0 / ();
   a set data.num_classes must agree, a set model.max_classes is kept, and class or background
-  names must stay empty (the folder's files hold them). Other datasets: config unchanged.
+  names must be empty or the folder's (its files hold them; so configuring twice changes
+  nothing). Other datasets: config unchanged.
   """
   if config.data.name != "folder":
     return config
-  for key in ("class_names", "bg_names"):
-    if tuple(config.model[key]):
+  fields = dataset_fields(config.data)
+  own = dict(class_names=tuple(fields["prompts"]), bg_names=tuple(fields["bg_names"]))
+  own["bg_names"] = own["bg_names"] or folder.DEFAULT_BG
+  for key, value in own.items():  # Set ones must be the folder's (so configure is idempotent).
+    if tuple(config.model[key]) not in ((), value):
       raise DataError(
         f"model.{key} is set, but a folder dataset's prompts come from its "
         f"{folder.CLASSES if key == 'class_names' else folder.BACKGROUND}: leave model.{key} "
         "empty, as configs/folder.py does, and edit that file"
       )
-  fields = dataset_fields(config.data)
   if config.data.num_classes and config.data.num_classes != fields["num_classes"]:
     raise DataError(
       f"data.num_classes is {config.data.num_classes} but the folder dataset has "
@@ -92,8 +95,7 @@ def configure(config):
     )
   cfg = config.copy_and_resolve_references()
   cfg.data.num_classes = fields["num_classes"]
-  cfg.model.class_names = tuple(fields["prompts"])
-  cfg.model.bg_names = tuple(fields["bg_names"]) or folder.DEFAULT_BG
+  cfg.model.class_names, cfg.model.bg_names = own["class_names"], own["bg_names"]
   if cfg.model.max_classes <= 0:
     cfg.model.max_classes = int(fields["max_labels"])
   return cfg
