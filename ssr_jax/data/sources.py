@@ -54,7 +54,7 @@ def class_names(data_cfg) -> tuple[str, ...]:
 def dataset_fields(data_cfg) -> dict:
   """What the dataset of data.source says about itself: num_classes, class_names, prompts
   (CLIP names of the classes), bg_names ((): not defined) and max_labels (the most classes one
-  image carries)."""
+  image carries; folder datasets and TFDS builds, None for the other folders)."""
   if data_cfg.source == "tfds":
     return records.dataset_fields(data_cfg)
   ds = get_dataset(data_cfg)
@@ -64,7 +64,7 @@ def dataset_fields(data_cfg) -> dict:
     class_names=ds.class_names,
     prompts=ds.prompts or ds.class_names,
     bg_names=ds.bg_names,
-    max_labels=folder.max_labels(index) if index else ds.num_classes - 1,
+    max_labels=folder.max_labels(index) if index else None,
   )
 
 
