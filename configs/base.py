@@ -35,11 +35,15 @@ def get_config():
   # ---------------------------------------------------------------- model (§1-§3)
   c.model = ml_collections.ConfigDict()
   c.model.dtype = "float32"  # Compute dtype: float32 or bfloat16 (params stay float32).
-  c.model.class_names = VOC_FG  # Foreground names (synonyms comma-separated), §1.2.
-  c.model.bg_names = VOC_BG  # Background names for the CAM softmax, §1.2.
+  # Foreground names (synonyms comma-separated), §1.2; () = the dataset's (folder: classes.txt).
+  c.model.class_names = VOC_FG
+  # Background names for the CAM softmax, §1.2; () = the dataset's (folder: background.txt).
+  c.model.bg_names = VOC_BG
   c.model.prompt_template = "a clean origami {}."  # WeCLIP's single template.
   c.model.normalization = "imagenet"  # Input statistics: imagenet (WeCLIP quirk, §1.1) or clip.
-  c.model.max_classes = 6  # Kmax: present classes per image padded to this (VOC 6, COCO 20).
+  # Kmax: present classes per image padded to this (VOC 6, COCO 20); 0 = the most any image of
+  # the dataset has (folder datasets).
+  c.model.max_classes = 6
   c.model.logit_scale = 100.0  # CLIP's exp(logit_scale) used in the GradCAM softmax, §1.3.
 
   c.model.decoder = ml_collections.ConfigDict()
@@ -124,11 +128,11 @@ def get_config():
 
   # ---------------------------------------------------------------- data (§1.1, §3.1)
   c.data = ml_collections.ConfigDict()
-  c.data.name = "voc"  # voc, coco or synthetic.
+  c.data.name = "voc"  # voc, coco, synthetic or folder (your own images: configs/folder.py).
   c.data.root = ""  # VOC: VOCdevkit/VOC2012 (or VOCdevkit); COCO: converted root.
   c.data.train_split = "train_aug"
   c.data.val_split = "val"
-  c.data.num_classes = 21  # Including background.
+  c.data.num_classes = 21  # Including background; 0 = the dataset's (folder: classes.txt).
   c.data.labels_file = ""  # "id v1 v2 ..." image labels (mask values); "" = from the dataset/masks.
   c.data.ignore_label = 255
   c.data.source = (
@@ -174,6 +178,11 @@ def get_config():
   c.data.synthetic.car_on_road = 0.8  # P(road | a car sets the scene).
   c.data.synthetic.bird_in_sky = 0.8  # P(sky | a bird sets the scene).
   c.data.synthetic.water_without_boat = 0.0  # P(water | another class sets the scene).
+  c.data.folder = ml_collections.ConfigDict()  # Only read when data.name == "folder".
+  # Without a split column in labels.csv: this fraction of the images is held out as "val"
+  # (chosen by the sha256 of "<split_seed>/<image path>": the same on every run and host).
+  c.data.folder.val_fraction = 0.1
+  c.data.folder.split_seed = 0
 
   # ---------------------------------------------------------------- training (§1.7)
   c.train = ml_collections.ConfigDict()

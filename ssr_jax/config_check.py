@@ -27,7 +27,7 @@ from ssr_jax.model.ssr import (
 from ssr_jax.train.state import SCHEDULES
 from ssr_jax.train.step import NAN_POLICIES
 
-DATASETS = ("voc", "coco", "synthetic")
+DATASETS = ("voc", "coco", "synthetic", "folder")
 
 
 class ConfigError(ValueError):
@@ -253,6 +253,8 @@ def problems(config, *, num_devices: int | None) -> list[str]:
   out += train_problems(config.train, num_devices=num_devices)
   if config.data.name == "synthetic":
     out += _apply(config, DEMO_RULES)
+  if config.data.name == "folder":
+    out += _apply(config, {"data.folder.val_fraction": BELOW_1})
   d, m = config.data, config.model
   if isinstance(d.ignore_label, int) and isinstance(d.num_classes, int):
     if 0 <= d.ignore_label < d.num_classes:

@@ -9,9 +9,10 @@ Modes mean the same for every dataset (VOC, COCO, the synthetic demo):
 - ablation: train_and_eval of each row of VARIANTS (the paper's ladder) with each of
   ablation.num_seeds seeds (seed, seed + 1, ...), summarised over seeds (ssr_jax/ablation.py).
 For data.name == "synthetic", `demo.prepare` first generates the data and points clip.weights
-and dino.weights at the tiny CLIP and DINO. Nothing below this module calls back into it. This
-module and the train/eval drivers see the whole ConfigDict; everything below them gets
-sub-configs or plain values.
+and dino.weights at the tiny CLIP and DINO; for "folder", `sources.configure` reads the class
+count, prompts and max_classes from the folder (or its TFDS build). Nothing below this module
+calls back into it. This module and the train/eval drivers see the whole ConfigDict;
+everything below them gets sub-configs or plain values.
 
 SIGTERM (preemption), in any mode: training finishes its step, saves a checkpoint and stops
 (train/loop.py); anything else (evaluation, data preparation) stops where it is. Nothing
@@ -37,7 +38,7 @@ from ssr_jax.clip.convert import weights_fingerprint
 from ssr_jax.clip.preprocess import compute_dtype
 from ssr_jax.clip.prompts import text_classifier
 from ssr_jax.config_check import check_config
-from ssr_jax.data import pipeline, synthetic
+from ssr_jax.data import pipeline, sources, synthetic
 from ssr_jax.data.files import DataError
 from ssr_jax.dino import convert as dino_convert
 from ssr_jax.eval import run as eval_run
@@ -202,7 +203,8 @@ def train(config, workdir):
       split=config.data.val_split,
       write_outputs=False,
     )
-    return dict(miou=res["miou"], images=res.get("images", {}))
+    miou = float("nan") if res["miou"] is None else res["miou"]  # None: the split has no masks.
+    return dict(miou=miou, images=res.get("images", {}))
 
   return train_loop.train(
     config,
@@ -255,10 +257,19 @@ def evaluate(config, workdir) -> dict:
   if jax.process_index() == 0:
     path = eval_run.write_metrics(workdir, results)
     for label, res in results.items():
-      figures = "  ".join(f"{t} {r['miou']:.3f}" for t, r in res.items())
+      figures = "  ".join(f"{t} {_score(r['miou'])}" for t, r in res.items())
       print(f"mIoU on {label}: {figures}")
+      zero_shot = next((r["zero_shot"]["map"] for r in res.values() if "zero_shot" in r), None)
+      seg = res.get("seg", {}).get("seg_classification", {}).get("map")
+      if zero_shot is not None:
+        print(f"image-level mAP on {label}: zero-shot CLIP {_score(zero_shot)}  seg {_score(seg)}")
     print(f"metrics ({path}), predictions and visualisations: {epath.Path(workdir) / 'eval'}")
   return results
+
+
+def _score(v) -> str:
+  """A metric in a one-line summary: 3 decimals, or "-" where undefined (no masks)."""
+  return "-" if v is None else f"{v:.3f}"
 
 
 def log_evaluation(workdir, step, results) -> None:
@@ -395,6 +406,11 @@ def run(mode, config, workdir):
   Returns None, after one line saying the run is incomplete, when a SIGTERM stopped it.
   """
   trains = mode != "eval"
+  try:
+    # First: a folder dataset's classes, prompts and max_classes, which all else reads.
+    config = sources.configure(config)
+  except DataError as e:
+    raise UserError(str(e)) from e
   check_config(config, num_devices=jax.device_count() if trains else None)
   try:
     with sigterm_stops(f"--mode {mode}"):

@@ -10,9 +10,11 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from PIL import Image
 
 from ssr_jax import experiment
 from ssr_jax.clip.model import CLIP, CONFIGS, init_params
+from ssr_jax.data import sources
 from ssr_jax.dino.model import CONFIGS as DINO_CONFIGS
 from ssr_jax.dino.model import DINO
 from ssr_jax.dino.model import init_params as dino_init
@@ -22,13 +24,33 @@ NAMES = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__i
 
 
 def test_every_config_is_listed():
-  assert NAMES == ["base", "coco", "demo", "voc"]
+  assert NAMES == ["base", "coco", "demo", "folder", "voc"]
+
+
+def _with_a_folder(config, root):
+  """configs/folder.py's config on a small folder dataset (3 classes, at most 2 per image): its
+  class count, prompts and max_classes come from there."""
+  (root / "images").mkdir(parents=True)
+  for n in ("a", "b", "c"):
+    Image.new("RGB", (8, 8)).save(root / "images" / f"{n}.png")
+  (root / "labels.csv").write_text(
+    "image,labels,split\na.png,cat;dog,train\nb.png,cow,train\nc.png,cat,val\n"
+  )
+  (root / "classes.txt").write_text("cat\ndog\ncow: cow,cattle\n")
+  config.data.root = str(root)
+  config.data.val_split = "val"
+  out = sources.configure(config)
+  assert (out.data.num_classes, out.model.max_classes) == (4, 2)
+  assert out.model.class_names == ("cat", "dog", "cow,cattle")
+  return out
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_config_builds_and_traces(name):
+def test_config_builds_and_traces(name, tmp_path):
   config = importlib.import_module(f"configs.{name}").get_config()
   assert config.is_locked
+  if name == "folder":
+    config = _with_a_folder(config, tmp_path / "folder")
   c = config.data.crop_size
   # The demo ships its own tiny CLIP and DINO; the others run ViT-B/16 and DINO ViT-S/16 (traced
   # abstractly: no FLOPs).

@@ -29,7 +29,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from ssr_jax.data import dataset, files, sources
+from ssr_jax.data import dataset, files, folder, sources
 from ssr_jax.data import superpixels as sp_lib
 from ssr_jax.data.examples import Encoded, FileRef
 from ssr_jax.data.files import DataError
@@ -49,6 +49,8 @@ class Report:
   unlabeled: int = 0
   problems: list = dataclasses.field(default_factory=list)
   superpixel_dir: str = ""  # "" when no superpixel folder exists.
+  masks: int = 0  # Images with a mask.
+  notes: list = dataclasses.field(default_factory=list)  # Not problems (e.g. ignored files).
 
 
 def _size(data: bytes, decode, level: str, modes=()) -> tuple[tuple[int, int], np.ndarray | None]:
@@ -90,7 +92,7 @@ def example_problems(enc: Encoded, num_classes: int, *, level: str = "full", num
   modes = ((), ("L", "P"), (), ("L",))
   sizes, arrays = [None] * 4, [None] * 4
   for i, data in enumerate(enc[:4]):
-    if data is not None:
+    if data is not None and (i != 1 or data):  # A mask of b"": none (folder datasets).
       try:
         sizes[i], arrays[i] = _size(data, decoders[i], level, modes[i])
       except DataError as e:
@@ -163,6 +165,14 @@ def check_split(data_cfg, split: str, *, workers: int = 0, progress: bool = Fals
     report.problems.append(str(e))
     return report
   report.total = len(sf.ids)
+  report.masks = sum(1 for m in sf.masks if m)
+  if ds.name == "folder":
+    extra = folder.unlisted_images(ds.root, folder.index_of(data_cfg))
+    if extra:
+      report.notes.append(
+        f"{len(extra)} image(s) under images/ have no row in {folder.LABELS} and are ignored, "
+        f"e.g. {extra[0]}"
+      )
   if not sf.ids:
     report.problems.append(f"split {split!r} is empty ({sf.list_file})")
     return report
@@ -212,6 +222,8 @@ def check_split(data_cfg, split: str, *, workers: int = 0, progress: bool = Fals
     report.problems.append(
       f"recompute bad superpixel files with: {sp_lib.command(data_cfg, split)}"
     )
+  if sf.labels is not None:  # Given by the reader (folder): what training reads.
+    labels = list(sf.labels)
   report.unlabeled = int(sum(1 for lab in labels if not np.any(lab)))
   return report
 
@@ -234,9 +246,11 @@ def main(argv):
       raise SystemExit(f"error: {e}") from None
     sp = f", superpixels in {r.superpixel_dir}" if r.superpixel_dir else ", no superpixel folder"
     print(
-      f"{split}: {r.total} images, {r.unlabeled} without a foreground label{sp}, "
-      f"{len(r.problems)} problem(s)"
+      f"{split}: {r.total} images, {r.masks} with masks, {r.unlabeled} without a foreground label "
+      f"(skipped by training){sp}, {len(r.problems)} problem(s)"
     )
+    for note in r.notes:
+      print(f"  note: {note}")
     for p in r.problems:
       print(f"  {p}")
     bad += len(r.problems)

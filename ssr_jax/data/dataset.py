@@ -26,7 +26,10 @@ MAX_LISTED = 10  # Problems listed by name in one error message.
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """One split: N images with their paths and [N, C-1] multi-hot image-level labels."""
+  """One split: N images with their paths and [N, C-1] multi-hot image-level labels.
+
+  A mask path "" means the image has no mask (folder datasets): it reads as all 255 (ignore).
+  """
 
   dataset: str  # voc, coco or synthetic.
   name: str
@@ -55,6 +58,7 @@ class SplitFiles:
   masks: list[str]
   list_file: str  # The file the ids came from (named in errors).
   labels_file: str = ""  # "id v1 v2 ..." lines (mask values); "" = compute from the masks.
+  labels: np.ndarray | None = None  # float32 [N, C-1] given by the reader (folder), else None.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +71,12 @@ class Dataset:
   class_names: tuple[str, ...]  # Foreground names, mask value c+1 for class_names[c].
   manual: str  # What goes where, quoted in every error about missing files.
   resolve: Callable[[str], SplitFiles]  # Split name -> its files.
-  # Background names for the CAM softmax (§1.2) when the dataset defines them (synthetic);
-  # VOC/COCO leave them to c.model.bg_names.
+  # Background names for the CAM softmax (§1.2) when the dataset defines them (synthetic,
+  # folder); VOC/COCO leave them to c.model.bg_names.
   bg_names: tuple[str, ...] = ()
+  # CLIP prompt names of the classes (synonyms comma-separated, §1.2) when the dataset defines
+  # them (folder); () = c.model.class_names.
+  prompts: tuple[str, ...] = ()
 
   def split(self, name: str, *, drop_unlabeled: bool = False, workers: int = 8) -> Split:
     """Checks a split's files exist, attaches image-level labels, returns the Split.
@@ -82,7 +89,9 @@ class Dataset:
     if not ids:
       raise DataError(f"split {name!r} of {self.name} at {self.root} is empty ({sf.list_file})")
     _check_exist(images, masks, name, sf.list_file, self.manual)
-    if sf.labels_file:
+    if sf.labels is not None:
+      labels = np.asarray(sf.labels, np.float32)
+    elif sf.labels_file:
       labels = read_labels_file(sf.labels_file, ids, self.num_classes)
     else:
       labels = labels_from_masks(images, masks, self.num_classes, workers=workers)
@@ -106,7 +115,7 @@ def _is_file(path) -> bool:
 
 
 def _check_exist(images, masks, split, list_file, manual):
-  paths = [*images, *masks]
+  paths = [*images, *(m for m in masks if m)]  # "" = no mask (folder datasets).
   missing = missing_files(paths)
   if missing:
     raise DataError(missing_summary(missing, images, where(split, list_file), manual))
@@ -151,7 +160,7 @@ def drop_unlabeled_images(split: Split) -> Split:
   if not dropped:
     return split
   log.warning(
-    "split %s: skipping %d of %d images with no foreground label in their mask",
+    "split %s: skipping %d of %d images with no foreground label",
     split.name,
     dropped,
     len(split),

@@ -93,7 +93,7 @@ class Encoded(NamedTuple):
   """One example's encoded bytes, as stored in the folders and, unchanged, in a TFDS build."""
 
   image: bytes
-  mask: bytes
+  mask: bytes  # b"" = the image has no mask (folder datasets): all 255 (ignore).
   superpixels: bytes | None  # None = not read.
   clusters: bytes | None
   names: tuple[str, str, str, str]  # Where each came from, for errors.
@@ -105,7 +105,7 @@ class FileRef:
   """Example files of the folder source (data.source = "files")."""
 
   image: str
-  mask: str
+  mask: str  # "" = no mask.
   superpixels: str | None = None
   clusters: str | None = None
 
@@ -113,7 +113,7 @@ class FileRef:
     maybe = lambda p, kind: None if p is None else files.read_kind(p, kind)
     return Encoded(
       files.read_kind(self.image, "image"),
-      files.read_kind(self.mask, "mask"),
+      files.read_kind(self.mask, "mask") if self.mask else b"",
       maybe(self.superpixels, "superpixel"),
       maybe(self.clusters, "colour-cluster"),
       (
@@ -146,13 +146,17 @@ class FileStore:
 def decode_example(enc: Encoded, num_classes: int):
   """Decodes one example at original size and checks that its maps match the image.
 
-  Returns (image uint8 [H, W, 3], mask uint8 [H, W], superpixels int32 [H, W] or None when not
-  read, colour clusters int32 [H, W] or None when not read).
+  Returns (image uint8 [H, W, 3], mask uint8 [H, W] (all 255 when the example has none),
+  superpixels int32 [H, W] or None when not read, colour clusters int32 [H, W] or None when not
+  read).
   """
   names, fix = enc.names, enc.remedy
   image = files.decode_image(enc.image, names[0], fix)
-  mask = files.decode_mask(enc.mask, num_classes, names[1], fix)
-  files.check_same_size(mask.shape, image.shape[:2], names[1], names[0])
+  if enc.mask:
+    mask = files.decode_mask(enc.mask, num_classes, names[1], fix)
+    files.check_same_size(mask.shape, image.shape[:2], names[1], names[0])
+  else:
+    mask = np.full(image.shape[:2], files.IGNORE, np.uint8)
   sp = cl = None
   if enc.superpixels is not None:
     sp = files.decode_superpixels(enc.superpixels, names[2], fix)

@@ -234,7 +234,8 @@ def make_train_iterator(
 class EvalDataset:
   """Per-image examples of a split at original size (no augmentation).
 
-  Item i is a dict: image uint8 [H, W, 3], mask uint8 [H, W] (255 ignore), labels float32
+  Item i is a dict: image uint8 [H, W, 3], mask uint8 [H, W] (255 ignore; None when the image
+  has none, as in folder datasets), labels float32
   [C-1], superpixels and clusters int32 [H, W] (zeros when not read), id str, index int (into
   the split).
   `indices` are the split indices this dataset holds, in order. Iterating prefetches with a
@@ -254,10 +255,11 @@ class EvalDataset:
     if not 0 <= i < len(self.indices):
       raise IndexError(i)
     s, k = self.split, self.indices[i]
-    image, mask, sp, cl = decode_example(self._store.ref(k).fetch(), s.num_classes)
+    enc = self._store.ref(k).fetch()
+    image, mask, sp, cl = decode_example(enc, s.num_classes)
     return {
       "image": image,
-      "mask": mask,
+      "mask": mask if enc.mask else None,
       "labels": s.labels[k],
       "superpixels": np.zeros(mask.shape, np.int32) if sp is None else sp,
       "clusters": np.zeros(mask.shape, np.int32) if cl is None else cl,

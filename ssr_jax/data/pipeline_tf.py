@@ -44,14 +44,20 @@ def _read_palette_png(data):
     return np.asarray(im, np.uint8)
 
 
-def _decode_mask(data):
-  """uint8 [H, W] class indices; palette PNGs (colour type 3) keep their raw indices."""
-  is_palette = tf.equal(tf.strings.substr(data, 25, 1), b"\x03")
-  m = tf.cond(
-    is_palette,
-    lambda: tf.numpy_function(_read_palette_png, [data], tf.uint8, stateful=False),
-    lambda: tf.io.decode_png(data, channels=1)[..., 0],
-  )
+def _decode_mask(data, hw):
+  """uint8 [H, W] class indices; palette PNGs (colour type 3) keep their raw indices; no bytes
+  (an image without a mask) read as all 255 of the image's size hw."""
+
+  def decode():
+    is_palette = tf.equal(tf.strings.substr(data, 25, 1), b"\x03")
+    return tf.cond(
+      is_palette,
+      lambda: tf.numpy_function(_read_palette_png, [data], tf.uint8, stateful=False),
+      lambda: tf.io.decode_png(data, channels=1)[..., 0],
+    )
+
+  none = lambda: tf.fill(hw, tf.constant(files.IGNORE, tf.uint8))  # noqa: E731
+  m = tf.cond(tf.equal(tf.strings.length(data), 0), none, decode)
   return tf.ensure_shape(m, [None, None])
 
 
@@ -115,7 +121,11 @@ def _reader(store):
     tables = [store.split.image_paths, store.split.mask_paths]
     tables += [store.superpixel_paths, store.cluster_paths]
     tables = [None if t is None else tf.constant(t) for t in tables]
-    return lambda i: [None if t is None else tf.io.read_file(tf.gather(t, i)) for t in tables]
+
+    def read_file(path):  # "" = no such file (an image without a mask): no bytes.
+      return tf.cond(tf.equal(path, ""), lambda: tf.constant(b""), lambda: tf.io.read_file(path))
+
+    return lambda i: [None if t is None else read_file(tf.gather(t, i)) for t in tables]
 
   def fetch(i):
     enc = store.ref(int(i)).fetch()
@@ -138,8 +148,8 @@ def _example_fn(source: TrainSource):
   def fn(index, u):
     image_b, mask_b, sp_b, cl_b = read(index)
     image = _decode_image(image_b)
-    mask = _decode_mask(mask_b)
     hw = tf.shape(image)[:2]
+    mask = _decode_mask(mask_b, hw)
     checks = [
       tf.debugging.assert_equal(tf.shape(mask), hw, message="mask size != image size"),
       tf.debugging.assert_equal(

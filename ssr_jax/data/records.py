@@ -15,6 +15,7 @@ import threading
 
 from etils import epath
 
+from ssr_jax.data import superpixels as sp_lib
 from ssr_jax.data.dataset import Split, drop_unlabeled_images, labels_from_values
 from ssr_jax.data.examples import Encoded
 from ssr_jax.data.files import DataError
@@ -44,8 +45,6 @@ def config_name(data_cfg, maps: bool) -> str:
   """`plain`, or the superpixel and cluster folder names of data_cfg (their settings)."""
   if not maps:
     return PLAIN
-  from ssr_jax.data import superpixels as sp_lib
-
   sp_dir = epath.Path(sp_lib.directory(data_cfg, data_cfg.root or "."))
   k, w = data_cfg.color_clusters, data_cfg.cluster_position_weight
   return f"{sp_dir.name}.{sp_lib.cluster_folder(k, w)}".lower()
@@ -105,6 +104,20 @@ def class_names(data_cfg) -> tuple[str, ...]:
   """Foreground class names stored in the build this config reads."""
   build = build_dir(data_cfg, maps=False)
   return tuple(_metadata(str(build))["class_names"])
+
+
+def dataset_fields(data_cfg) -> dict:
+  """sources.dataset_fields of the build this config reads (its metadata.json)."""
+  meta = _metadata(str(build_dir(data_cfg, maps=False)))
+  names = tuple(meta["class_names"])
+  labels = [v for s in meta["splits"].values() for v in s["labels"]]
+  return dict(
+    num_classes=int(meta["num_classes"]),
+    class_names=names,
+    prompts=tuple(meta.get("prompts") or names),
+    bg_names=tuple(meta.get("bg_names") or ()),
+    max_labels=max([1, *(len(v) for v in labels)]),
+  )
 
 
 def open_split(

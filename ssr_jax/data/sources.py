@@ -1,25 +1,11 @@
-"""Where a split's examples come from: the dataset registry (data.name -> its folder reader: voc,
-coco, synthetic, opened at data.root) and data.source ("files": those folders; "tfds": a TFDS
-build in data.tfds_data_dir, records.py)."""
+"""Where a split's examples come from: the dataset registry (registry.py: data.name -> its folder
+reader, opened at data.root) and data.source ("files": those folders; "tfds": a TFDS build in
+data.tfds_data_dir, records.py); and the config fields a dataset defines (`configure`)."""
 
-from ssr_jax.data import coco, synthetic, voc
-from ssr_jax.data.dataset import Dataset
+from ssr_jax.data import examples, folder, records
+from ssr_jax.data import superpixels as sp_lib
 from ssr_jax.data.files import DataError
-
-
-def get_dataset(data_cfg) -> Dataset:
-  """The dataset named by data.name at data.root; its class count must match data.num_classes."""
-  readers = {"voc": voc, "coco": coco, "synthetic": synthetic}
-  if data_cfg.name not in readers:
-    raise ValueError(f"unknown data.name {data_cfg.name!r}; use one of {sorted(readers)}")
-  ds = readers[data_cfg.name].open_dataset(data_cfg.root, labels_file=data_cfg.labels_file)
-  if ds.num_classes != data_cfg.num_classes:
-    raise DataError(
-      f"data.num_classes is {data_cfg.num_classes} but the {ds.name} dataset at {ds.root} "
-      f"has {ds.num_classes} classes (including background); fix the config"
-    )
-  return ds
-
+from ssr_jax.data.registry import get_dataset
 
 SOURCES = ("files", "tfds")
 
@@ -33,8 +19,6 @@ def open_split(
   what is missing and the command that makes it).
   """
   if data_cfg.source == "tfds":
-    from ssr_jax.data import records
-
     return records.open_split(
       data_cfg, split, superpixels=superpixels, clusters=clusters, drop_unlabeled=drop_unlabeled
     )
@@ -49,9 +33,6 @@ def open_folder_split(
   data_cfg, split: str, *, superpixels: bool, clusters: bool, drop_unlabeled: bool = False
 ):
   """open_split of the folders at data.root, whatever data.source says (the TFDS build's input)."""
-  from ssr_jax.data import examples
-  from ssr_jax.data import superpixels as sp_lib
-
   s = get_dataset(data_cfg).split(
     split, drop_unlabeled=drop_unlabeled, workers=data_cfg.num_workers
   )
@@ -66,7 +47,55 @@ def open_folder_split(
 def class_names(data_cfg) -> tuple[str, ...]:
   """Foreground class names (mask value c+1 for name c) of data.source's dataset."""
   if data_cfg.source == "tfds":
-    from ssr_jax.data import records
-
     return records.class_names(data_cfg)
   return get_dataset(data_cfg).class_names
+
+
+def dataset_fields(data_cfg) -> dict:
+  """What the dataset of data.source says about itself: num_classes, class_names, prompts
+  (CLIP names of the classes), bg_names ((): not defined) and max_labels (the most classes one
+  image carries; folder datasets and TFDS builds, None for the other folders)."""
+  if data_cfg.source == "tfds":
+    return records.dataset_fields(data_cfg)
+  ds = get_dataset(data_cfg)
+  index = folder.index_of(data_cfg) if ds.name == "folder" else None
+  return dict(
+    num_classes=ds.num_classes,
+    class_names=ds.class_names,
+    prompts=ds.prompts or ds.class_names,
+    bg_names=ds.bg_names,
+    max_labels=folder.max_labels(index) if index else None,
+  )
+
+
+def configure(config):
+  """config (a copy) with the fields a folder dataset defines filled in: data.num_classes,
+  model.class_names (classes.txt's prompts), model.bg_names and model.max_classes, from data.root
+  or, with data.source "tfds", from the build's metadata. configs/folder.py leaves them 0 / ();
+  a set data.num_classes must agree, a set model.max_classes is kept, and class or background
+  names must be empty or the folder's (its files hold them; so configuring twice changes
+  nothing). Other datasets: config unchanged.
+  """
+  if config.data.name != "folder":
+    return config
+  fields = dataset_fields(config.data)
+  own = dict(class_names=tuple(fields["prompts"]), bg_names=tuple(fields["bg_names"]))
+  own["bg_names"] = own["bg_names"] or folder.DEFAULT_BG
+  for key, value in own.items():  # Set ones must be the folder's (so configure is idempotent).
+    if tuple(config.model[key]) not in ((), value):
+      raise DataError(
+        f"model.{key} is set, but a folder dataset's prompts come from its "
+        f"{folder.CLASSES if key == 'class_names' else folder.BACKGROUND}: leave model.{key} "
+        "empty, as configs/folder.py does, and edit that file"
+      )
+  if config.data.num_classes and config.data.num_classes != fields["num_classes"]:
+    raise DataError(
+      f"data.num_classes is {config.data.num_classes} but the folder dataset has "
+      f"{fields['num_classes']} classes (including background); leave it 0 (configs/folder.py)"
+    )
+  cfg = config.copy_and_resolve_references()
+  cfg.data.num_classes = fields["num_classes"]
+  cfg.model.class_names, cfg.model.bg_names = own["class_names"], own["bg_names"]
+  if cfg.model.max_classes <= 0:
+    cfg.model.max_classes = int(fields["max_labels"])
+  return cfg

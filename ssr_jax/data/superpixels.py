@@ -59,7 +59,7 @@ from typing import NamedTuple
 import numpy as np
 from etils import epath
 
-from ssr_jax.data import dataset, files, parallel, sources
+from ssr_jax.data import dataset, files, parallel, registry
 from ssr_jax.data.dataset import Split
 from ssr_jax.data.files import DataError
 
@@ -358,7 +358,7 @@ def cluster_directory(data_cfg, root: str) -> str:
 def command(data_cfg, split: str) -> str:
   """The exact CLI call that precomputes this configuration's superpixels (and colour clusters)
   for a split."""
-  config = {"voc": "configs/voc.py", "coco": "configs/coco.py"}.get(
+  config = {"voc": "configs/voc.py", "coco": "configs/coco.py", "folder": "configs/folder.py"}.get(
     data_cfg.name, "configs/demo.py"
   )
   parts = [
@@ -384,7 +384,7 @@ def check_superpixels(data_cfg, split: str, *, clusters: bool = False) -> str:
 
   The error names the missing path(s) and the exact command that creates them.
   """
-  ds = sources.get_dataset(data_cfg)
+  ds = registry.get_dataset(data_cfg)
   d = directory(data_cfg, ds.root)
   ids = ds.resolve(split).ids
   _require(data_cfg, d, split, ids)
@@ -537,7 +537,7 @@ def precompute(
 
   Returns {"dir", "cluster_dir", "total", "written", "problems": [...]}.
   """
-  ds = sources.get_dataset(data_cfg)
+  ds = registry.get_dataset(data_cfg)
   sf = ds.resolve(split)
   # Every missing image in one error before any work (not the first one a worker meets).
   missing = dataset.missing_files(sf.images)

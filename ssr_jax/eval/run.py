@@ -36,7 +36,7 @@ from jax.experimental import multihost_utils
 from ssr_jax import resize as resize_lib
 from ssr_jax.clip import preprocess
 from ssr_jax.data import files, pipeline, sources
-from ssr_jax.eval import crf, inference, metrics, png, visualize
+from ssr_jax.eval import crf, image_level, inference, metrics, png, visualize
 from ssr_jax.model import affinity
 from ssr_jax.model.ssr import sgc_inputs
 from ssr_jax.train import checkpoint, sharding
@@ -307,6 +307,37 @@ def eval_dataset(data_cfg, split, *, target, sgc: dict, max_images: int = 0):
   return dataset, class_names(sources.class_names(data_cfg))
 
 
+def _all_processes_rows(rows: np.ndarray) -> np.ndarray:
+  """[N_p, K] rows of every process's slice, concatenated in process order."""
+  if process()[1] == 1:
+    return rows
+  counts = multihost_utils.process_allgather(np.asarray(len(rows), np.int64), tiled=False)
+  padded = np.zeros((int(np.max(counts)), rows.shape[1]), rows.dtype)
+  padded[: len(rows)] = rows
+  gathered = np.asarray(multihost_utils.process_allgather(padded, tiled=False))
+  return np.concatenate([g[:n] for g, n in zip(gathered, np.asarray(counts).ravel())])
+
+
+def image_level_scores(task, frozen, ex, pred, target) -> list[np.ndarray]:
+  """[labels, zero-shot scores(, seg pixel shares)] of one example (image_level.py)."""
+  img, _ = _multiple_of(ex["image"], task.clip.cfg.patch_size)
+  out = [np.asarray(ex["labels"], np.float32), image_level.zero_shot_scores(task, frozen, img)]
+  if target == "seg":
+    out.append(image_level.pixel_shares(pred, len(ex["labels"]) + 1))
+  return out
+
+
+def image_level_results(rows: list, names) -> dict:
+  """zero_shot (and seg_classification) mAP of the rows of image_level_scores."""
+  cols = [_all_processes_rows(np.stack(c)) for c in zip(*rows)] if rows else []
+  if not cols:
+    return {}
+  res = {"zero_shot": image_level.mean_average_precision(cols[1], cols[0], names[1:])}
+  if len(cols) > 2:
+    res["seg_classification"] = image_level.mean_average_precision(cols[2], cols[0], names[1:])
+  return res
+
+
 def _protocol(eval_cfg, data_cfg, target) -> dict:
   """How the numbers were made, stored beside them in metrics.json."""
   seg = target == "seg"
@@ -405,11 +436,16 @@ def evaluate(
   pred_dir = epath.Path(workdir) / "eval" / f"{label}_{target}" / "pred"
   acc = metrics.ConfusionAccumulator(dc.num_classes, ignore=dc.ignore_label)
   vis_images, count, t0 = {}, 0, time.time()
+  # Folder datasets (tagged images, masks optional): image-level scores too (image_level.py).
+  rows, masked = [] if dc.name == "folder" else None, 0
   drawn = set(dataset.indices[: ec.num_vis])  # The first num_vis of this process's slice.
   for ex, pred in predict(*args):
     count += 1
     if ex.get("mask") is not None:
       acc.add(pred, ex["mask"])
+      masked += 1
+    if rows is not None:
+      rows.append(image_level_scores(task, frozen, ex, pred, target))
     if write_outputs and ec.save_png:
       png.save_label_png(pred_dir / f"{ex['id']}.png", pred.astype(np.uint8))
     if lead and ex["index"] in drawn:
@@ -417,14 +453,25 @@ def evaluate(
         task, frozen, variables, ex, pred, names, source=source
       )
   conf, count = _all_processes_sum(acc.conf, count)
+  masked = _all_processes_sum(np.zeros((1, 1), np.int64), masked)[1]
   seconds = time.time() - t0
   res = metrics.scores(conf, names)
+  res["masked_images"] = masked
+  if not conf.sum():  # No mask at all: no pixel metric is defined.
+    res.update(miou=None, pixel_accuracy=None, mean_accuracy=None)
+  if rows is not None:
+    res.update(image_level_results(rows, names))
   res.update(target=target, split=split, split_label=label, num_images=count)
   res.update(checkpoint_step=step, seconds=seconds)
   res.update(_protocol(ec, dc, target), clip_fingerprint=clip_fingerprint)
   if lead:
     print(f"\n{label} / {target} @ step {step}: {count} images in {seconds:.1f}s")
-    print(metrics.format_table(res))
+    if res["miou"] is not None:
+      print(metrics.format_table(res))
+    else:
+      print(f"no mask among the {count} images: no pixel metric (image-level ones below)")
+    if rows is not None:
+      print(image_level.format_lines(res))
     title = f"{split} / {target} @ step {step}: rows ground truth, columns prediction, % of row"
     heatmap = visualize.confusion_heatmap(metrics.row_shares(conf), names, title=title)
     vis_images[confusion_key(label, target)] = heatmap

@@ -50,7 +50,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from ssr_jax.data import examples, files, parallel, sources
+from ssr_jax.data import examples, files, folder, parallel, sources
 from ssr_jax.data.dataset import label_values
 from ssr_jax.data.files import DataError
 from ssr_jax.data.records import VERSION, config_name, split_name
@@ -101,6 +101,8 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
     cfg = configs.base.get_config().data if data_cfg is None else data_cfg
     if cfg.name != self.DATASET:
       cfg = _with(cfg, name=self.DATASET)
+    if not cfg.num_classes and cfg.root:  # A folder dataset's count is its classes.txt's.
+      cfg = _with(cfg, num_classes=sources.get_dataset(cfg).num_classes)
     self._data_cfg = cfg
     self._spec = BuildSpec(self.DATASET, int(cfg.num_classes), bool(superpixels))
     config = tfds.core.BuilderConfig(name=config_name(cfg, superpixels))
@@ -117,9 +119,14 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     cfg = _with(self._data_cfg, root=os.fspath(dl_manager.manual_dir))
-    plans = {p.name: p for p in (plan_split(cfg, s, self._spec) for s in self.SPLITS)}
+    plans = {p.name: p for p in (plan_split(cfg, s, self._spec) for s in self.splits(cfg))}
     self.info.metadata.update(index_metadata(self._spec, plans))
     return {s: self._generate_examples(p) for s, p in plans.items()}
+
+  def splits(self, data_cfg) -> tuple[str, ...]:
+    """What `download_and_prepare` builds."""
+    del data_cfg
+    return self.SPLITS
 
   def _generate_examples(self, plan):
     for k in range(len(plan.ids)):
@@ -147,7 +154,16 @@ class SsrSynthetic(_Builder):
   SPLITS = ("train", "val")
 
 
-BUILDERS = {b.DATASET: b for b in (SsrVoc, SsrCoco, SsrSynthetic)}
+class SsrFolder(_Builder):
+  """Your own tagged images (data.name = "folder"): every split of its labels.csv."""
+
+  DATASET = "folder"
+
+  def splits(self, data_cfg) -> tuple[str, ...]:
+    return tuple(folder.index_of(data_cfg).split_names())
+
+
+BUILDERS = {b.DATASET: b for b in (SsrVoc, SsrCoco, SsrSynthetic, SsrFolder)}
 
 
 def _with(data_cfg, **changes):
@@ -167,14 +183,19 @@ class SplitPlan:
   store: examples.FileStore  # Record k's files: store.ref(k).
   num_classes: int
   class_names: tuple[str, ...]  # Foreground names (mask value c+1 for class_names[c]).
+  prompts: tuple[str, ...]  # CLIP names of the classes.
+  bg_names: tuple[str, ...]  # Background prompts the dataset defines (synthetic, folder) or ().
 
 
 def plan_split(data_cfg, split: str, spec: BuildSpec) -> SplitPlan:
   """The folder source's files of a split (checked as training checks them)."""
   maps = spec.superpixels
   s, store = sources.open_folder_split(data_cfg, split, superpixels=maps, clusters=maps)
-  names = sources.get_dataset(data_cfg).class_names
-  return SplitPlan(split_name(split), s.ids, s.labels, store, s.num_classes, names)
+  ds = sources.get_dataset(data_cfg)
+  prompts = ds.prompts or ds.class_names
+  return SplitPlan(
+    split_name(split), s.ids, s.labels, store, s.num_classes, ds.class_names, prompts, ds.bg_names
+  )
 
 
 def encode_record(plan: SplitPlan, k: int) -> tuple[dict, str | None]:
@@ -191,12 +212,15 @@ def encode_record(plan: SplitPlan, k: int) -> tuple[dict, str | None]:
 
 
 def index_metadata(spec: BuildSpec, plans: dict) -> dict:
-  """metadata.json: class names and, per split, the ids and labels (as mask values) in record
-  order."""
+  """metadata.json: class names, prompts, background prompts and, per split, the ids and labels
+  (as mask values) in record order."""
+  first = next(iter(plans.values()))
   return {
     "dataset": spec.dataset,
     "num_classes": spec.num_classes,
-    "class_names": list(next(iter(plans.values())).class_names),
+    "class_names": list(first.class_names),
+    "prompts": list(first.prompts),
+    "bg_names": list(first.bg_names),
     "superpixels": spec.superpixels,
     "splits": {
       name: {
@@ -269,6 +293,8 @@ def build(
     raise ValueError(f"unknown data.name {data_cfg.name!r}; use one of {sorted(BUILDERS)}")
   if not data_cfg.tfds_data_dir:
     raise ValueError("set --config.data.tfds_data_dir to the folder (or gs:// bucket) to build in")
+  if not data_cfg.num_classes:  # A folder dataset's count is its classes.txt's.
+    data_cfg = _with(data_cfg, num_classes=sources.get_dataset(data_cfg).num_classes)
   builder = BUILDERS[data_cfg.name](
     data_cfg=data_cfg, superpixels=superpixels, data_dir=data_cfg.tfds_data_dir
   )
