@@ -1,6 +1,6 @@
 """Reading a TFDS build (data.source = "tfds"), TensorFlow-free.
 
-A build (tfds_build.py) stores each example's files unchanged, so a record fetched here decodes,
+A build (the tfds_build package) stores each example's files unchanged, so a record fetched here decodes,
 with the same functions as the folder source, to the same arrays: both sources give the same
 batches bit for bit. Records are read by random access from the array_record shards through
 `tfds.data_source`, which needs no TensorFlow (tensorflow_datasets imports it lazily and these
