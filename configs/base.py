@@ -258,11 +258,13 @@ def get_config():
   c.demo.clip_width = 128
   c.demo.clip_layers = 6
   c.demo.clip_patch = 16
-  # The demo's tiny DINO (self-distillation on the synthetic train images, no labels): shipped
-  # like the tiny CLIP, or pretrained in the workdir with pretrain_dino=True.
+  # The demo's tiny DINO (self-distillation on the generator's unlabelled stream): shipped like
+  # the tiny CLIP, or pretrained in the workdir with pretrain_dino=True.
   c.demo.pretrain_dino = False
   c.demo.dino_seed = 0
   c.demo.dino_steps = 0
+  c.demo.dino_save_every = 100  # Orbax checkpoint interval (<workdir>/dino_pretrain; resumable).
+  c.demo.dino_eval_every = 0  # Log the val attention purity every N steps; 0 = only at the end.
   c.demo.dino_batch_size = 64
   c.demo.dino_lr = 5e-4
   c.demo.dino_width = 96

@@ -17,10 +17,13 @@ keep their correlations. It is trained with CLIP's InfoNCE on image-caption pair
 masks (ssr_jax/clip/pretrain.py).
 
 The tiny DINO (same patch, so the same 12x12 grid as the tiny CLIP) is trained by DINO
-self-distillation on the synthetic training images alone: no masks, labels or captions
-(ssr_jax/dino/pretrain.py). Its pretraining reports, with the val masks, the attention purity
-(share of a patch's attention inside its own segment) of a random-init ViT, the tiny DINO and
-the tiny CLIP: how good each is as SGC's propagation affinity (method §3.1).
+self-distillation plus iBOT's masked patch prediction on an unbounded stream of the generator's
+images (`dino_stream`: no masks, labels or captions; ssr_jax/dino/pretrain.py), checkpointed
+with Orbax under <workdir>/dino_pretrain so that the same command, rerun, resumes. Its
+pretraining reports, with the val masks, the attention purity (share of a patch's attention
+inside its own segment) of uniform attention, a random-init ViT, the tiny DINO and the tiny
+CLIP: how good each is as SGC's propagation affinity (method §3.1); and the tiny CLIP's
+zero-shot image-level mAP on val.
 """
 
 import dataclasses
@@ -29,6 +32,8 @@ import importlib.util
 import json
 import logging
 import os
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -104,7 +109,7 @@ def _weights(kind, config, workdir) -> str:
     return str(kind.shipped)
   path = str(epath.Path(workdir) / kind.subdir / kind.shipped.name)
   if jax.process_index() == 0 and _settings_of(kind, path) != _as_stored(kind.settings(config)):
-    kind.pretrain(config, path)  # None yet, or one made with other settings.
+    kind.pretrain(config, path, workdir)  # None yet, or one made with other settings.
   multihost_utils.sync_global_devices(f"ssr_jax.demo {kind.subdir}")
   return path
 
@@ -245,6 +250,22 @@ def tiny_dino_config(config) -> DINOConfig:
   )
 
 
+# The generator's stream the tiny DINO learns from (0 and 1 are the train and val splits, 2 the
+# tiny CLIP's corpus): unbounded, image i a pure function of (data seed, stream, i).
+DINO_STREAM = 3
+
+
+def dino_stream(config):
+  """step -> uint8 [demo.dino_batch_size, S, S, 3]: the tiny DINO's batch of that step, images
+  step * B ... of the generator's stream DINO_STREAM, decorrelated (any object on any
+  background, as the tiny CLIP's corpus, standing in for ImageNet's variety). Masks, labels and
+  captions are rendered but never used."""
+  b, sc = config.demo.dino_batch_size, config.data.synthetic
+  return lambda step: synthetic.generate(
+    b, size=sc.image_size, seed=sc.seed, stream=DINO_STREAM, start=step * b, decorrelated=True
+  )["image"]
+
+
 def dino_pretraining_settings(config) -> dict:
   """Everything the tiny DINO's weights depend on; stored in its file and compared on use."""
   d, sc = config.demo, config.data.synthetic
@@ -255,86 +276,138 @@ def dino_pretraining_settings(config) -> dict:
     lr=d.dino_lr,
     seed=d.dino_seed,
     recipe=dataclasses.asdict(dino_pretrain.RECIPE),
-    images=sc.num_train,  # The training split's images, nothing else.
-    split=config.data.train_split,
+    images=f"generator stream {DINO_STREAM}, decorrelated, {d.dino_steps * d.dino_batch_size}",
     image_size=sc.image_size,
     data_seed=sc.seed,
   )
 
 
-def pretrain_tiny_dino(config, path, *, clip_path=None) -> dict:
+def pretrain_tiny_dino(config, path, workdir, *, clip_path=None) -> dict:
   """Pretrains the demo's tiny DINO (ssr_jax.dino.pretrain) and writes it to path (.npz).
 
-  Trains on the images of the synthetic training split under config.data.root; then reports
-  the attention purity on the val split for a random-init ViT, the tiny DINO and the CLIP at
-  clip_path (config.clip.weights or the shipped tiny CLIP when None; skipped if absent).
+  Trains on `dino_stream`, checkpointing under workdir/dino_pretrain (a rerun resumes there),
+  logging the attention purity on val every demo.dino_eval_every steps; then reports the
+  attention purity on the val split (under config.data.root) for uniform attention, a
+  random-init ViT, the tiny DINO and the CLIP at clip_path (config.clip.weights or the shipped
+  tiny CLIP when None; skipped if absent), and that CLIP's zero-shot mAP on val.
   """
   d = config.demo
-  train = synthetic.read_split(config.data.root, config.data.train_split)["image"]
   cfg = tiny_dino_config(config)
-  params, run = dino_pretrain.pretrain_dino(
-    cfg, train, steps=d.dino_steps, batch_size=d.dino_batch_size, lr=d.dino_lr, seed=d.dino_seed
-  )
   clip_path = clip_path or config.clip.weights or SHIPPED_CLIP
+  val = synthetic.read_split(config.data.root, config.data.val_split)
+  segments = dino_pretrain.patch_segments(val["mask"], cfg.patch_size)
+  fused = config.model.cam.dino_layers
+
+  def evaluate(step, params):
+    attn = dino_pretrain.dino_attention(DINO(cfg), params, val["image"])[-fused:].mean(axis=0)
+    log.info(
+      "tiny DINO step %d: attention purity on val of its last %d layers, balanced %.3f, plain %.3f",
+      step,
+      fused,
+      dino_pretrain.attention_purity(attn, segments, balanced=True),
+      dino_pretrain.attention_purity(attn, segments),
+    )
+
+  settings = dino_pretraining_settings(config)
+  params, run = dino_pretrain.pretrain_dino(
+    cfg,
+    dino_stream(config),
+    steps=d.dino_steps,
+    lr=d.dino_lr,
+    seed=d.dino_seed,
+    workdir=epath.Path(workdir) / "dino_pretrain",
+    settings=settings,
+    save_every=d.dino_save_every,
+    evaluate=evaluate,
+    eval_every=d.dino_eval_every,
+  )
   purity = attention_purities(config, cfg, params, clip_path)
   info = dict(
-    settings=dino_pretraining_settings(config),
+    settings=settings,
+    command=shlex.join(["python", *sys.argv]),
     final_loss=run["final_loss"],
     seconds=run["seconds"],
     machine=machine.cpu_line(),
     attention_purity=purity,
+    clip_zero_shot_map=clip_zero_shot_map(config, clip_path),
   )
   print(
     f"tiny DINO: {d.dino_steps} steps of {d.dino_batch_size} images x "
-    f"(2 global + {dino_pretrain.RECIPE.num_local} local crops) of the {len(train)} synthetic "
-    f"training images in {run['seconds']:.0f}s ({machine.cpu_line()}), loss "
-    f"{run['final_loss']:.3f}. Attention purity on val (share of a patch's attention, heads "
-    "averaged, inside its own segment; balanced: segments weighted equally), per layer and "
-    "of the layers' mean:"
+    f"(2 global + {dino_pretrain.RECIPE.num_local} local crops) from the generator's stream in "
+    f"{run['seconds']:.0f}s ({machine.cpu_line()}), loss {run['final_loss']:.3f}. Attention "
+    "purity on val (share of a patch's attention, heads averaged, inside its own segment; "
+    f"balanced: segments weighted equally), per layer, of the layers' mean, and of the layers SGC "
+    f"fuses (DINO's last {fused}, CLIP's last {config.model.cam.num_attn_layers}):"
   )
   for kind, table in purity.items():
     for name, p in table.items():
       layers = " ".join(f"{v:.3f}" for v in p["layers"])
-      print(f"  {kind:>8} {name:>7}: {layers}  mean {p['mean']:.3f}")
+      print(f"  {kind:>8} {name:>7}: {layers}  mean {p['mean']:.3f}  fused {p['fused']:.3f}")
+  print(f"CLIP {clip_path}: zero-shot image-level mAP on val {info['clip_zero_shot_map']}")
   epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
   dino_convert.save_converted(path, cfg, params, meta=dict(demo_pretraining=info), compress=True)
   return info
+
+
+def _load_clip(clip_path):
+  """(CLIP, params) at clip_path, or None when there is no such file."""
+  if not epath.Path(clip_path).is_file():
+    return None
+  return convert.load_clip(clip_path)
+
+
+def clip_zero_shot_map(config, clip_path):
+  """The CLIP's image-level mAP on val from its prompts (model.prompt_template of each class
+  name; `pretrain.mean_average_precision`), or None when clip_path does not exist."""
+  loaded = _load_clip(clip_path)
+  if loaded is None:
+    return None
+  m = config.model
+  val = synthetic.read_split(config.data.root, config.data.val_split)
+  scores = pretrain.zero_shot_scores(
+    *loaded, val["image"], m.class_names, m.prompt_template, m.normalization
+  )
+  return pretrain.mean_average_precision(scores, val["labels"])
 
 
 def attention_purities(config, cfg: DINOConfig, params, clip_path) -> dict:
   """Attention purity on the val split (dino_pretrain.attention_purity, heads averaged).
 
   Returns {"plain" | "balanced": {model: {"layers": [purity of each layer's attention],
-  "mean": purity of the layers' mean attention}}} for random (a random-init ViT of cfg), dino
-  (params), clip (the CLIP at clip_path, if that file exists and has cfg's patch size) and
-  uniform attention (the chance level).
+  "mean": purity of the layers' mean attention, "fused": purity of the mean of the layers SGC
+  fuses (DINO's last model.cam.dino_layers, CLIP's last model.cam.num_attn_layers)}}} for
+  uniform attention (the chance level), random (a random-init ViT of cfg), dino (params) and
+  clip (the CLIP at clip_path, if that file exists and has cfg's patch size).
   """
   val = synthetic.read_split(config.data.root, config.data.val_split)
   segments = dino_pretrain.patch_segments(val["mask"], cfg.patch_size)
   model = DINO(cfg)
   random = init_params(model, jax.random.PRNGKey(config.demo.dino_seed))
   t = segments.shape[1] + 1
-  attn = {  # [L, B, T, T] each.
-    "uniform": np.ones((1, len(segments), t, t), np.float32),
-    "random": dino_pretrain.dino_attention(model, random, val["image"]),
-    "dino": dino_pretrain.dino_attention(model, params, val["image"]),
+  cc = config.model.cam
+  attn = {  # ([L, B, T, T], layers SGC fuses) each.
+    "uniform": (np.ones((1, len(segments), t, t), np.float32), 1),
+    "random": (dino_pretrain.dino_attention(model, random, val["image"]), cc.dino_layers),
+    "dino": (dino_pretrain.dino_attention(model, params, val["image"]), cc.dino_layers),
   }
-  if epath.Path(clip_path).is_file():
-    clip, clip_params = convert.load_clip(clip_path)
-    if clip.cfg.patch_size == cfg.patch_size:  # Same grid, so the same segments per patch.
-      norm = config.model.normalization
-      features = lambda x: clip.apply(
-        {"params": clip_params}, clip_normalize(x, norm), method=clip.image_features
-      )
-      attn["clip"] = np.asarray(jax.jit(features)(val["image"])["attn"])  # Heads averaged.
+  loaded = _load_clip(clip_path)
+  if loaded is not None and loaded[0].cfg.patch_size == cfg.patch_size:  # Same grid.
+    clip, clip_params = loaded
+    norm = config.model.normalization
+    features = lambda x: clip.apply(
+      {"params": clip_params}, clip_normalize(x, norm), method=clip.image_features
+    )
+    clip_attn = np.asarray(jax.jit(features)(val["image"])["attn"])  # Heads averaged.
+    attn["clip"] = (clip_attn, min(cc.num_attn_layers, len(clip_attn)))
   purity = functools.partial(dino_pretrain.attention_purity, segments=segments)
   return {
     kind: {
       name: dict(
         layers=[purity(x, balanced=balanced) for x in a],
         mean=purity(a.mean(axis=0), balanced=balanced),
+        fused=purity(a[-n:].mean(axis=0), balanced=balanced),
       )
-      for name, a in attn.items()
+      for name, (a, n) in attn.items()
     }
     for kind, balanced in (("plain", False), ("balanced", True))
   }
@@ -355,7 +428,7 @@ class _Kind:
   cost: str  # Pretraining time, for messages.
   settings: Callable  # config -> dict of everything the weights depend on.
   read_metadata: Callable  # path -> the file's metadata (its "extra" holds the settings).
-  pretrain: Callable  # (config, path) -> info; writes the file.
+  pretrain: Callable  # (config, path, workdir) -> info; writes the file.
 
 
 _CLIP = _Kind(
@@ -367,7 +440,7 @@ _CLIP = _Kind(
   cost="4-12 min on 2 cores",
   settings=pretraining_settings,
   read_metadata=convert.read_metadata,
-  pretrain=pretrain_tiny_clip,
+  pretrain=lambda config, path, workdir: pretrain_tiny_clip(config, path),
 )
 _DINO = _Kind(
   name="tiny DINO",
@@ -375,7 +448,7 @@ _DINO = _Kind(
   shipped=SHIPPED_DINO,
   subdir="dino",
   fields="config.demo.dino_*, data.synthetic, data.crop_size",
-  cost="about 6 min on 2 cores",
+  cost="about an hour on one shared core; resumable",
   settings=dino_pretraining_settings,
   read_metadata=dino_convert.read_metadata,
   pretrain=pretrain_tiny_dino,
@@ -439,9 +512,10 @@ def _main(argv):
     raise app.UsageError("nothing to do: pass --write_shipped_clip and/or --write_shipped_dino")
   config = _CONFIG.value.copy_and_resolve_references()
   config.data.root = config.data.root or str(epath.Path(_WORKDIR.value) / "data")
+  config.data.source = "files"  # Pretraining reads the folders; no TFDS build needed.
   _write_data(config)
   for kind in kinds:  # The CLIP first: the DINO's report compares with the shipped one.
-    kind.pretrain(config, kind.shipped)
+    kind.pretrain(config, kind.shipped, _WORKDIR.value)
     digest = convert.sha256_file(kind.shipped)
     Path(str(kind.shipped) + ".sha256").write_text(f"{digest}  {kind.shipped.name}\n")
     print(f"wrote {kind.shipped} (sha256 {digest})")

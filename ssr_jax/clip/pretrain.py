@@ -137,8 +137,9 @@ def pretrain_clip(
   return params, float(loss)
 
 
-def zero_shot_accuracy(model, params, images, labels, class_names, template, normalization):
-  """Fraction of images whose top-scoring class (CLS embedding vs prompts) is present."""
+def zero_shot_scores(model, params, images, class_names, template, normalization):
+  """uint8 images [B, S, S, 3] -> float32 [B, C] cosine of each image's embedding with each
+  class prompt's (template.format(name))."""
   ids = jnp.asarray(
     tokenize([template.format(n) for n in class_names], context_length=model.cfg.context_length)
   )
@@ -146,9 +147,28 @@ def zero_shot_accuracy(model, params, images, labels, class_names, template, nor
   txt = model.apply(p, ids, method=model.encode_text)
   txt = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
   enc = jax.jit(lambda x: model.apply(p, normalize(x, normalization), method=model.encode_image))
-  hits = []
+  out = []
   for i in range(0, len(images), 64):
     img = enc(jnp.asarray(images[i : i + 64]))
-    top = np.asarray(jnp.argmax(img @ txt.T, axis=-1))
-    hits.append(labels[i : i + 64][np.arange(len(top)), top] > 0)
-  return float(np.concatenate(hits).mean())
+    img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
+    out.append(np.asarray(img @ txt.T))
+  return np.concatenate(out)
+
+
+def zero_shot_accuracy(model, params, images, labels, class_names, template, normalization):
+  """Fraction of images whose top-scoring class (CLS embedding vs prompts) is present."""
+  s = zero_shot_scores(model, params, images, class_names, template, normalization)
+  return float((labels[np.arange(len(s)), s.argmax(-1)] > 0).mean())
+
+
+def mean_average_precision(scores, labels):
+  """Image-level mAP: scores float [B, C], labels multi-hot [B, C] -> the mean over classes
+  with a positive of average precision (precision at each positive, ranked by score; ties
+  broken by order, as sklearn's average_precision_score for distinct scores)."""
+  aps = []
+  for c in range(scores.shape[1]):
+    pos = labels[np.argsort(-scores[:, c], kind="stable"), c] > 0
+    if pos.any():
+      precision = np.cumsum(pos) / np.arange(1, len(pos) + 1)
+      aps.append(precision[pos].mean())
+  return float(np.mean(aps))

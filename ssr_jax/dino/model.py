@@ -146,10 +146,14 @@ class DINO(nn.Module):
     grid = resize_lib.resize(pos[0, 1:].reshape(g, g, -1), (h, w), "bicubic")
     return jnp.concatenate([pos[:, :1], grid.reshape(1, h * w, -1)], axis=1)
 
-  def features(self, images):
+  def features(self, images, mask=None, mask_token=None):
     """images float32 [B, H, W, 3] (ImageNet-normalised, see `normalize`; H and W multiples of
     the patch size) -> dict(hidden [B, T, D] after the final LayerNorm, attn [L, B, heads, T, T]
-    float32 softmax probabilities of every layer, grid (h, w))."""
+    float32 softmax probabilities of every layer, grid (h, w)).
+
+    mask: optional bool [B, N]; the embeddings of those patches are replaced by mask_token [D]
+    before the position embeddings are added (iBOT's masked image modelling; the token belongs
+    to the pretraining model, not to these params)."""
     b, hh, ww, _ = images.shape
     p = self.cfg.patch_size
     if hh % p or ww % p:
@@ -157,6 +161,8 @@ class DINO(nn.Module):
     x = self.patch_embed(images.astype(self.dtype))
     h, w = x.shape[1:3]
     x = x.reshape(b, h * w, -1).astype(jnp.float32)
+    if mask is not None:
+      x = jnp.where(mask[..., None], mask_token.astype(jnp.float32), x)
     cls = jnp.broadcast_to(self.cls_token, (b, 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1) + self.position_embeddings(h, w)
     attn = []

@@ -1,8 +1,10 @@
-"""DINO self-distillation (Caron et al., 2021) from scratch: the demo's tiny DINO.
+"""DINO self-distillation (Caron et al., 2021) + iBOT masked patch prediction (Zhou et al.,
+2022) from scratch: the demo's tiny DINO.
 
 SGC fuses CLIP's attention with a self-supervised ViT's (method §3.1). The embedded demo has no
-ImageNet DINO, so it trains a tiny one on the synthetic training images alone (no masks, labels
-or captions) with DINO v1's recipe, scaled down:
+ImageNet DINO, so it trains a tiny one on a stream of unlabelled images (the caller's
+`images(step)`; the demo's is the synthetic generator's, no masks, labels or captions) with
+DINO's recipe, scaled down:
 - student and teacher are the same `ssr_jax.dino` ViT plus a projection head (3-layer GELU MLP
   -> bottleneck -> L2 normalisation -> weight-normalised linear layer onto `out_dim` prototypes);
   the teacher is an EMA of the student (momentum cosine from 0.996 to 1) and gets no gradient;
@@ -10,24 +12,28 @@ or captions) with DINO v1's recipe, scaled down:
   jitter, all in numpy); the teacher sees the global crops only and the student every crop, and
   the loss is the cross-entropy between the teacher's centred, sharpened softmax and the
   student's, over every (teacher view, other student view) pair;
+- iBOT (Recipe.ibot_weight > 0): the student's global views have random patches replaced by a
+  learned mask token, and each masked patch learns the teacher's distribution for that patch
+  unmasked (shared head, a separate centre), the patch-level term the literature adds for
+  small data and dense tasks;
 - AdamW with linear warm-up and cosine decay, no weight decay on biases and LayerNorms,
   gradient clipping, the last head layer frozen for the first steps (as DINO's first epoch);
-- optionally (Recipe.dense_weight > 0, off in the demo) a patch-level term: each patch of one
-  global view learns the teacher's distribution for the patch of the other view that shows the
-  same image point (`match_patches`, `dense_loss`).
+- optionally (Recipe.dense_weight > 0) a cross-view patch term: each patch of one global view
+  learns the teacher's distribution for the patch of the other view that shows the same image
+  point (`match_patches`, `dense_loss`).
 Position embeddings are learned for the full image's grid and interpolated (bicubic, as
-`DINO.position_embeddings`) for the crops' smaller grids.
+`DINO.position_embeddings`) for the crops' smaller grids. `pretrain_dino` checkpoints with Orbax
+and resumes bit-identically (the batches and augmentations are functions of the step).
 
 `attention_purity` measures, with the val masks, how much of each patch's attention stays in
-its own ground-truth segment: the property SGC's propagation needs from an affinity. On the
-demo's data the tiny DINO's attention stays diffuse (entropy near log T, as a random ViT's),
-so its purity stays close to a random ViT's.
+its own ground-truth segment: the property SGC's propagation needs from an affinity.
 
 Shapes: B images, V student views (2 global + local), G = 2 global views, K prototypes,
 S image side (pixels), T = 1 + N tokens.
 """
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -61,6 +67,13 @@ class Recipe:
   # make the tiny DINO's attention more segment-pure in our runs (300 steps, plain purity of the
   # layers' mean 0.616 with it vs 0.631 without at lr 5e-4, 0.601 vs 0.642 at 2e-3).
   dense_weight: float = 0.0
+  # Weight of iBOT's masked patch prediction (`masked_patch_loss`); 0 skips it. A share
+  # mask_prob of the student's global views has a mask_ratio share of its patches replaced by a
+  # learned mask token, and each masked patch learns the teacher's distribution for the same
+  # patch unmasked (patch-level self-distillation, Zhou et al., 2022).
+  ibot_weight: float = 1.0
+  mask_prob: float = 0.5
+  mask_ratio: tuple[float, float] = (0.1, 0.5)  # iBOT's per-view range.
   out_dim: int = 1024  # Prototypes; DINO's 65,536 scaled to a 512-image dataset.
   head_hidden: int = 256
   head_bottleneck: int = 64
@@ -75,9 +88,11 @@ class Recipe:
   min_lr: float = 1e-6
   clip_grad: float = 3.0
   freeze_last_layer_frac: float = 0.05  # DINO freezes the last layer for its first epoch.
-  jitter: float = 0.4  # Brightness, contrast and saturation factors in [1 - j, 1 + j].
+  # Brightness, contrast and saturation factors in [1 - j, 1 + j]. Milder than DINO's 0.4 and
+  # no grayscale: colour is what tells this world's objects and backgrounds apart.
+  jitter: float = 0.2
   jitter_prob: float = 0.8
-  grayscale_prob: float = 0.2
+  grayscale_prob: float = 0.0
 
 
 RECIPE = Recipe()
@@ -116,11 +131,17 @@ class Distiller(nn.Module):
     r = self.recipe
     self.backbone = DINO(self.cfg)
     self.head = DINOHead(r.out_dim, r.head_hidden, r.head_bottleneck)
+    if r.ibot_weight > 0:
+      self.mask_token = self.param("mask_token", nn.initializers.zeros, (self.cfg.width,))
 
-  def __call__(self, images, patches=False):
+  def __call__(self, images, patches=False, mask=None):
     """normalised images [B, H, W, 3] -> prototype scores [B, K] of the final CLS token, and
-    with patches=True also those of every patch token [B, N, K] (the head is shared, as iBOT's)."""
-    x = self.backbone(images)
+    with patches=True also those of every patch token [B, N, K] (the head is shared, as iBOT's).
+    mask: optional bool [B, N] patches replaced by the mask token (needs ibot_weight > 0)."""
+    if mask is None:
+      x = self.backbone(images)
+    else:
+      x = self.backbone.features(images, mask, self.mask_token)["hidden"]
     if not patches:
       return self.head(x[:, 0])
     out = self.head(x)
@@ -167,6 +188,20 @@ def dense_loss(student, teacher, center, index, valid, *, student_temp, teacher_
   t = jnp.take_along_axis(t[::-1], index[..., None], axis=2)  # Other view, matched patch.
   ce = -(t * jax.nn.log_softmax(student / student_temp, axis=-1)).sum(-1)
   return (ce * valid).sum() / jnp.maximum(valid.sum(), 1.0)
+
+
+def masked_patch_loss(student, teacher, center, mask, *, student_temp, teacher_temp):
+  """iBOT's masked image modelling loss on the global views.
+
+  student: float32 [G, B, N, K] raw patch scores of the masked views; teacher: [G, B, N, K] those
+  of the same views unmasked; center: [K]; mask: bool [G, B, N]. Each masked student patch
+  learns the centred, sharpened teacher distribution of the same patch. Returns the mean
+  cross-entropy over masked patches (0 when none is masked).
+  """
+  t = jax.nn.softmax((jax.lax.stop_gradient(teacher) - center) / teacher_temp, axis=-1)
+  ce = -(t * jax.nn.log_softmax(student / student_temp, axis=-1)).sum(-1)
+  m = mask.astype(jnp.float32)
+  return (ce * m).sum() / jnp.maximum(m.sum(), 1.0)
 
 
 def teacher_momentum(step, steps, base):
@@ -264,11 +299,22 @@ def _jitter(x, rng, recipe: Recipe):
   return np.where(to_gray, np.broadcast_to(_gray(x), x.shape), x).astype(np.float32)
 
 
+def patch_masks(rng, shape, recipe: Recipe = RECIPE):
+  """bool [*shape[:-1], N] iBOT masks: each view, with probability mask_prob, has a share drawn
+  from mask_ratio of its N = shape[-1] patches masked (at random positions, at least one)."""
+  *views, n = shape
+  ratio = rng.uniform(*recipe.mask_ratio, views) * (rng.random(views) < recipe.mask_prob)
+  count = np.where(ratio > 0, np.maximum(1, np.round(ratio * n)), 0)
+  rank = rng.random((*views, n)).argsort(-1).argsort(-1)  # A random permutation per view.
+  return rank < count[..., None]
+
+
 def multicrop(images, rng, *, patch, recipe: Recipe = RECIPE):
   """uint8 images [B, S, S, 3] -> dict of augmented views, each crop independently cropped,
   flipped, colour-jittered and maybe greyed:
-  global float32 0-1 [2, B, g, g, 3], local [num_local, B, l, l, 3], and index / valid
-  [2, B, (g / patch)^2] matching the global views' patches (`match_patches`)."""
+  global float32 0-1 [2, B, g, g, 3], local [num_local, B, l, l, 3], index / valid
+  [2, B, (g / patch)^2] matching the global views' patches (`match_patches`) and mask bool
+  [2, B, (g / patch)^2] the patches the student's global views hide (`patch_masks`)."""
   b, s = images.shape[:2]
   gs, ls = crop_sizes(s, patch, recipe)
 
@@ -285,7 +331,8 @@ def multicrop(images, rng, *, patch, recipe: Recipe = RECIPE):
   g, boxes, flips = views(2, gs, recipe.global_scale)
   lo, _, _ = views(recipe.num_local, ls, recipe.local_scale)
   index, valid = match_patches(boxes, flips, gs // patch)
-  return dict(globals=g, locals=lo, index=index, valid=valid)
+  mask = patch_masks(rng, index.shape, recipe)
+  return dict(globals=g, locals=lo, index=index, valid=valid, mask=mask)
 
 
 # ---------------------------------------------------------------- training
@@ -326,37 +373,44 @@ def make_step(model: Distiller, tx):
   """The jitted update: step(state, crops, sched) -> (state, metrics).
 
   crops: `multicrop`'s dict (globals float32 0-1 [2, B, g, g, 3], locals [L, B, l, l, 3],
-  index and valid [2, B, N]); sched: dict of float32 scalars teacher_temp, momentum (the EMA
-  momentum for this step) and freeze (1.0 while the last head layer is frozen). The state is
+  index, valid and mask [2, B, N]); sched: dict of float32 scalars teacher_temp, momentum (the
+  EMA momentum for this step) and freeze (1.0 while the last head layer is frozen). The state is
   donated. The teacher is updated with the new student, after the optimizer step, as DINO does.
+  With ibot_weight > 0 the student's global views are masked (for its CLS term too, as iBOT's).
   """
   r = model.recipe
+  dense, ibot = r.dense_weight > 0, r.ibot_weight > 0  # Static: patch scores only when needed.
 
-  def scores(params, views, patches):
+  def scores(params, views, patches, mask=None):
     n, b = views.shape[:2]
-    out = model.apply(
-      {"params": params}, normalize(views.reshape(n * b, *views.shape[2:])), patches=patches
-    )
+    flat = normalize(views.reshape(n * b, *views.shape[2:]))
+    if mask is not None:
+      mask = mask.reshape(n * b, -1)
+    out = model.apply({"params": params}, flat, patches=patches, mask=mask)
     if not patches:
-      return out.reshape(n, b, -1)
+      return out.reshape(n, b, -1), None
     return out[0].reshape(n, b, -1), out[1].reshape(n, b, *out[1].shape[1:])
 
   def loss_fn(student, teacher, centers, crops, temp):
     temps = dict(student_temp=r.student_temp, teacher_temp=temp)
-    dense = r.dense_weight > 0  # Static: without the patch term, no patch scores are computed.
-    t_cls = scores(teacher, crops["globals"], dense)
-    s_cls = scores(student, crops["globals"], dense)
-    t_patch, patch = None, jnp.zeros((), jnp.float32)
-    if dense:
-      (t_cls, t_patch), (s_cls, s_patch) = t_cls, s_cls
-      patch = dense_loss(s_patch, t_patch, centers[1], crops["index"], crops["valid"], **temps)
-    s_cls = jnp.concatenate([s_cls, scores(student, crops["locals"], False)])
+    patches = dense or ibot
+    t_cls, t_patch = scores(teacher, crops["globals"], patches)
+    s_cls, s_patch = scores(student, crops["globals"], patches, crops["mask"] if ibot else None)
+    zero = jnp.zeros((), jnp.float32)
+    d = (
+      dense_loss(s_patch, t_patch, centers[1], crops["index"], crops["valid"], **temps)
+      if dense
+      else zero
+    )
+    m = masked_patch_loss(s_patch, t_patch, centers[1], crops["mask"], **temps) if ibot else zero
+    s_cls = jnp.concatenate([s_cls, scores(student, crops["locals"], False)[0]])
     cls = dino_loss(s_cls, t_cls, centers[0], **temps)
-    return cls + r.dense_weight * patch, (cls, patch, t_cls, t_patch)
+    loss = cls + r.dense_weight * d + r.ibot_weight * m
+    return loss, (dict(cls=cls, dense=d, ibot=m), t_cls, t_patch)
 
   def step(state, crops, sched):
     centers = (state["center"], state["center_patch"])
-    (loss, (cls, dense, t_cls, t_patch)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, (terms, t_cls, t_patch)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state["student"], state["teacher"], centers, crops, sched["teacher_temp"]
     )
     updates, opt = tx.update(grads, state["opt"], state["student"])
@@ -376,8 +430,7 @@ def make_step(model: Distiller, tx):
         state["center_patch"], t_patch.reshape(2, -1, t_patch.shape[-1]), r.center_momentum
       ),
     )
-    metrics = dict(loss=loss, cls=cls, dense=dense, grad_norm=optax.global_norm(grads))
-    return new, metrics
+    return new, dict(loss=loss, **terms, grad_norm=optax.global_norm(grads))
 
   return jax.jit(step, donate_argnums=0)
 
@@ -391,47 +444,100 @@ def schedule(step, steps, recipe: Recipe = RECIPE):
   )
 
 
-def pretrain_dino(cfg: DINOConfig, images, *, steps, batch_size, lr, seed, recipe: Recipe = RECIPE):
-  """DINO self-distillation on uint8 images [N, S, S, 3] (images only: no masks or labels).
+def pretrain_dino(
+  cfg: DINOConfig,
+  images,
+  *,
+  steps,
+  lr,
+  seed,
+  recipe: Recipe = RECIPE,
+  workdir=None,
+  settings=None,
+  save_every=100,
+  evaluate=None,
+  eval_every=0,
+):
+  """DINO self-distillation on a stream of images (images only: no masks or labels).
 
-  Deterministic given seed: batches (sampled without replacement within each epoch) and
-  augmentations come from numpy generators seeded by (seed, step), the init from
-  PRNGKey(seed). Logs progress five times. Returns (teacher backbone params, the DINO
-  evaluates and releases its teacher; dict(final_loss, seconds)).
+  images: step -> uint8 [B, S, S, 3], the batch of that step; a pure function of the step, so
+  that a resumed run sees the batches an uninterrupted one would. Augmentations come from numpy
+  generators seeded by (seed, step), the init from PRNGKey(seed): the run is deterministic.
+  workdir: if given, the state is checkpointed with Orbax under workdir/checkpoints every
+  save_every steps and at the end, and a rerun resumes from the latest checkpoint, continuing
+  bit-identically (it must have the same settings, a JSON-able dict of everything the weights
+  depend on, stored with each checkpoint; a mismatch raises ValueError before any step).
+  evaluate: optional callable(step, teacher backbone params) run every eval_every steps (> 0).
+  Returns (teacher backbone params, dict(final_loss, seconds, steps_run)): seconds is the
+  pretraining time over all runs, steps_run the steps this call made.
   """
-  n, s = images.shape[:2]
-  if batch_size > n:
-    raise ValueError(f"DINO batch_size {batch_size} exceeds the {n} training images")
+  from ssr_jax.train import checkpoint  # Late: orbax only when pretraining.
+
   model = Distiller(cfg, recipe)
   tx = make_optimizer(lr=lr, steps=steps, recipe=recipe)
-  state = init_state(model, tx, jax.random.PRNGKey(seed), s)
+  state = init_state(model, tx, jax.random.PRNGKey(seed), cfg.image_size)
   step_fn = make_step(model, tx)
-  per_epoch = n // batch_size
-  t0, loss = time.time(), float("nan")
-  order = None
-  for i in range(steps):
-    if i % per_epoch == 0:
-      order = np.random.default_rng([seed, 0, i // per_epoch]).permutation(n)
-    idx = order[(i % per_epoch) * batch_size :][:batch_size]
-    crops = multicrop(
-      images[idx], np.random.default_rng([seed, 1, i]), patch=cfg.patch_size, recipe=recipe
-    )
-    state, metrics = step_fn(state, crops, schedule(i, steps, recipe))
-    if (i + 1) % max(1, steps // 5) == 0 or i + 1 == steps:
-      loss = float(metrics["loss"])
-      if not np.isfinite(loss):
-        raise FloatingPointError(f"tiny DINO pretraining diverged at step {i + 1} (loss {loss})")
-      log.info(
-        "tiny DINO pretraining %d/%d loss %.4f (CLS %.4f, patches %.4f) %.0fs",
-        i + 1,
-        steps,
-        loss,
-        float(metrics["cls"]),
-        float(metrics["dense"]),
-        time.time() - t0,
+  settings = json.loads(json.dumps(settings or {}))  # As the checkpoint stores it.
+  ckpt, start, seconds, loss = None, 0, 0.0, float("nan")
+  if workdir is not None:
+    ckpt = checkpoint.Checkpointer(workdir, keep=2)
+    start = ckpt.latest_step() or 0
+    if start:
+      saved = ckpt.read_config(step=start)
+      diff = sorted(
+        k
+        for k in set(saved["settings"]) | set(settings)
+        if saved["settings"].get(k) != settings.get(k)
       )
+      if diff:
+        ckpt.close()
+        raise ValueError(
+          f"{ckpt.directory} holds a DINO pretraining with other {', '.join(diff)}: rerun with "
+          "the same settings to resume, or use a fresh workdir"
+        )
+      state = ckpt.restore(state, step=start)
+      seconds, loss = saved["seconds"], saved["loss"]
+      log.info("tiny DINO pretraining resumed at step %d/%d from %s", start, steps, ckpt.directory)
+  log_every = max(1, min(50, steps // 5))
+  t0 = time.time()
+
+  def save(i):
+    ckpt.save(
+      i, state, config=dict(settings=settings, seconds=seconds + time.time() - t0, loss=loss)
+    )
+
+  try:
+    for i in range(start, steps):
+      crops = multicrop(
+        images(i), np.random.default_rng([seed, 1, i]), patch=cfg.patch_size, recipe=recipe
+      )
+      state, metrics = step_fn(state, crops, schedule(i, steps, recipe))
+      done = i + 1
+      if done % log_every == 0 or done == steps:
+        loss = float(metrics["loss"])
+        if not np.isfinite(loss):
+          raise FloatingPointError(f"tiny DINO pretraining diverged at step {done} (loss {loss})")
+        log.info(
+          "tiny DINO pretraining %d/%d loss %.4f (CLS %.4f, dense %.4f, iBOT %.4f) %.0fs",
+          done,
+          steps,
+          loss,
+          float(metrics["cls"]),
+          float(metrics["dense"]),
+          float(metrics["ibot"]),
+          seconds + time.time() - t0,
+        )
+      if ckpt is not None and (done % save_every == 0 or done == steps):
+        save(done)
+      if evaluate is not None and eval_every > 0 and done % eval_every == 0:
+        evaluate(done, jax.device_get(state["teacher"]["backbone"]))
+  finally:
+    if ckpt is not None:
+      ckpt.wait_until_finished()  # A killed run keeps every checkpoint it started.
+      ckpt.close()
   teacher = jax.device_get(state["teacher"]["backbone"])
-  return teacher, dict(final_loss=loss, seconds=time.time() - t0)
+  info = dict(final_loss=loss, seconds=seconds + time.time() - t0, steps_run=steps - start)
+  return teacher, info
 
 
 # ---------------------------------------------------------------- attention purity

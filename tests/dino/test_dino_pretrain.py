@@ -20,8 +20,13 @@ RECIPE = dataclasses.replace(
   out_dim=32,
   head_hidden=16,
   head_bottleneck=8,
-  dense_weight=1.0,  # Covers the patch-level term too; pretrain_dino's test runs without it.
+  dense_weight=1.0,  # Covers the patch-level terms too; pretrain_dino's test runs without them.
+  ibot_weight=1.0,
+  mask_prob=1.0,
 )
+
+
+_TEMPS = dict(student_temp=0.1, teacher_temp=0.04)
 
 
 def _images(n=8, size=16, seed=0):
@@ -90,6 +95,39 @@ def test_dense_loss_matches_numpy():
   np.testing.assert_allclose(float(got), total / count, rtol=1e-5)
 
 
+def test_masked_patch_loss_matches_numpy():
+  rng = np.random.default_rng(2)
+  b, n, k = 2, 4, 5
+  student = rng.normal(size=(2, b, n, k)).astype(np.float32)
+  teacher = rng.normal(size=(2, b, n, k)).astype(np.float32)
+  center = rng.normal(size=k).astype(np.float32) * 0.1
+  mask = rng.random((2, b, n)) < 0.5
+  got = pretrain.masked_patch_loss(student, teacher, center, mask, **_TEMPS)
+  targets = _softmax((teacher - center) / 0.04)
+  ce = [
+    -np.sum(targets[v, i, p] * np.log(_softmax(student[v, i, p] / 0.1)))
+    for v in range(2)
+    for i in range(b)
+    for p in range(n)
+    if mask[v, i, p]  # The same view's same patch, unmasked for the teacher.
+  ]
+  np.testing.assert_allclose(float(got), np.mean(ce), rtol=1e-5)
+  none = np.zeros_like(mask)
+  assert float(pretrain.masked_patch_loss(student, teacher, center, none, **_TEMPS)) == 0.0
+
+
+def test_patch_masks():
+  recipe = dataclasses.replace(RECIPE, mask_prob=0.5, mask_ratio=(0.2, 0.4))
+  mask = pretrain.patch_masks(np.random.default_rng(0), (2, 500, 64), recipe)
+  assert mask.shape == (2, 500, 64) and mask.dtype == bool
+  counts = mask.sum(-1)
+  on = counts > 0
+  assert 0.4 < on.mean() < 0.6  # mask_prob of the views.
+  assert counts[on].min() >= round(0.2 * 64) and counts[on].max() <= round(0.4 * 64)
+  # Positions differ between views (a fresh permutation each).
+  assert len({tuple(m) for m in mask.reshape(-1, 64)[on.ravel()]}) == on.sum()
+
+
 def test_match_patches():
   same = np.array([[[0, 0, 64, 64]], [[0, 0, 64, 64]]])
   index, valid = pretrain.match_patches(same, np.zeros((2, 1), bool), 8)
@@ -112,7 +150,7 @@ def test_multicrop_shapes_range_and_determinism():
   crops = pretrain.multicrop(images, np.random.default_rng(5), patch=8, recipe=RECIPE)
   g, lo = crops["globals"], crops["locals"]
   assert g.shape == (2, 3, 16, 16, 3) and lo.shape == (2, 3, 8, 8, 3)
-  assert crops["index"].shape == crops["valid"].shape == (2, 3, 4)
+  assert crops["index"].shape == crops["valid"].shape == crops["mask"].shape == (2, 3, 4)
   assert g.dtype == lo.dtype == np.float32
   assert 0.0 <= g.min() and g.max() <= 1.0
   again = pretrain.multicrop(images, np.random.default_rng(5), patch=8, recipe=RECIPE)
@@ -155,18 +193,59 @@ def test_step_updates_student_and_teacher_is_its_ema():
   assert not np.allclose(after["center"], 0.0)
   assert not np.allclose(after["center_patch"], 0.0)
   assert np.isfinite(float(metrics["dense"])) and float(metrics["dense"]) > 0
+  assert np.isfinite(float(metrics["ibot"])) and float(metrics["ibot"]) > 0
+  total = metrics["cls"] + metrics["dense"] + metrics["ibot"]  # Both weights are 1 here.
+  np.testing.assert_allclose(float(metrics["loss"]), float(total), rtol=1e-6)
+
+
+def _stream(step):
+  """A pure function of the step, as the demo's generator stream."""
+  return _images(4, seed=step)
 
 
 def test_pretrain_runs_and_moves_the_teacher():
-  images = _images(8)
-  recipe = dataclasses.replace(RECIPE, dense_weight=0.0)  # DINO v1, the demo's recipe.
-  params, info = pretrain.pretrain_dino(
-    CFG, images, steps=3, batch_size=4, lr=1e-3, seed=0, recipe=recipe
-  )
-  assert np.isfinite(info["final_loss"])
-  init = pretrain.Distiller(CFG, RECIPE).init(jax.random.PRNGKey(0), images[:1] / 255.0)
+  recipe = dataclasses.replace(RECIPE, dense_weight=0.0, ibot_weight=0.0)  # DINO v1.
+  params, info = pretrain.pretrain_dino(CFG, _stream, steps=3, lr=1e-3, seed=0, recipe=recipe)
+  assert np.isfinite(info["final_loss"]) and info["steps_run"] == 3
+  init = pretrain.Distiller(CFG, RECIPE).init(jax.random.PRNGKey(0), _images(1) / 255.0)
   moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), params, init["params"]["backbone"])
   assert all(jax.tree.leaves(moved))
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_pretrain_resumes_exactly(tmp_path):
+  """A run killed after its step-2 checkpoint and rerun continues to the same weights, bit for
+  bit, as one uninterrupted run; other settings are refused before any step."""
+  run = dict(steps=4, lr=1e-3, seed=0, recipe=RECIPE, settings=dict(steps=4), save_every=2)
+  straight, _ = pretrain.pretrain_dino(CFG, _stream, workdir=tmp_path / "a", **run)
+
+  def dies_at_3(step):
+    if step == 3:
+      raise _Killed
+    return _stream(step)
+
+  with pytest.raises(_Killed):
+    pretrain.pretrain_dino(CFG, dies_at_3, workdir=tmp_path / "b", **run)
+  assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["2"]
+  seen = []
+  resumed, info = pretrain.pretrain_dino(
+    CFG, lambda i: seen.append(i) or _stream(i), workdir=tmp_path / "b", **run
+  )
+  assert seen == [2, 3] and info["steps_run"] == 2
+  for (path, a), (_, b) in zip(
+    jax.tree_util.tree_leaves_with_path(straight), jax.tree_util.tree_leaves_with_path(resumed)
+  ):
+    np.testing.assert_array_equal(a, b, err_msg=str(path))
+  # Finished: a rerun restores the final state and makes no step.
+  again, info = pretrain.pretrain_dino(CFG, _stream, workdir=tmp_path / "b", **run)
+  assert info["steps_run"] == 0
+  jax.tree.map(np.testing.assert_array_equal, again, resumed)
+  with pytest.raises(ValueError, match="other steps"):
+    other = run | dict(settings=dict(steps=5))
+    pretrain.pretrain_dino(CFG, _stream, workdir=tmp_path / "b", **other)
 
 
 def test_attention_purity():
