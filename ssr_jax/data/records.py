@@ -3,9 +3,10 @@
 A build (the tfds_build package) stores each example's files unchanged, so a record fetched
 here decodes, with the same functions as the folder source, to the same arrays: both sources
 give the same batches bit for bit. Records are read by random access from the array_record
-shards through `tfds.data_source`, which needs no TensorFlow (tensorflow_datasets imports it lazily and these
-reads never do); ids and labels come from the build's metadata.json, so start-up does not scan
-the records. `data.tfds_data_dir` may be a local folder or gs:// (array_record reads GCS itself).
+shards through `tfds.data_source`, which needs no TensorFlow (tensorflow_datasets imports it
+lazily and these reads never do); ids and labels come from the build's metadata.json, so
+start-up does not scan the records. `data.tfds_data_dir` may be a local folder or gs://
+(array_record reads GCS itself).
 """
 
 import dataclasses
