@@ -157,7 +157,10 @@ def test_task_gradcam_matches_explicit_weclip_cam_branch():
       m = np.maximum(np.asarray(a)[1:] @ g[1:].mean(axis=0), 0.0)
       want = _scale_twice(m)
       got = np.asarray(cams[b, k]).reshape(-1)
-      np.testing.assert_allclose(got, want, atol=1e-5)
+      # 5e-5: this function's own compiled and op-by-op results differ by 1.5e-5 on jax 0.12.1
+      # (CLIP's logit scale 100 saturates the softmax, and the double min-max scaling magnifies
+      # the rounding of its small gradients); 0.10.2 happened to agree to 1e-5.
+      np.testing.assert_allclose(got, want, atol=5e-5)
       # The 8-bit map WeCLIP's box threshold sees, exactly.
       np.testing.assert_array_equal(np.floor(got * 255), np.floor(want * 255))
       assert np.floor(got * 255).max() == 254
