@@ -230,6 +230,16 @@ def check_train_step(task, frozen, state, step_fn, batch, *, report=print) -> tu
   return out, state
 
 
+class _Examples(list):
+  """In-memory eval examples with the part of EvalDataset's interface predict_seg reads."""
+
+  def image_sizes(self) -> list[tuple[int, int]]:
+    return [ex["image"].shape[:2] for ex in self]
+
+  def iterate(self, positions):
+    return (self[k] for k in positions)
+
+
 def check_eval(task, frozen, variables, batch, eval_cfg, *, report=print, wrappers=True) -> list:
   """Compares evaluation's outputs compiled vs op by op on the batch's images as eval examples.
 
@@ -274,10 +284,11 @@ def check_eval(task, frozen, variables, batch, eval_cfg, *, report=print, wrappe
     return out
   for i, ex in enumerate(examples):
     ex["index"] = i
+  dataset = _Examples(examples)
   runs = {
     "predict_cam": lambda: eval_run.predict_cam(task, frozen, variables, examples),
     "predict_pseudo": lambda: eval_run.predict_pseudo(task, frozen, variables, examples),
-    "predict_seg": lambda: eval_run.predict_seg(task, frozen, variables, examples, eval_cfg),
+    "predict_seg": lambda: eval_run.predict_seg(task, frozen, variables, dataset, eval_cfg),
     "predict.segment": lambda: predict.segment(
       task, frozen, variables, [ex["image"] for ex in examples], eval_cfg
     ),
