@@ -222,6 +222,7 @@ def test_error_exit_with_input_in_flight_ends_promptly(env, reference, tmp_path)
     env,
     tmp_path / "run",
     "--config.data.pipeline=tf",
+    "--config.data.verify=none",  # The start-up check would find the file before training.
     faults=["slow_input=0.2"],
     mode="train",
     data_root=root,
