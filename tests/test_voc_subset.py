@@ -203,8 +203,8 @@ def test_voc_subset_from_check_to_predict(user, tmp_path):
   out = _run(script, env)
   text = out.stdout + out.stderr
 
-  assert "mytrain.txt: 8 images, 0 without a foreground label" in text
-  assert "myval.txt: 4 images, 0 without a foreground label" in text
+  assert "mytrain.txt: 8 images, 8 with masks, 0 without a foreground label" in text
+  assert "myval.txt: 4 images, 4 with masks, 0 without a foreground label" in text
   assert len(os.listdir(work / "superpixels" / "clusters_k8")) == 12
   build = work / "tfds" / "ssr_voc" / "superpixels.clusters_k8" / "1.0.0"
   info = json.loads((build / "dataset_info.json").read_text())
