@@ -206,15 +206,19 @@ def build(config, *, layers: int, batch_size: int, seed: int = 0):
   return c, task, frozen, state, step_fn, batch
 
 
-def check_train_step(task, frozen, state, step_fn, batch, *, report=print) -> tuple[list, object]:
+def check_train_step(
+  task, frozen, state, step_fn, batch, *, report=print, phases=None
+) -> tuple[list, object]:
   """Compares the compiled train step with op by op at each of PHASES, advancing the state with
-  the compiled step in between. Returns (comparisons, the state after the last phase)."""
+  the compiled step in between. phases: a subset of PHASES (default all). Returns (comparisons,
+  the state after the last phase)."""
+  phases = PHASES if phases is None else phases
   out = []
   jitted = jax.jit(step_fn)
   batch = jax.tree.map(jnp.asarray, batch)
-  for s in range(max(PHASES) + 1):
+  for s in range(max(phases) + 1):
     compiled_state, compiled_metrics = jitted(state, frozen, batch)
-    if s in PHASES:
+    if s in phases:
       ref_state, ref_metrics = _op_by_op(step_fn, state, frozen, batch)
       cm, rm = _fetch(compiled_metrics), _fetch(ref_metrics)
       for key in sorted(k for k in rm if not k.startswith("finite/")):
