@@ -51,6 +51,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from ssr_jax.clip.prompts import VOC_BG
 from ssr_jax.data import dataset, files
 from ssr_jax.data.files import DataError
 
@@ -65,30 +66,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 LABEL_SEP = ";"
 # General scene names for the CAM's background prompts (WeCLIP's VOC list without its
 # VOC-specific distractors "keyboard", "helmet", "sign"): used when background.txt is absent.
-DEFAULT_BG = (
-  "ground",
-  "land",
-  "grass",
-  "tree",
-  "building",
-  "wall",
-  "sky",
-  "lake",
-  "water",
-  "river",
-  "sea",
-  "railway",
-  "railroad",
-  "cloud",
-  "house",
-  "mountain",
-  "ocean",
-  "road",
-  "rock",
-  "street",
-  "valley",
-  "bridge",
-)
+DEFAULT_BG = tuple(n for n in VOC_BG if n not in ("keyboard", "helmet", "sign"))
 MAX_LISTED = 100  # Problems named in one error (all of them up to this).
 
 MANUAL = f"""\
