@@ -16,12 +16,13 @@ still only on horses), standing in for the broad web data of a real CLIP, while 
 keep their correlations. It is trained with CLIP's InfoNCE on image-caption pairs only, never
 masks (ssr_jax/clip/pretrain.py).
 
-The tiny DINO (same patch, so the same 12x12 grid as the tiny CLIP) is trained by DINO
-self-distillation plus iBOT's masked patch prediction on an unbounded stream of the generator's
-images (`dino_stream`: no masks, labels or captions; ssr_jax/dino/pretrain.py), checkpointed
-with Orbax under <workdir>/dino_pretrain so that the same command, rerun, resumes. Its
-pretraining reports, with the val masks, the attention purity (share of a patch's attention
-inside its own segment) of uniform attention, a random-init ViT, the tiny DINO and the tiny
+The tiny DINO (DINO's ViT architecture, same patch, so the same 12x12 grid as the tiny CLIP) is
+pretrained as a denoising autoencoder on an unbounded stream of the generator's images
+(`dino_stream`: no masks, labels or captions; ssr_jax/dino/pretrain.py, whose `Recipe` also
+records the DINO and iBOT recipes that left its attention at chance), checkpointed with Orbax
+under <workdir>/dino_pretrain so that the same command, rerun, resumes. Its pretraining reports,
+with the val masks, the attention purity (share of a patch's attention inside its own segment)
+of uniform attention, a random-init ViT, the tiny DINO and the tiny
 CLIP: how good each is as SGC's propagation affinity (method §3.1); and the tiny CLIP's
 zero-shot image-level mAP on val.
 """

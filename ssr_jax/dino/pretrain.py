@@ -1,26 +1,31 @@
-"""DINO self-distillation (Caron et al., 2021) + iBOT masked patch prediction (Zhou et al.,
-2022) from scratch: the demo's tiny DINO.
+"""The demo's tiny DINO, pretrained from scratch: a denoising autoencoder by default, with DINO
+self-distillation (Caron et al., 2021), iBOT (Zhou et al., 2022) and SimMIM's masked pixels
+(Xie et al., 2022) as options of the same loop.
 
-SGC fuses CLIP's attention with a self-supervised ViT's (method §3.1). The embedded demo has no
-ImageNet DINO, so it trains a tiny one on a stream of unlabelled images (the caller's
-`images(step)`; the demo's is the synthetic generator's, no masks, labels or captions) with
-DINO's recipe, scaled down:
-- student and teacher are the same `ssr_jax.dino` ViT plus a projection head (3-layer GELU MLP
-  -> bottleneck -> L2 normalisation -> weight-normalised linear layer onto `out_dim` prototypes);
-  the teacher is an EMA of the student (momentum cosine from 0.996 to 1) and gets no gradient;
-- multi-crop: 2 global and a few local random-resized crops of each image (flip and colour
-  jitter, all in numpy); the teacher sees the global crops only and the student every crop, and
-  the loss is the cross-entropy between the teacher's centred, sharpened softmax and the
-  student's, over every (teacher view, other student view) pair;
-- iBOT (Recipe.ibot_weight > 0): the student's global views have random patches replaced by a
-  learned mask token, and each masked patch learns the teacher's distribution for that patch
-  unmasked (shared head, a separate centre), the patch-level term the literature adds for
-  small data and dense tasks;
-- AdamW with linear warm-up and cosine decay, no weight decay on biases and LayerNorms,
-  gradient clipping, the last head layer frozen for the first steps (as DINO's first epoch);
-- optionally (Recipe.dense_weight > 0) a cross-view patch term: each patch of one global view
-  learns the teacher's distribution for the patch of the other view that shows the same image
-  point (`match_patches`, `dense_loss`).
+SGC fuses CLIP's attention with a self-supervised ViT's (method §3.1), for its "fine spatial
+relations": attention that stays within objects. The embedded demo has no ImageNet DINO, so it
+trains a tiny ViT of DINO's architecture on a stream of unlabelled images (the caller's
+`images(step)`; the demo's is the synthetic generator's, no masks, labels or captions). DINO's
+own recipe, scaled down, left that attention at chance in this world (`Recipe` lists what was
+tried, with the figures), so the shipped recipe is the one that gave it segment-following
+attention; its terms, each weighted by `Recipe`:
+- pixels (the default): the student's 2 global crops get Gaussian noise, and a linear head on
+  each patch token regresses that patch's clean pixels (L1); with noise 0, only patches hidden
+  behind a learned mask token are scored (masked image modelling);
+- DINO's CLS term: student and teacher are the same `ssr_jax.dino` ViT plus a projection head
+  (3-layer GELU MLP -> bottleneck -> L2 normalisation -> weight-normalised linear layer onto
+  `out_dim` prototypes); the teacher is an EMA of the student (momentum cosine from 0.996 to 1)
+  and gets no gradient; the student sees 2 global and a few local crops, the teacher the global
+  ones, and the loss is the cross-entropy between the teacher's centred, sharpened softmax and
+  the student's over every (teacher view, other student view) pair;
+- iBOT: masked patches of the student's global views learn the teacher's distribution for
+  those patches unmasked (shared head, a separate centre);
+- a cross-view patch term (`dense_loss`): each patch of one global view learns the teacher's
+  distribution for the patch of the other view that shows the same image point.
+Crops are random-resized, flipped and colour-jittered, all in numpy. AdamW with linear warm-up
+and cosine decay, no weight decay on biases and LayerNorms, gradient clipping, and for DINO the
+last head layer frozen for the first steps (as DINO's first epoch). The teacher is only built
+into the step when a term distils from it; otherwise the student is the result.
 Position embeddings are learned for the full image's grid and interpolated (bicubic, as
 `DINO.position_embeddings`) for the crops' smaller grids. `pretrain_dino` checkpoints with Orbax
 and resumes bit-identically (the batches and augmentations are functions of the step).
@@ -29,10 +34,11 @@ and resumes bit-identically (the batches and augmentations are functions of the 
 its own ground-truth segment: the property SGC's propagation needs from an affinity.
 
 Shapes: B images, V student views (2 global + local), G = 2 global views, K prototypes,
-S image side (pixels), T = 1 + N tokens.
+S image side (pixels), T = 1 + N tokens, P patch side.
 """
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -52,7 +58,27 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-  """DINO's hyperparameters that the demo config does not expose (stored with the weights)."""
+  """The tiny DINO's pretraining hyperparameters that the demo config does not expose (stored
+  with the weights).
+
+  The defaults train it as a denoising autoencoder (pixel_weight with noise_std; no
+  distillation term), which is what made its attention group segments in this world. DINO's
+  self-distillation (cls_weight), iBOT (ibot_weight, mask_prob) and masked pixel prediction
+  (pixel_weight with mask_prob and noise_std 0) stay available; segment-weighted attention
+  purity on val of the 3 layers' mean, 96-wide 3-layer ViT, batch 32 (uniform attention 0.416,
+  a random ViT 0.402, the tiny CLIP 0.537):
+    DINO + iBOT (the previous recipe), 600 steps at batch 64:        0.383
+    DINO + iBOT, teacher momentum 0.98 instead of 0.996, 150 steps:  0.410
+    masked pixels (SimMIM, 40-60% masked), 750 steps:                 0.450
+    masked pixels, 60-80% masked, 500 steps:                          0.466
+    DINO + iBOT + denoising pixels, 300 steps:                        0.550
+    denoising pixels + 30-50% masked, 400 steps:                      0.814
+    denoising pixels (these defaults), 150 steps:                     0.860
+  A distillation target in this world is predicted by a token's own colour and the image mean,
+  and a masked patch by its neighbours, so neither needs attention that follows segments; a
+  noisy patch's clean pixels are best estimated from the other patches that show the same
+  surface, which is attention within the segment (as non-local means denoising).
+  """
 
   # Crop sides in pixels before clamping to the image and rounding down to the patch size. Global
   # crops of 64 px (8x8 patches) instead of the full 96 px cost 45% of the tokens, so twice the
@@ -60,9 +86,12 @@ class Recipe:
   # interpolation.
   global_size: int = 64
   local_size: int = 32
-  num_local: int = 4
+  num_local: int = 0  # Local crops (DINO's CLS term only); DINO's recipe used 4.
   global_scale: tuple[float, float] = (0.4, 1.0)  # Area fraction of the image, as DINO.
   local_scale: tuple[float, float] = (0.1, 0.4)
+  # Weight of DINO's CLS self-distillation (`dino_loss`), student on every crop, EMA teacher on
+  # the global ones. 0 skips it (and the teacher, when no other term distills).
+  cls_weight: float = 0.0
   # Weight of the patch-level term (dense_loss); 0 is DINO v1 (and skips its cost). It did not
   # make the tiny DINO's attention more segment-pure in our runs (300 steps, plain purity of the
   # layers' mean 0.616 with it vs 0.631 without at lr 5e-4, 0.601 vs 0.642 at 2e-3).
@@ -71,9 +100,15 @@ class Recipe:
   # mask_prob of the student's global views has a mask_ratio share of its patches replaced by a
   # learned mask token, and each masked patch learns the teacher's distribution for the same
   # patch unmasked (patch-level self-distillation, Zhou et al., 2022).
-  ibot_weight: float = 1.0
-  mask_prob: float = 0.5
+  ibot_weight: float = 0.0
+  mask_prob: float = 0.0
   mask_ratio: tuple[float, float] = (0.1, 0.5)  # iBOT's per-view range.
+  # Weight of pixel prediction (`masked_pixel_loss`: L1 to the clean, ImageNet-normalised pixels
+  # through a linear head on each patch token); 0 skips it. With noise_std > 0 the student's
+  # global views get Gaussian noise of that std (normalised units) and every patch is scored
+  # (denoising); with noise_std 0 only the masked patches are (SimMIM).
+  pixel_weight: float = 1.0
+  noise_std: float = 1.0
   out_dim: int = 1024  # Prototypes; DINO's 65,536 scaled to a 512-image dataset.
   head_hidden: int = 256
   head_bottleneck: int = 64
@@ -131,21 +166,31 @@ class Distiller(nn.Module):
     r = self.recipe
     self.backbone = DINO(self.cfg)
     self.head = DINOHead(r.out_dim, r.head_hidden, r.head_bottleneck)
-    if r.ibot_weight > 0:
+    if r.ibot_weight > 0 or r.pixel_weight > 0:
       self.mask_token = self.param("mask_token", nn.initializers.zeros, (self.cfg.width,))
+    if r.pixel_weight > 0:
+      self.pixel_head = nn.Dense(3 * self.cfg.patch_size**2, name="pixel_head")
 
   def __call__(self, images, patches=False, mask=None):
-    """normalised images [B, H, W, 3] -> prototype scores [B, K] of the final CLS token, and
-    with patches=True also those of every patch token [B, N, K] (the head is shared, as iBOT's).
-    mask: optional bool [B, N] patches replaced by the mask token (needs ibot_weight > 0)."""
+    """normalised images [B, H, W, 3] -> dict(cls [B, K] prototype scores of the final CLS
+    token; with patches=True also patch [B, N, K] those of every patch token (the head is
+    shared, as iBOT's) and, with pixel_weight > 0, pixels [B, N, 3 * P * P] every patch's
+    predicted pixels). mask: optional bool [B, N] patches replaced by the mask token."""
     if mask is None:
       x = self.backbone(images)
     else:
       x = self.backbone.features(images, mask, self.mask_token)["hidden"]
     if not patches:
-      return self.head(x[:, 0])
-    out = self.head(x)
-    return out[:, 0], out[:, 1:]
+      return dict(cls=self.head(x[:, 0]))
+    out = dict(cls=None, patch=None)
+    if self.recipe.ibot_weight > 0 or self.recipe.dense_weight > 0:
+      scores = self.head(x)
+      out.update(cls=scores[:, 0], patch=scores[:, 1:])
+    else:
+      out.update(cls=self.head(x[:, 0]))
+    if self.recipe.pixel_weight > 0:
+      out.update(pixels=self.pixel_head(x[:, 1:]))
+    return out
 
 
 # ---------------------------------------------------------------- loss and schedules
@@ -202,6 +247,23 @@ def masked_patch_loss(student, teacher, center, mask, *, student_temp, teacher_t
   ce = -(t * jax.nn.log_softmax(student / student_temp, axis=-1)).sum(-1)
   m = mask.astype(jnp.float32)
   return (ce * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+
+def patchify(images, patch):
+  """[B, H, W, C] -> [B, (H / P) * (W / P), P * P * C] row-major patches, each row-major."""
+  b, h, w, c = images.shape
+  x = images.reshape(b, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def masked_pixel_loss(pred, target, mask):
+  """SimMIM's loss: mean L1 between predicted and true pixels over the masked patches.
+
+  pred, target: float32 [..., N, P * P * 3]; mask: bool [..., N]. 0 when none is masked.
+  """
+  m = mask.astype(jnp.float32)
+  l1 = jnp.abs(pred - jax.lax.stop_gradient(target)).mean(-1)
+  return (l1 * m).sum() / jnp.maximum(m.sum(), 1.0)
 
 
 def teacher_momentum(step, steps, base):
@@ -319,6 +381,8 @@ def multicrop(images, rng, *, patch, recipe: Recipe = RECIPE):
   gs, ls = crop_sizes(s, patch, recipe)
 
   def views(n, size, scale):
+    if n == 0:
+      return np.zeros((0, b, size, size, 3), np.float32), None, None
     boxes = np.array([[_crop_box(s, rng, scale) for _ in range(b)] for _ in range(n)])
     out = np.stack(
       [[_resized_crop(im, box, size) for im, box in zip(images, bx)] for bx in boxes]
@@ -332,7 +396,10 @@ def multicrop(images, rng, *, patch, recipe: Recipe = RECIPE):
   lo, _, _ = views(recipe.num_local, ls, recipe.local_scale)
   index, valid = match_patches(boxes, flips, gs // patch)
   mask = patch_masks(rng, index.shape, recipe)
-  return dict(globals=g, locals=lo, index=index, valid=valid, mask=mask)
+  out = dict(globals=g, locals=lo, index=index, valid=valid, mask=mask)
+  if recipe.noise_std > 0:
+    out["noise"] = (rng.standard_normal(g.shape) * recipe.noise_std).astype(np.float32)
+  return out
 
 
 # ---------------------------------------------------------------- training
@@ -356,7 +423,8 @@ def make_optimizer(*, lr, steps, recipe: Recipe = RECIPE):
 
 def init_state(model: Distiller, tx, rng, image_size):
   """dict(student, teacher (a copy of the student), opt, center and center_patch [K] zeros)."""
-  params = jax.jit(model.init)(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  params = jax.jit(functools.partial(model.init, patches=True))(rng, x)
   params = params["params"]
   k = model.recipe.out_dim
   return dict(
@@ -369,6 +437,11 @@ def init_state(model: Distiller, tx, rng, image_size):
   )
 
 
+def distills_from_teacher(recipe: Recipe) -> bool:
+  """Whether a term learns the EMA teacher's outputs (else the teacher is unused)."""
+  return recipe.cls_weight > 0 or recipe.ibot_weight > 0 or recipe.dense_weight > 0
+
+
 def make_step(model: Distiller, tx):
   """The jitted update: step(state, crops, sched) -> (state, metrics).
 
@@ -379,34 +452,44 @@ def make_step(model: Distiller, tx):
   With ibot_weight > 0 the student's global views are masked (for its CLS term too, as iBOT's).
   """
   r = model.recipe
-  dense, ibot = r.dense_weight > 0, r.ibot_weight > 0  # Static: patch scores only when needed.
+  # Static: the teacher, patch outputs and masks only when a term needs them.
+  dense, ibot, pixel = r.dense_weight > 0, r.ibot_weight > 0, r.pixel_weight > 0
+  distills = distills_from_teacher(r)
+  masked = ibot or (pixel and r.mask_prob > 0)
 
-  def scores(params, views, patches, mask=None):
+  def outputs(params, views, patches, mask=None, noise=None):
     n, b = views.shape[:2]
     flat = normalize(views.reshape(n * b, *views.shape[2:]))
+    if noise is not None:
+      flat = flat + noise.reshape(flat.shape)
     if mask is not None:
       mask = mask.reshape(n * b, -1)
     out = model.apply({"params": params}, flat, patches=patches, mask=mask)
-    if not patches:
-      return out.reshape(n, b, -1), None
-    return out[0].reshape(n, b, -1), out[1].reshape(n, b, *out[1].shape[1:])
+    return {k: None if v is None else v.reshape(n, b, *v.shape[1:]) for k, v in out.items()}
 
   def loss_fn(student, teacher, centers, crops, temp):
     temps = dict(student_temp=r.student_temp, teacher_temp=temp)
-    patches = dense or ibot
-    t_cls, t_patch = scores(teacher, crops["globals"], patches)
-    s_cls, s_patch = scores(student, crops["globals"], patches, crops["mask"] if ibot else None)
-    zero = jnp.zeros((), jnp.float32)
-    d = (
-      dense_loss(s_patch, t_patch, centers[1], crops["index"], crops["valid"], **temps)
-      if dense
-      else zero
-    )
-    m = masked_patch_loss(s_patch, t_patch, centers[1], crops["mask"], **temps) if ibot else zero
-    s_cls = jnp.concatenate([s_cls, scores(student, crops["locals"], False)[0]])
-    cls = dino_loss(s_cls, t_cls, centers[0], **temps)
-    loss = cls + r.dense_weight * d + r.ibot_weight * m
-    return loss, (dict(cls=cls, dense=d, ibot=m), t_cls, t_patch)
+    g = crops["globals"]
+    t = outputs(teacher, g, dense or ibot) if distills else dict(cls=None)
+    s = outputs(student, g, True, crops["mask"] if masked else None, crops.get("noise"))
+    terms = {k: jnp.zeros((), jnp.float32) for k in ("cls", "dense", "ibot", "pixel")}
+    if dense:
+      terms["dense"] = dense_loss(
+        s["patch"], t["patch"], centers[1], crops["index"], crops["valid"], **temps
+      )
+    if ibot:
+      terms["ibot"] = masked_patch_loss(s["patch"], t["patch"], centers[1], crops["mask"], **temps)
+    if pixel:
+      target = patchify(normalize(g.reshape(-1, *g.shape[2:])), model.cfg.patch_size)
+      # Denoising scores every patch; plain masked image modelling the hidden ones.
+      where = jnp.ones(s["pixels"].shape[:-1], bool) if r.noise_std > 0 else crops["mask"]
+      terms["pixel"] = masked_pixel_loss(s["pixels"], target.reshape(s["pixels"].shape), where)
+    if r.cls_weight > 0:
+      s_cls = jnp.concatenate([s["cls"], outputs(student, crops["locals"], False)["cls"]])
+      terms["cls"] = dino_loss(s_cls, t["cls"], centers[0], **temps)
+    weights = dict(cls=r.cls_weight, dense=r.dense_weight, ibot=r.ibot_weight, pixel=r.pixel_weight)
+    loss = sum(weights[k] * v for k, v in terms.items())
+    return loss, (terms, t["cls"], t.get("patch"))
 
   def step(state, crops, sched):
     centers = (state["center"], state["center_patch"])
@@ -421,9 +504,11 @@ def make_step(model: Distiller, tx):
     student = optax.apply_updates(state["student"], updates)
     new = dict(
       student=student,
-      teacher=ema(state["teacher"], student, sched["momentum"]),
+      teacher=ema(state["teacher"], student, sched["momentum"]) if distills else state["teacher"],
       opt=opt,
-      center=update_center(state["center"], t_cls, r.center_momentum),
+      center=state["center"]
+      if t_cls is None
+      else update_center(state["center"], t_cls, r.center_momentum),
       center_patch=state["center_patch"]
       if t_patch is None
       else update_center(
@@ -498,6 +583,9 @@ def pretrain_dino(
       state = ckpt.restore(state, step=start)
       seconds, loss = saved["seconds"], saved["loss"]
       log.info("tiny DINO pretraining resumed at step %d/%d from %s", start, steps, ckpt.directory)
+  # The EMA teacher is the model when it sets distillation targets; pixel prediction alone
+  # trains the student only.
+  model_of = "teacher" if distills_from_teacher(recipe) else "student"
   log_every = max(1, min(50, steps // 5))
   t0 = time.time()
 
@@ -518,26 +606,28 @@ def pretrain_dino(
         if not np.isfinite(loss):
           raise FloatingPointError(f"tiny DINO pretraining diverged at step {done} (loss {loss})")
         log.info(
-          "tiny DINO pretraining %d/%d loss %.4f (CLS %.4f, dense %.4f, iBOT %.4f) %.0fs",
+          "tiny DINO pretraining %d/%d loss %.4f (CLS %.4f, dense %.4f, iBOT %.4f, pixels %.4f) "
+          "%.0fs",
           done,
           steps,
           loss,
           float(metrics["cls"]),
           float(metrics["dense"]),
           float(metrics["ibot"]),
+          float(metrics["pixel"]),
           seconds + time.time() - t0,
         )
       if ckpt is not None and (done % save_every == 0 or done == steps):
         save(done)
       if evaluate is not None and eval_every > 0 and done % eval_every == 0:
-        evaluate(done, jax.device_get(state["teacher"]["backbone"]))
+        evaluate(done, jax.device_get(state[model_of]["backbone"]))
   finally:
     if ckpt is not None:
       ckpt.wait_until_finished()  # A killed run keeps every checkpoint it started.
       ckpt.close()
-  teacher = jax.device_get(state["teacher"]["backbone"])
+  backbone = jax.device_get(state[model_of]["backbone"])
   info = dict(final_loss=loss, seconds=seconds + time.time() - t0, steps_run=steps - start)
-  return teacher, info
+  return backbone, info
 
 
 # ---------------------------------------------------------------- attention purity

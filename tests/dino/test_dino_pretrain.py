@@ -1,6 +1,6 @@
-"""DINO self-distillation (ssr_jax.dino.pretrain): the CLS and patch losses against numpy, the
-teacher as an EMA of the student, multi-crop and its patch matching, a short run, and the
-attention-purity measure."""
+"""The tiny DINO's pretraining (ssr_jax.dino.pretrain): DINO's CLS and patch losses and the
+pixel loss against numpy, the teacher as an EMA of the student, the denoising step's wiring,
+multi-crop and its patch matching, short runs, resumption, and the attention-purity measure."""
 
 import dataclasses
 
@@ -9,21 +9,23 @@ import numpy as np
 import pytest
 
 from ssr_jax.dino import pretrain
-from ssr_jax.dino.model import DINOConfig
+from ssr_jax.dino.model import DINOConfig, normalize
 
 CFG = DINOConfig(image_size=16, patch_size=8, width=16, layers=1, heads=2, mlp=32)
+SMALL = dict(global_size=16, local_size=8, out_dim=32, head_hidden=16, head_bottleneck=8)
+# DINO + iBOT + the cross-view term (the shipped recipe is DENOISE's).
 RECIPE = dataclasses.replace(
   pretrain.RECIPE,
-  global_size=16,
-  local_size=8,
+  **SMALL,
   num_local=2,
-  out_dim=32,
-  head_hidden=16,
-  head_bottleneck=8,
-  dense_weight=1.0,  # Covers the patch-level terms too; pretrain_dino's test runs without them.
+  cls_weight=1.0,
+  dense_weight=1.0,
   ibot_weight=1.0,
   mask_prob=1.0,
+  pixel_weight=0.0,
+  noise_std=0.0,
 )
+DENOISE = dataclasses.replace(pretrain.RECIPE, **SMALL)
 
 
 _TEMPS = dict(student_temp=0.1, teacher_temp=0.04)
@@ -203,8 +205,59 @@ def _stream(step):
   return _images(4, seed=step)
 
 
+def test_patchify_and_pixel_loss_match_numpy():
+  rng = np.random.default_rng(3)
+  images = rng.normal(size=(2, 16, 24, 3)).astype(np.float32)
+  got = np.asarray(pretrain.patchify(images, 8))
+  assert got.shape == (2, 6, 192)
+  for i in range(2):
+    for r in range(2):
+      for c in range(3):
+        want = images[i, 8 * r : 8 * r + 8, 8 * c : 8 * c + 8].ravel()  # Row-major patch.
+        np.testing.assert_array_equal(got[i, 3 * r + c], want)
+  pred = rng.normal(size=got.shape).astype(np.float32)
+  mask = rng.random((2, 6)) < 0.5
+  want = np.mean(
+    [np.abs(pred[i, n] - got[i, n]).mean() for i in range(2) for n in range(6) if mask[i, n]]
+  )
+  np.testing.assert_allclose(float(pretrain.masked_pixel_loss(pred, got, mask)), want, rtol=1e-6)
+  assert float(pretrain.masked_pixel_loss(pred, got, np.zeros_like(mask))) == 0.0
+
+
+def test_denoising_step_scores_every_patch_of_the_noisy_views_and_skips_the_teacher():
+  model = pretrain.Distiller(CFG, DENOISE)
+  tx = pretrain.make_optimizer(lr=1e-3, steps=10, recipe=DENOISE)
+  state = pretrain.init_state(model, tx, jax.random.PRNGKey(0), 16)
+  crops = pretrain.multicrop(_images(), np.random.default_rng(0), patch=8, recipe=DENOISE)
+  g, noise = crops["globals"], crops["noise"]
+  assert noise.shape == g.shape and 0.9 < noise.std() < 1.1  # noise_std 1.
+  assert not crops["mask"].any() and crops["locals"].shape[0] == 0
+  # The oracle: the student's pixel head on the noisy views, L1 to the clean pixels of every
+  # patch, in numpy.
+  flat = lambda x: x.reshape(-1, *x.shape[2:])
+  noisy = np.asarray(normalize(flat(g))) + flat(noise)
+  out = model.apply({"params": state["student"]}, noisy, patches=True)
+  clean = np.asarray(normalize(flat(g)))
+  target = clean.reshape(16, 2, 8, 2, 8, 3).transpose(0, 1, 3, 2, 4, 5).reshape(16, 4, 192)
+  want = np.abs(np.asarray(out["pixels"]) - target).mean()
+  step = pretrain.make_step(model, tx)
+  sched = pretrain.schedule(5, 10, DENOISE)
+  state, metrics = step(state, crops, sched)  # The warm-up's first learning rate is 0.
+  np.testing.assert_allclose(float(metrics["pixel"]), want, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
+  assert float(metrics["cls"]) == float(metrics["ibot"]) == float(metrics["dense"]) == 0.0
+  before = jax.device_get(state)
+  state, _ = step(state, crops, sched)
+  after = jax.device_get(state)
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), before["student"], after["student"])
+  assert jax.tree.leaves(moved["backbone"]) and all(jax.tree.leaves(moved["backbone"]))
+  assert moved["pixel_head"]["kernel"]
+  jax.tree.map(np.testing.assert_array_equal, before["teacher"], after["teacher"])  # Unused.
+
+
 def test_pretrain_runs_and_moves_the_teacher():
   recipe = dataclasses.replace(RECIPE, dense_weight=0.0, ibot_weight=0.0)  # DINO v1.
+  assert pretrain.distills_from_teacher(recipe) and not pretrain.distills_from_teacher(DENOISE)
   params, info = pretrain.pretrain_dino(CFG, _stream, steps=3, lr=1e-3, seed=0, recipe=recipe)
   assert np.isfinite(info["final_loss"]) and info["steps_run"] == 3
   init = pretrain.Distiller(CFG, RECIPE).init(jax.random.PRNGKey(0), _images(1) / 255.0)
@@ -217,9 +270,10 @@ class _Killed(Exception):
 
 
 def test_pretrain_resumes_exactly(tmp_path):
-  """A run killed after its step-2 checkpoint and rerun continues to the same weights, bit for
-  bit, as one uninterrupted run; other settings are refused before any step."""
-  run = dict(steps=4, lr=1e-3, seed=0, recipe=RECIPE, settings=dict(steps=4), save_every=2)
+  """A run of the shipped (denoising) recipe killed after its step-2 checkpoint and rerun
+  continues to the same weights, bit for bit, as one uninterrupted run; other settings are
+  refused before any step."""
+  run = dict(steps=4, lr=1e-3, seed=0, recipe=DENOISE, settings=dict(steps=4), save_every=2)
   straight, _ = pretrain.pretrain_dino(CFG, _stream, workdir=tmp_path / "a", **run)
 
   def dies_at_3(step):
