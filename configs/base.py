@@ -251,6 +251,7 @@ def get_config():
   # one in the workdir (needed when a clip_* field differs from the shipped one's).
   c.demo.pretrain_clip = False
   c.demo.clip_seed = 0
+  c.demo.clip_save_every = 100  # Orbax checkpoint interval (<workdir>/clip_pretrain; resumable).
   c.demo.clip_steps = 0  # Steps of in-process tiny-CLIP pretraining (demo only).
   c.demo.clip_images = 4096  # Size of the decorrelated synthetic stream the tiny CLIP sees.
   c.demo.clip_batch_size = 64

@@ -197,6 +197,7 @@ DEMO_RULES = {
       "clip_width",
       "clip_layers",
       "clip_patch",
+      "clip_save_every",
       "dino_steps",
       "dino_batch_size",
       "dino_lr",
@@ -204,6 +205,7 @@ DEMO_RULES = {
       "dino_layers",
       "dino_heads",
       "dino_patch",
+      "dino_save_every",
     )
   },
 }

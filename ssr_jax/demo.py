@@ -190,10 +190,11 @@ def _prune_token_rows(params, texts, context_length):
   return {**params, "text": {**params["text"], "token_embedding": pruned}}
 
 
-def pretrain_tiny_clip(config, path) -> dict:
+def pretrain_tiny_clip(config, path, workdir) -> dict:
   """Pretrains the demo's tiny CLIP (ssr_jax.clip.pretrain) and writes it to path (.npz).
 
-  Needs the synthetic val split under config.data.root (for the zero-shot check it reports).
+  Checkpoints under workdir/clip_pretrain (a rerun resumes there). Needs the synthetic val split
+  under config.data.root (for the zero-shot check it reports).
   """
   d, sc, m = config.demo, config.data.synthetic, config.model
   corpus = synthetic.generate(
@@ -201,8 +202,8 @@ def pretrain_tiny_clip(config, path) -> dict:
   )
   val = synthetic.read_split(config.data.root, config.data.val_split)
   model = CLIP(tiny_clip_config(config))
-  t0 = time.time()
-  params, loss = pretrain.pretrain_clip(
+  settings = pretraining_settings(config)
+  params, run = pretrain.pretrain_clip(
     model,
     corpus["image"],
     corpus["caption"],
@@ -211,15 +212,19 @@ def pretrain_tiny_clip(config, path) -> dict:
     lr=d.clip_lr,
     seed=d.clip_seed,
     normalization=m.normalization,
+    workdir=epath.Path(workdir) / "clip_pretrain",
+    settings=settings,
+    save_every=d.clip_save_every,
   )
-  seconds = time.time() - t0
+  seconds, loss = run["seconds"], run["final_loss"]
   acc = pretrain.zero_shot_accuracy(
     model, params, val["image"], val["labels"], m.class_names, m.prompt_template, m.normalization
   )
   prompts = [m.prompt_template.format(n) for n in (*m.class_names, *m.bg_names)]
   params = _prune_token_rows(params, [*corpus["caption"], *prompts], model.cfg.context_length)
   info = dict(
-    settings=pretraining_settings(config),
+    settings=settings,
+    command=shlex.join(["python", *sys.argv]),
     final_loss=loss,
     zero_shot_top1_present=acc,
     seconds=seconds,
@@ -438,10 +443,10 @@ _CLIP = _Kind(
   shipped=SHIPPED_CLIP,
   subdir="clip",
   fields="config.demo.clip_*, data.synthetic, model.normalization",
-  cost="4-12 min on 2 cores",
+  cost="4-12 min on 2 cores; resumable",
   settings=pretraining_settings,
   read_metadata=convert.read_metadata,
-  pretrain=lambda config, path, workdir: pretrain_tiny_clip(config, path),
+  pretrain=pretrain_tiny_clip,
 )
 _DINO = _Kind(
   name="tiny DINO",
@@ -449,7 +454,7 @@ _DINO = _Kind(
   shipped=SHIPPED_DINO,
   subdir="dino",
   fields="config.demo.dino_*, data.synthetic, data.crop_size",
-  cost="about an hour on one shared core; resumable",
+  cost="3-6 min on 2 cores; resumable",
   settings=dino_pretraining_settings,
   read_metadata=dino_convert.read_metadata,
   pretrain=pretrain_tiny_dino,

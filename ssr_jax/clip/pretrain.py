@@ -7,6 +7,7 @@ without it the CAMs of this tiny CLIP were often inverted (high on the backgroun
 """
 
 import logging
+import time
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +65,9 @@ def pretrain_clip(
   seed,
   normalization,
   mosaic_weight=MOSAIC_WEIGHT,
+  workdir=None,
+  settings=None,
+  save_every=100,
 ):
   """Contrastive CLIP training on (uint8 images [N, S, S, 3], captions) pairs.
 
@@ -77,8 +81,15 @@ def pretrain_clip(
     caption. A token may then only carry what is near it, which makes the patch features, and
     so GradCAM and the attention affinities, local (without it the tiny CLIP's tokens mix
     globally).
-  Returns (params, final loss).
+  Step i's batch, flips and mosaics come from fold_in(PRNGKey(seed), i), so with workdir the run
+  checkpoints (params and optimizer) with Orbax under workdir/checkpoints every save_every steps
+  and at the end, and a rerun resumes from the latest checkpoint bit-identically
+  (`ssr_jax.train.resumable`; settings: the JSON-able dict of everything the weights depend on,
+  and a rerun with other settings is refused).
+  Returns (params, dict(final_loss, seconds over all runs, steps_run by this call)).
   """
+  from ssr_jax.train.resumable import Resumable  # Late: orbax only when pretraining.
+
   rng = jax.random.PRNGKey(seed)
   params = init_params(model, rng)
   ids = jnp.asarray(tokenize(list(captions), context_length=model.cfg.context_length))
@@ -129,12 +140,25 @@ def pretrain_clip(
     p["logit_scale"] = jnp.clip(p["logit_scale"], 0.0, np.log(100.0))
     return p, o, loss
 
-  loss = jnp.nan
-  for i in range(steps):
-    params, opt, loss = step(params, opt, jax.random.fold_in(rng, i))
-    if (i + 1) % max(1, steps // 5) == 0:
-      log.info("tiny CLIP pretraining %d/%d loss %.4f", i + 1, steps, float(loss))
-  return params, float(loss)
+  state, run, start, loss, t0 = dict(params=params, opt=opt), None, 0, float("nan"), time.time()
+  if workdir is not None:
+    run = Resumable(workdir, state, settings=settings or {}, what="tiny CLIP pretraining")
+    start, state, loss = run.start, run.state, run.loss
+  elapsed = run.elapsed if run else lambda: time.time() - t0
+  try:
+    for i in range(start, steps):
+      p, o, step_loss = step(state["params"], state["opt"], jax.random.fold_in(rng, i))
+      state = dict(params=p, opt=o)
+      done = i + 1
+      if done % max(1, steps // 5) == 0 or done == steps:
+        loss = float(step_loss)
+        log.info("tiny CLIP pretraining %d/%d loss %.4f %.0fs", done, steps, loss, elapsed())
+      if run is not None and (done % save_every == 0 or done == steps):
+        run.save(done, state, loss)
+  finally:
+    if run is not None:
+      run.close()
+  return state["params"], dict(final_loss=loss, seconds=elapsed(), steps_run=steps - start)
 
 
 def zero_shot_scores(model, params, images, class_names, template, normalization):

@@ -39,7 +39,6 @@ S image side (pixels), T = 1 + N tokens, P patch side.
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import time
@@ -556,44 +555,21 @@ def pretrain_dino(
   Returns (teacher backbone params, dict(final_loss, seconds, steps_run)): seconds is the
   pretraining time over all runs, steps_run the steps this call made.
   """
-  from ssr_jax.train import checkpoint  # Late: orbax only when pretraining.
+  from ssr_jax.train.resumable import Resumable  # Late: orbax only when pretraining.
 
   model = Distiller(cfg, recipe)
   tx = make_optimizer(lr=lr, steps=steps, recipe=recipe)
   state = init_state(model, tx, jax.random.PRNGKey(seed), cfg.image_size)
   step_fn = make_step(model, tx)
-  settings = json.loads(json.dumps(settings or {}))  # As the checkpoint stores it.
-  ckpt, start, seconds, loss = None, 0, 0.0, float("nan")
+  run, start, loss, t0 = None, 0, float("nan"), time.time()
   if workdir is not None:
-    ckpt = checkpoint.Checkpointer(workdir, keep=2)
-    start = ckpt.latest_step() or 0
-    if start:
-      saved = ckpt.read_config(step=start)
-      diff = sorted(
-        k
-        for k in set(saved["settings"]) | set(settings)
-        if saved["settings"].get(k) != settings.get(k)
-      )
-      if diff:
-        ckpt.close()
-        raise ValueError(
-          f"{ckpt.directory} holds a DINO pretraining with other {', '.join(diff)}: rerun with "
-          "the same settings to resume, or use a fresh workdir"
-        )
-      state = ckpt.restore(state, step=start)
-      seconds, loss = saved["seconds"], saved["loss"]
-      log.info("tiny DINO pretraining resumed at step %d/%d from %s", start, steps, ckpt.directory)
+    run = Resumable(workdir, state, settings=settings or {}, what="tiny DINO pretraining")
+    start, state, loss = run.start, run.state, run.loss
+  elapsed = run.elapsed if run else lambda: time.time() - t0
   # The EMA teacher is the model when it sets distillation targets; pixel prediction alone
   # trains the student only.
   model_of = "teacher" if distills_from_teacher(recipe) else "student"
   log_every = max(1, min(50, steps // 5))
-  t0 = time.time()
-
-  def save(i):
-    ckpt.save(
-      i, state, config=dict(settings=settings, seconds=seconds + time.time() - t0, loss=loss)
-    )
-
   try:
     for i in range(start, steps):
       crops = multicrop(
@@ -615,19 +591,17 @@ def pretrain_dino(
           float(metrics["dense"]),
           float(metrics["ibot"]),
           float(metrics["pixel"]),
-          seconds + time.time() - t0,
+          elapsed(),
         )
-      if ckpt is not None and (done % save_every == 0 or done == steps):
-        save(done)
+      if run is not None and (done % save_every == 0 or done == steps):
+        run.save(done, state, loss)
       if evaluate is not None and eval_every > 0 and done % eval_every == 0:
         evaluate(done, jax.device_get(state[model_of]["backbone"]))
   finally:
-    if ckpt is not None:
-      ckpt.wait_until_finished()  # A killed run keeps every checkpoint it started.
-      ckpt.close()
+    if run is not None:
+      run.close()
   backbone = jax.device_get(state[model_of]["backbone"])
-  info = dict(final_loss=loss, seconds=seconds + time.time() - t0, steps_run=steps - start)
-  return backbone, info
+  return backbone, dict(final_loss=loss, seconds=elapsed(), steps_run=steps - start)
 
 
 # ---------------------------------------------------------------- attention purity
