@@ -30,6 +30,7 @@ def _tiny(config):
   config.demo.dino_width = 32
   config.demo.dino_layers = 1
   config.demo.dino_heads = 2
+  config.model.cam.dino_layers = 1  # SGC fuses the tiny DINO's one layer.
   config.model.cam.num_attn_layers = 2
   config.model.cam.rfm_layers = 2
   config.model.cam.rfm_switch_step = 2

@@ -17,8 +17,22 @@ from ssr_jax.model.ssr import build_task
 from ssr_jax.testing import TINY_CLIP, TINY_DINO, random_dino
 
 
-def test_ablation_rows_are_the_papers_ladder_plus_the_demos_own_setting():
-  plan = experiment.ablation_rows(demo.get_config())
+def _variant_c():
+  """The demo config with our [v1] SGC variant C and CLIP attention alone: none of the rows."""
+  config = demo.get_config()
+  config.model.sgc.grouping = "superpixels"
+  config.model.sgc.soft_alpha = 0.5
+  config.model.cam.dino_weight = 0.0
+  return config
+
+
+def test_the_demo_is_the_ssr_row_itself():
+  rows = [key for key, _, _ in experiment.ablation_rows(demo.get_config())]
+  assert rows == [key for key, _, _ in experiment.VARIANTS]
+
+
+def test_ablation_rows_are_the_papers_ladder_plus_a_config_of_its_own():
+  plan = experiment.ablation_rows(_variant_c())
   rows = {key: cfg for key, _, cfg in plan}
   assert list(rows) == [key for key, _, _ in experiment.VARIANTS] + ["configured"]
   base, cmpa, dino = rows["baseline"], rows["cmpa"], rows["cmpa_dino"]
@@ -29,7 +43,7 @@ def test_ablation_rows_are_the_papers_ladder_plus_the_demos_own_setting():
   assert dino.model.cam.dino_weight == 0.6 and not dino.model.sgc.enabled
   assert ssr.model.sgc.grouping == "clusters" and ssr.model.sgc.soft_alpha == 1.0
   assert ssr.model.cam.dino_weight == 0.6 and ssr.model.cmpa.enabled
-  own = rows["configured"]  # The demo's [v1] SGC variant C.
+  own = rows["configured"]  # [v1] SGC variant C.
   assert own.model.sgc.grouping == "superpixels" and own.model.sgc.soft_alpha == 0.5
   for cfg in rows.values():  # Same seeds and schedule everywhere.
     assert cfg.seed == 0 and cfg.train.num_steps == 250
@@ -84,7 +98,7 @@ def _fake_result(key, seed, targets, splits):
 
 
 def test_ablation_over_seeds_writes_per_seed_values_summaries_and_verdicts(tmp_path, monkeypatch):
-  config = demo.get_config()
+  config = _variant_c()
   trained = []
 
   def fake_train(cfg, workdir):

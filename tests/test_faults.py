@@ -23,8 +23,8 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 6
 # The demo at its smallest that the shipped tiny CLIP still fits (96 px crops); DINO's weights are
-# named so that the demo does not check them against this smaller training set (unused here:
-# model.cam.dino_weight is 0 in the demo).
+# named so that the demo does not check them against this smaller training set (and pretrain
+# one).
 TINY = [
   "--config=configs/demo.py",
   "--config.data.synthetic.num_train=32",
