@@ -58,7 +58,7 @@ def get_config():
   # column mask. Over seeds 0-2 (README "Ablation over seeds") it beats the WeCLIP baseline by
   # more than 2 sd (val seg 0.590 +- 0.032 vs 0.474 +- 0.027). Our [v1] variant C with CLIP
   # attention alone (grouping "superpixels", soft_alpha 0.5, dino_weight 0) segments val at
-  # 0.631 +- 0.014, but its paired edge over SSR, +0.040 +- 0.033, is not 2 sd.
+  # 0.631 +- 0.014, but its paired edge over SSR, +0.040 +- 0.034, is not 2 sd.
   c.model.sgc.high_threshold = 0.6  # Confident activation: the box threshold (§3.2).
   c.model.cam.dino_layers = 3  # All of the tiny DINO's layers.
   # ~18 superpixels per 96 px image: 4 colour regions (scene background, object, a second

@@ -165,7 +165,7 @@ class Distiller(nn.Module):
     r = self.recipe
     self.backbone = DINO(self.cfg)
     self.head = DINOHead(r.out_dim, r.head_hidden, r.head_bottleneck)
-    if r.ibot_weight > 0 or r.pixel_weight > 0:
+    if r.ibot_weight > 0 or (r.pixel_weight > 0 and r.mask_prob > 0):
       self.mask_token = self.param("mask_token", nn.initializers.zeros, (self.cfg.width,))
     if r.pixel_weight > 0:
       self.pixel_head = nn.Dense(3 * self.cfg.patch_size**2, name="pixel_head")
