@@ -51,7 +51,7 @@ from ssr_jax.train.metric_writer import MetricWriter
 # The paper's ladder (Tables 3-4: CMPA CAM -> + CLIP attention -> + DINO attention -> + SGC mask)
 # with the paper's values: cmpa on/off (off: frozen CLIP's CAMs), dino = CLIP : DINO weight of
 # the affinity, sgc = SGC's grouping or None (off). A last row, "as configured" (key
-# "configured"), runs the config itself when it differs from all of these (the demo's [v1] SGC).
+# "configured"), runs the config itself when it differs from all of these (e.g. a [v1] SGC).
 # ablation.COMPONENTS names the rows by key.
 PAPER_DINO_WEIGHT = 0.6
 VARIANTS = (
