@@ -21,3 +21,11 @@ os.environ.setdefault("NO_GCE_CHECK", "true")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+  # xdist's workers run from execnet's `python -c` bootstrap, whose __main__ has no file, so
+  # ssr_jax.data.parallel would take its thread fallback. The functions the tests hand to
+  # worker processes live in importable modules, as in a serial run: keep the process paths.
+  from ssr_jax.data import parallel  # noqa: E402
+
+  parallel.main_is_importable = lambda: True

@@ -37,6 +37,7 @@ def get_config():
   c.data.num_workers = 1
   c.model.cam.num_attn_layers = 2
   c.model.cam.rfm_layers = 2
+  c.model.cam.dino_layers = 1  # The random DINO's one layer, fused as the demo fuses its DINO.
   c.model.cam.par_iters = 2
   c.model.decoder.embed_dim = 16
   c.model.decoder.num_heads = 2
