@@ -34,6 +34,21 @@ TINY_CLIP = CLIPConfig(
   text_heads=2,
 )
 
+# A tiny CLIP that reads real prompts: the full BPE vocabulary (the tokenizer's ids reach
+# 49,407), a 2x2 patch grid on 16 px images.
+TINY_TEXT_CLIP = CLIPConfig(
+  embed_dim=16,
+  image_size=16,
+  patch_size=8,
+  vision_width=16,
+  vision_layers=1,
+  vision_heads=2,
+  context_length=12,
+  text_width=16,
+  text_layers=1,
+  text_heads=2,
+)
+
 # The DINO SGC fuses with CLIP's attention: 4 layers (model.cam.dino_layers), same 32 px grid.
 TINY_DINO = DINOConfig(image_size=32, patch_size=8, width=24, layers=4, heads=4, mlp=48)
 

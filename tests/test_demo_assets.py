@@ -14,12 +14,13 @@ import pytest
 from configs import demo as demo_config
 from ssr_jax import demo
 from ssr_jax.clip import convert
-from ssr_jax.clip.model import CLIP, CLIPConfig, init_params
+from ssr_jax.clip.model import CLIP, init_params
 from ssr_jax.clip.tokenizer import tokenize
 from ssr_jax.data import synthetic
 from ssr_jax.dino import convert as dino_convert
 from ssr_jax.dino import load_dino
 from ssr_jax.dino import pretrain as dino_pretrain
+from ssr_jax.testing import TINY_TEXT_CLIP
 
 
 def test_shipped_clip_matches_demo_config():
@@ -49,18 +50,7 @@ def test_shipped_clip_refused_on_other_settings_or_damage(tmp_path):
 
 
 def test_pruned_vocabulary_keeps_text_embeddings():
-  cfg = CLIPConfig(
-    embed_dim=16,
-    image_size=16,
-    patch_size=8,
-    vision_width=16,
-    vision_layers=1,
-    vision_heads=2,
-    context_length=12,
-    text_width=16,
-    text_layers=1,
-    text_heads=2,
-  )
+  cfg = TINY_TEXT_CLIP
   model = CLIP(cfg)
   params = init_params(model, jax.random.PRNGKey(0))
   texts = ["a photo of a horse.", "a boat on water.", "grass"]

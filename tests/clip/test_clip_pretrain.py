@@ -6,21 +6,11 @@ import numpy as np
 import pytest
 
 from ssr_jax.clip import pretrain
-from ssr_jax.clip.model import CLIP, CLIPConfig
+from ssr_jax.clip.model import CLIP
+from ssr_jax.testing import TINY_TEXT_CLIP
 from ssr_jax.train import resumable
 
-CFG = CLIPConfig(
-  embed_dim=16,
-  image_size=16,
-  patch_size=4,  # An even 4x4 grid, as the mosaic term needs.
-  vision_width=16,
-  vision_layers=1,
-  vision_heads=2,
-  context_length=12,
-  text_width=16,
-  text_layers=1,
-  text_heads=2,
-)
+CFG = TINY_TEXT_CLIP  # A 2x2 patch grid: even, as the mosaic term needs.
 
 
 class _Killed(Exception):

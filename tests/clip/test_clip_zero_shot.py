@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from ssr_jax.clip import pretrain
-from ssr_jax.clip.model import CLIP, CLIPConfig, init_params
+from ssr_jax.clip.model import CLIP, init_params
+from ssr_jax.testing import TINY_TEXT_CLIP
 
 
 def test_mean_average_precision_by_hand():
@@ -23,18 +24,7 @@ def test_mean_average_precision_by_hand():
 
 
 def test_zero_shot_scores_are_cosines_and_give_the_accuracy():
-  cfg = CLIPConfig(
-    embed_dim=16,
-    image_size=16,
-    patch_size=8,
-    vision_width=16,
-    vision_layers=1,
-    vision_heads=2,
-    context_length=12,
-    text_width=16,
-    text_layers=1,
-    text_heads=2,
-  )
+  cfg = TINY_TEXT_CLIP
   model = CLIP(cfg)
   params = init_params(model, jax.random.PRNGKey(0))
   images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
